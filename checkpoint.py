@@ -1,0 +1,86 @@
+"""The one checkpoint writer and loader.
+
+A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_args": dict,
+"config": dict, "tokenizer": dict, "iter_num": int, "best_val_loss": float, "optimizer": ...,
+"rng": ..., "sampler": ...}. It is written atomically and read with torch.load(weights_only=True),
+which refuses pickled code: opening a checkpoint from a stranger cannot run their code.
+"""
+import os
+import tempfile
+
+import torch
+
+from model import ModelArgs, Transformer
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temporary file in the same directory, fsync, then rename over the target: a crash or
+    a full disk mid-save leaves the previous checkpoint intact (rename is atomic on POSIX)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read one of our checkpoints (a .pt file, or a run directory holding ckpt.pt) into its dict."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint '{path}' not found; pass the ckpt.pt written by train.py "
+                         f"(e.g. out/ckpt.pt) or its run directory")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot read checkpoint '{path}' ({first[:200]}); it is truncated, corrupt "
+                         f"or not a llamaforge checkpoint: re-train or re-export it")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise SystemExit(f"error: '{path}' is not a llamaforge checkpoint (no model/model_args entries); "
+                         f"pass a ckpt.pt written by train.py")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def build_model(ckpt, device="cpu"):
+    """A Transformer with the checkpoint's architecture and weights."""
+    try:
+        args = ModelArgs.from_dict(ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: checkpoint has invalid model_args ({e}); re-train or re-export it")
+    model = Transformer(args)
+    state = clean_state_dict(ckpt["model"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a tied head shares the embedding tensor: its absence from the file is expected
+    missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise SystemExit(f"error: checkpoint weights do not match its model_args (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); the file is from another model or corrupt")
+    return model.to(device)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a checkpoint path."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, device)
+    model.eval()
+    return model, ckpt

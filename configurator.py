@@ -1,0 +1,91 @@
+"""The one config mechanism every llamaforge script uses.
+
+A script keeps its settings as plain module globals with defaults, then calls
+    configure(globals(), sys.argv[1:])
+which applies, in order: an optional Python config file (the first argument not starting with --),
+then --key=value flags. Values are parsed as Python literals (--lr=3e-4, --compile=True,
+--prompt="Once upon"); a value that is not a literal is taken as a string. Every key must already
+exist with a default, and the new value must have the default's type, so a typo is an error that
+names the nearest valid keys instead of a silently ignored setting.
+"""
+import ast
+import difflib
+import os
+import sys
+
+
+def config_keys(namespace):
+    """The names a script exposes as config: public globals holding plain values."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper()  # UPPER_CASE names are constants, not settings
+            and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
+
+
+def _check(key, value, namespace, keys, source):
+    if key not in keys:
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; see the config keys in the README"
+        raise SystemExit(f"error: unknown config key '{key}' in {source}{hint}")
+    default = namespace[key]
+    if default is None or value is None:  # None means "unset / auto": any type may replace it
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = type(default)(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise SystemExit(f"error: config key '{key}' in {source} expects {type(default).__name__} "
+                         f"(default {default!r}), got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --device=cuda is a string
+
+
+def configure(namespace, argv):
+    """Override namespace's config globals from a config file and --key=value flags in argv.
+    Returns the dict of config keys and their final values (saved into checkpoints)."""
+    keys = config_keys(namespace)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: config file '{arg}' not found; pass a path such as config/demo.py "
+                                 f"(or settings as --key=value)")
+            file_ns = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), file_ns)
+            except Exception as e:  # a config file is Python: report its error in one line
+                raise SystemExit(f"error: config file '{arg}' failed: {type(e).__name__}: {e}")
+            for key, value in file_ns.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                namespace[key] = _check(key, value, namespace, keys, arg)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:  # --flag alone switches a boolean on
+                if isinstance(namespace.get(key), bool):
+                    text = "True"
+                else:
+                    raise SystemExit(f"error: flag '{arg}' has no value; write --{key}=VALUE")
+            key = key.replace("-", "_")
+            namespace[key] = _check(key, parse_value(text), namespace, keys, f"flag --{key}")
+    return {k: namespace[k] for k in keys}
+
+
+def print_config(config, file=sys.stdout):
+    width = max(len(k) for k in config) if config else 0
+    for k, v in config.items():
+        print(f"  {k:<{width}} = {v!r}", file=file)

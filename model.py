@@ -1,0 +1,328 @@
+"""The one Llama 2 model every llamaforge script shares.
+
+Token embedding -> n_layers x (RMSNorm -> grouped-query attention with rotary embeddings -> residual,
+RMSNorm -> SwiGLU feed-forward -> residual) -> RMSNorm -> vocabulary head. Parameter names follow
+llama2.c (tok_embeddings, layers.N.attention.wq, ..., output) so export to other tools is a rename,
+not a reshuffle. This file imports nothing of ours: it is the ground floor.
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None = Llama's rule from dim and multiple_of
+    multiple_of: int = 32          # SwiGLU hidden size is rounded up to a multiple of this
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True    # llama2.c ties the head to the embedding; saves vocab*dim params
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; pick n_heads that divides dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; pick n_kv_heads that divides n_heads")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head size dim/n_heads={self.dim // self.n_heads} is odd; rotary embeddings need an even head size")
+        if self.hidden_dim is None:
+            # Llama: 2/3 of 4*dim (SwiGLU has three matrices, so this keeps FLOPs near a 4x MLP)
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32: under bf16 autocast the mean of squares loses too many bits
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_rope(head_dim, max_seq_len, theta):
+    """cos and sin tables of shape (max_seq_len, head_dim/2), in fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (x[2i], x[2i+1]) pairs by position-dependent angles; x is (B, T, H, head_dim).
+    Interleaved pairs are Meta's/llama2.c's layout; Hugging Face permutes wq/wk to use halves instead."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for incremental decoding: no torch.cat per token, fixed shapes."""
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos, k, v):
+        T = k.shape[2]
+        self.k[:, :, start_pos:start_pos + T] = k
+        self.v[:, :, start_pos:start_pos + T] = v
+        return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+        self.cache = None  # a KVCache while generating
+
+    def forward(self, x, cos, sin, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        # SDPA picks the flash / memory-efficient kernel; enable_gqa lets it read the shared kv heads
+        # directly instead of materialising n_heads copies with repeat_interleave.
+        gqa = self.n_kv_heads != self.n_heads
+        if T == 1 or start_pos == 0:
+            # a single new token may attend to everything cached; a fresh sequence is plainly causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # a chunk of T new tokens after start_pos cached ones: causal within the chunk, all of the past
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward: trades ~30% compute for memory
+        self.apply(self._init_weights)
+        # GPT-2/llama2.c: scale the init of projections that write into the residual stream by depth
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, targets=None, start_pos=0, ignore_index=-100, reduction="mean"):
+        """tokens (B, T) -> logits. With targets: logits (B, T, V) and the cross-entropy over positions
+        whose target is not ignore_index (reduction "mean", or "sum" so a trainer can normalise by the
+        token count of a whole accumulation step). Without targets: logits of the last position only
+        (B, 1, V), which is all sampling needs and avoids a (B, T, V) tensor."""
+        B, T = tokens.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = activation_checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h[:, [-1], :]), None
+        logits = self.output(h)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index, reduction=reduction)
+        return logits, loss
+
+    # ---- bookkeeping ----
+    def num_params(self, non_embedding=False):
+        """Parameter count; shared (tied) tensors counted once. non_embedding drops the token embedding
+        (the number scaling laws and MFU use, since an embedding lookup costs no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if self.args.tie_embeddings:  # the head still does a matmul with those weights
+                n += self.output.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls (2 forward, 4 backward) plus attention's
+        QK^T and AV, 12 * n_layers * dim * seq_len (PaLM appendix B)."""
+        a = self.args
+        return 6 * self.num_params(non_embedding=True) + 12 * a.n_layers * a.dim * seq_len
+
+    def estimate_mfu(self, tokens_per_second, seq_len, device=None):
+        """Model FLOPs utilisation against the device's dense bf16 peak; None where the peak is unknown."""
+        peak = peak_flops(device)
+        if peak is None:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_second / peak
+
+    # ---- decoding ----
+    def setup_cache(self, batch_size, dtype=None, device=None):
+        a = self.args
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 generator=None, on_token=None):
+        """Extend idx (B, T) by up to max_new_tokens. temperature 0 is greedy. Uses the KV cache:
+        one forward over the prompt, then one token at a time. Stops early when every row has
+        produced eos_id. on_token(next_ids) is called after each step (for streaming)."""
+        check_sampling(temperature, top_k, top_p)
+        B, T = idx.shape
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - T)
+        if max_new_tokens < 0:
+            raise ValueError(f"prompt of {T} tokens is longer than the model's context of {self.args.max_seq_len}")
+        self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None)
+        try:
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            logits, _ = self(idx, start_pos=0)
+            pos = T
+            for _ in range(max_new_tokens):
+                next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
+                    done |= next_ids == eos_id
+                idx = torch.cat([idx, next_ids[:, None]], dim=1)
+                if on_token is not None:
+                    on_token(next_ids)
+                if eos_id is not None and bool(done.all()):
+                    break
+                if pos >= self.args.max_seq_len:
+                    break
+                logits, _ = self(next_ids[:, None], start_pos=pos)
+                pos += 1
+        finally:
+            self.clear_cache()
+        return idx
+
+
+def check_sampling(temperature, top_k, top_p):
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative; use 0 for greedy or a positive value")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None to disable)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before this token already >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "L40S": 362e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device=None):
+    """Peak dense bf16 FLOP/s of a CUDA device, matched on its name; None for CPU or unknown GPUs."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest first: "GH200" before "H200"
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
