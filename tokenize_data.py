@@ -1,0 +1,368 @@
+"""Turn text into the token arrays train.py reads.
+
+    python tokenize_data.py download    [config.py] [--key=value ...]   # text -> data/<name>/docs.jsonl
+    python tokenize_data.py train_vocab [config.py] [--key=value ...]   # docs -> data/<name>/tok<N>.model
+    python tokenize_data.py pretokenize [config.py] [--key=value ...]   # docs -> train.bin, val.bin, meta.json
+
+Offline demo (the Python standard library as a corpus, one document per .py file):
+    python tokenize_data.py download --source=stdlib
+    python tokenize_data.py train_vocab --dataset=demo --vocab_size=512
+    python tokenize_data.py pretokenize --dataset=demo
+
+train.py / evaluate.py import load_meta, open_split and check_token_ids from here; importing this
+module does no work.
+"""
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
+
+# -----------------------------------------------------------------------------
+# where things go
+data_root = "data"        # parent folder of every dataset folder
+dataset = ""              # dataset folder name under data_root; "" = derived from source (stdlib -> demo)
+# download
+source = "roneneldan/TinyStories"  # a Hugging Face Hub dataset, "stdlib", or local files/glob (.txt .jsonl .json .parquet)
+hf_config = ""            # Hub dataset config name, if it has several ("" = default)
+hf_split = "train"        # which split to take from the Hub / local files
+text_field = "text"       # the column holding the document text
+txt_split = "paragraph"   # .txt files: "paragraph" (blank lines separate documents), "document" (a file is one), "line"
+max_docs = -1             # keep only the first N documents (-1 = all); for quick experiments
+stdlib_max_bytes = 4_000_000  # size cap of the stdlib demo corpus, so the demo trains on a CPU in minutes
+# train_vocab
+vocab_size = 512          # SentencePiece vocab size, chat specials and 256 byte pieces included
+vocab_max_bytes = 20_000_000  # train the vocab on a random sample of at most this much text (speed)
+# pretokenize
+tokenizer = ""            # "" = data_root/dataset/tok<vocab_size>.model; or any .model, "gpt2", or a GPT-2 BPE folder
+chat_specials = True      # give the chat specials ids (appended to gpt2/Llama vocabs) so the model can be chat-tuned later
+val_fraction = 0.05       # fraction of documents held out for val (at least 1)
+seed = 1337               # seeds the train/val document split and the vocab sample
+dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
+num_workers = 0           # processes for pretokenize (0 = all CPU cores)
+# -----------------------------------------------------------------------------
+
+DOCS = "docs.jsonl"
+LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def dataset_dir():
+    name = dataset or ("demo" if source == "stdlib" else
+                       Path(source.rstrip("/")).name.split("*")[0].split(".")[0].lower() or "local")
+    return Path(data_root) / name
+
+
+def write_atomic(path, write):
+    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under the real name."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def read_jsonl_texts(path, field="text"):
+    """Yield field of each line of a JSONL file; a bad line stops with its line number."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[field]
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                raise SystemExit(f"error: {path} line {n} is not a JSON object with a '{field}' field "
+                                 f"({type(e).__name__}: {e}); fix or delete that line")
+
+
+def read_docs(d):
+    path = Path(d) / DOCS
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run python tokenize_data.py download first "
+                         f"(offline demo: --source=stdlib)")
+    docs = list(read_jsonl_texts(path))
+    if not docs:
+        raise SystemExit(f"error: {path} holds no documents; re-run python tokenize_data.py download on a non-empty source")
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# download
+
+def stdlib_docs(max_bytes):
+    """The running Python's own standard library: real, varied text every machine has."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for p in sorted(root.rglob("*.py")):  # sorted: the same corpus on every run
+        if "site-packages" in p.parts:
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        if total + len(text.encode()) > max_bytes:
+            break
+        docs.append(text)
+        total += len(text.encode())
+    return docs
+
+
+def first_bad_json_line(files):
+    """datasets' JSON errors do not say where; find the first line json cannot parse."""
+    for fname in files:
+        if not fname.endswith(".jsonl"):
+            continue
+        with open(fname, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.strip() and json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{fname} line {n}: {e}"
+    return None
+
+
+def load_source():
+    """Everything but stdlib goes through datasets.load_dataset, so the offline-tested local path
+    is the same code users run against the Hub."""
+    import datasets
+    datasets.disable_progress_bars()
+    local = source.endswith(tuple(LOCAL_LOADERS)) or glob.glob(source)
+    if local:
+        files = sorted(glob.glob(source))
+        if not files:
+            raise SystemExit(f"error: no files match {source}; check the path (local sources end in "
+                             f"{', '.join(LOCAL_LOADERS)})")
+        exts = {Path(f).suffix for f in files}
+        if len(exts) != 1 or not exts <= set(LOCAL_LOADERS):
+            raise SystemExit(f"error: {source} matches files of types {sorted(exts)}; use one type of "
+                             f"{', '.join(LOCAL_LOADERS)} per download")
+        loader = LOCAL_LOADERS[exts.pop()]
+        kwargs = {"sample_by": txt_split} if loader == "text" else {}
+        try:
+            ds = datasets.load_dataset(loader, data_files={hf_split: files}, split=hf_split, **kwargs)
+        except Exception as e:
+            bad = first_bad_json_line(files)
+            where = f"{bad}" if bad else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise SystemExit(f"error: could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
+    else:
+        try:
+            ds = datasets.load_dataset(source, hf_config or None, split=hf_split)
+        except Exception as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise SystemExit(f"error: could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
+                             f"check the name and your internet connection, or pass local files with --source=path/*.jsonl")
+    if text_field not in ds.column_names:
+        raise SystemExit(f"error: {source} has no column '{text_field}' (it has {ds.column_names}); "
+                         f"pass --text_field=<one of those>")
+    return list(ds[text_field])
+
+
+def download():
+    out = dataset_dir()
+    texts = stdlib_docs(stdlib_max_bytes) if source == "stdlib" else load_source()
+    if max_docs >= 0:
+        texts = texts[:max_docs]
+    docs = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs would be bare BOS/EOS pairs
+    if not docs:
+        raise SystemExit(f"error: {source} gave no non-empty documents in column '{text_field}'; "
+                         f"check --source and --text_field")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / DOCS, lambda f: f.writelines(
+        (json.dumps({"text": t}, ensure_ascii=False) + "\n").encode() for t in docs))
+    nbytes = sum(len(t.encode()) for t in docs)
+    print(f"wrote {len(docs):,} documents ({nbytes / 1e6:.1f} MB) from {source} to {out / DOCS}")
+
+
+# -----------------------------------------------------------------------------
+# train_vocab
+
+def train_vocab():
+    import sentencepiece as spm
+    d = dataset_dir()
+    docs = read_docs(d)
+    # a random sample keeps vocab training fast on big corpora (SentencePiece holds it all in memory)
+    order = np.random.default_rng(seed).permutation(len(docs))
+    prefix = d / f"tok{vocab_size}"
+    sample_path, total = d / "tok_sample.txt.tmp", 0
+    with open(sample_path, "w", encoding="utf-8") as f:
+        for i in order:
+            f.write(docs[i].strip() + "\n")
+            total += len(docs[i].encode())
+            if total >= vocab_max_bytes:
+                break
+    print(f"training a {vocab_size}-token SentencePiece BPE on {total / 1e6:.1f} MB of {d / DOCS}")
+    try:
+        # llama2.c's train_vocab settings (themselves Meta's Llama 2 ones), plus our chat specials
+        spm.SentencePieceTrainer.train(
+            input=str(sample_path), model_prefix=str(prefix) + ".tmp", model_type="bpe", vocab_size=vocab_size,
+            input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
+            split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
+            unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+            add_dummy_prefix=True,  # as llama2.c / Llama 2: " the" and "the" at text start are one piece
+            # Llama 2 keeps runs of spaces (llama2.c's default collapses them): code indentation survives
+            remove_extra_whitespaces=False,
+            user_defined_symbols=SPECIAL_TOKENS,  # chat specials become real single pieces
+            minloglevel=2)  # SentencePiece's INFO log is hundreds of lines
+    except RuntimeError as e:
+        raise SystemExit(f"error: SentencePiece could not train a {vocab_size}-token vocab on {d / DOCS} "
+                         f"({str(e).splitlines()[0]}); try a larger --vocab_size or more text")
+    finally:
+        sample_path.unlink(missing_ok=True)
+    for ext in (".model", ".vocab"):
+        os.replace(str(prefix) + ".tmp" + ext, str(prefix) + ext)
+    print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} --vocab_size={vocab_size}")
+
+
+# -----------------------------------------------------------------------------
+# pretokenize
+
+def token_dtype(n_vocab, name="auto"):
+    """uint16 halves disk and memory and holds ids < 65536 (our vocabs, Llama 2's 32000, GPT-2's 50260)."""
+    if name == "auto":
+        return np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
+    if name not in ("uint16", "uint32"):
+        raise SystemExit(f"error: dtype '{name}' is not one of auto, uint16, uint32; pass --dtype=auto")
+    if name == "uint16" and n_vocab > 65536:
+        raise SystemExit(f"error: a vocab of {n_vocab:,} ids does not fit in uint16; pass --dtype=uint32 or --dtype=auto")
+    return np.dtype(name)
+
+
+def split_documents(n, frac, seed):
+    """Indices of train and val documents. The split is by whole document (a seeded permutation), so
+    no text the model trains on is evaluated as val; each split keeps the corpus order."""
+    if n < 2:
+        raise SystemExit(f"error: {n} document(s) cannot be split into train and val; add more text "
+                         f"(for one big .txt, use --txt_split=paragraph)")
+    n_val = min(n - 1, max(1, round(n * frac)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+_worker_tok = None
+
+
+def _init_worker(tok_meta):
+    global _worker_tok  # each process builds its own tokenizer: SentencePiece objects do not pickle
+    _worker_tok = load_tokenizer(tok_meta)
+
+
+def _encode_chunk(texts):
+    ids = []
+    for t in texts:
+        ids.extend(_worker_tok.encode(t, bos=True, eos=True))
+    return ids
+
+
+def encode_split(tok, texts, path, dt, workers):
+    """Encode texts in order (BOS doc EOS BOS doc EOS ...) straight into path; returns the token count."""
+    chunks = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+    count = 0
+
+    def write(f):
+        nonlocal count
+        if workers > 1 and len(chunks) > 1:
+            from multiprocessing import Pool
+            with Pool(workers, _init_worker, (tok.to_meta(),)) as pool:
+                results = pool.imap(_encode_chunk, chunks)  # imap, not imap_unordered: order is the corpus order
+                for ids in results:
+                    f.write(np.array(ids, dtype=dt).tobytes())
+                    count += len(ids)
+        else:
+            global _worker_tok
+            _worker_tok = tok
+            for c in chunks:
+                ids = _encode_chunk(c)
+                f.write(np.array(ids, dtype=dt).tobytes())
+                count += len(ids)
+    write_atomic(path, write)
+    return count
+
+
+def pretokenize():
+    d = dataset_dir()
+    docs = read_docs(d)
+    spec = tokenizer or str(d / f"tok{vocab_size}.model")
+    tok = make_tokenizer(spec, SPECIAL_TOKENS if chat_specials else ())
+    dt = token_dtype(tok.vocab_size, dtype)
+    train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
+    workers = num_workers or os.cpu_count()
+    print(f"tokenizing {len(docs):,} documents with {tok} into {dt.name} using {workers} processes")
+    splits = {}
+    for name, idx in (("train", train_idx), ("val", val_idx)):
+        n_tok = encode_split(tok, [docs[i] for i in idx], d / f"{name}.bin", dt, workers)
+        splits[name] = {"file": f"{name}.bin", "documents": len(idx), "tokens": n_tok}
+        print(f"  {name}: {len(idx):,} documents, {n_tok:,} tokens -> {d / name}.bin")
+    meta = {"tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": dt.name,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits,
+            "val_fraction": val_fraction, "seed": seed}
+    # meta.json last: it only exists next to .bin files it describes
+    write_atomic(d / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    print(f"wrote {d / 'meta.json'}")
+
+
+# -----------------------------------------------------------------------------
+# readers for train.py / evaluate.py
+
+def load_meta(data_dir):
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise SystemExit(f"error: dataset folder {d} not found; make it with python tokenize_data.py download "
+                         f"then pretokenize (offline demo: --source=stdlib, --dataset=demo)")
+    path = d / "meta.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run python tokenize_data.py pretokenize --dataset={d.name}")
+    try:
+        meta = json.loads(path.read_text())
+        meta["splits"], meta["vocab_size"], meta["dtype"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); re-run python tokenize_data.py pretokenize")
+    return meta
+
+
+def open_split(data_dir, split):
+    """The split's tokens as a read-only memmap, after checking the file matches meta.json."""
+    d = Path(data_dir)
+    meta = load_meta(d)
+    if split not in meta["splits"]:
+        raise SystemExit(f"error: {d}/meta.json has no split '{split}' (it has {list(meta['splits'])}); "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    path = d / meta["splits"][split]["file"]
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    dt = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size % dt.itemsize:
+        raise SystemExit(f"error: {path} holds {size:,} bytes, not a whole number of {dt.name} tokens; "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    if size == 0:
+        raise SystemExit(f"error: {path} is empty; add more documents or change --val_fraction, then "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    return np.memmap(path, dtype=dt, mode="r")
+
+
+def check_token_ids(data_dir, split, vocab_size=None):
+    """Stop if any token id is >= vocab_size (default: meta's), e.g. a .bin left from another tokenizer.
+    Reads the file once in 16M-token chunks: about a second per GB. Returns the largest id."""
+    data = open_split(data_dir, split)
+    limit = vocab_size or load_meta(data_dir)["vocab_size"]
+    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
+    if top >= limit:
+        raise SystemExit(f"error: {data.filename} holds token id {top:,} but the vocab has only {limit:,} ids; "
+                         f"re-run python tokenize_data.py pretokenize --dataset={Path(data_dir).name} "
+                         f"with the tokenizer you train with")
+    return top
+
+
+if __name__ == "__main__":
+    commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"error: give a subcommand, one of {', '.join(commands)}; "
+                         f"e.g. python tokenize_data.py download --source=stdlib")
+    from configurator import configure, print_config
+    print_config(configure(globals(), sys.argv[2:]))
+    commands[sys.argv[1]]()

@@ -1,0 +1,199 @@
+"""The one tokenizer wrapper every llamaforge script imports.
+
+Two kinds behind one small interface:
+- "sentencepiece": a .model file, either one we trained (tokenize_data.py train_vocab, which bakes
+  the chat specials in as real pieces) or a user's own such as the Llama 2 tokenizer.model.
+- "tiktoken": the GPT-2 BPE, built offline from local vocab.bpe + encoder.json (or r50k_base.tiktoken),
+  or from tiktoken's own cache via tiktoken.get_encoding("gpt2").
+
+A tokenizer is described on disk by to_meta() (a small JSON dict saved in data/<name>/meta.json and in
+checkpoints) and rebuilt with load_tokenizer(meta), so a checkpoint always decodes with the ids it
+was trained on.
+"""
+import codecs
+import os
+import re
+
+SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end_of_turn|>"]  # chat specials, in this order
+
+GPT2_EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Use make_tokenizer / load_tokenizer to build one; the attributes are the interface."""
+
+    def __init__(self, kind, path, backend, base_vocab, bos_id, eos_id, pad_id, special_ids):
+        self.kind = kind                  # "sentencepiece" | "tiktoken"
+        self.path = path                  # .model file, GPT-2 BPE folder/file, or None (tiktoken's "gpt2")
+        self.backend = backend            # SentencePieceProcessor or tiktoken.Encoding
+        self.base_vocab = base_vocab      # ids below this belong to the backend's own vocab
+        self.vocab_size = base_vocab + sum(i >= base_vocab for i in special_ids.values())
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.special_ids = dict(special_ids)
+        self.id_to_special = {i: s for s, i in special_ids.items()}
+        # specials appended after an existing SentencePiece vocab are not known to SentencePiece,
+        # so we cut the text at them ourselves (a trained vocab handles its own specials)
+        appended = [s for s, i in special_ids.items() if i >= base_vocab]
+        self._split_re = re.compile("(" + "|".join(map(re.escape, appended)) + ")") if appended else None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # streaming state for decode_piece
+
+    def __repr__(self):
+        return f"Tokenizer(kind={self.kind!r}, path={self.path!r}, vocab_size={self.vocab_size})"
+
+    # ---- encode / decode
+
+    def encode(self, text, bos=False, eos=False):
+        if self.kind == "tiktoken":
+            # specials become single ids only if added; anything else (even "<|endoftext|>" typed in
+            # the text) is ordinary text, so user data can never inject control tokens
+            ids = self.backend.encode(text, allowed_special=set(self.special_ids), disallowed_special=())
+        elif self._split_re is None:
+            ids = self.backend.encode(text)
+        else:
+            # Llama-2-chat style: each chunk between specials is encoded on its own (so each gets
+            # SentencePiece's dummy-prefix space); decode() cuts at the same places, so round trips are exact
+            ids = []
+            for chunk in self._split_re.split(text):
+                if chunk in self.special_ids:
+                    ids.append(self.special_ids[chunk])
+                elif chunk:
+                    ids.extend(self.backend.encode(chunk))
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        # ids at or past vocab_size are dropped: a model's embedding table is often padded
+        # (e.g. 50260 -> 50304) and an undertrained model can sample those rows
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        if self.kind == "tiktoken":  # like SentencePiece's control tokens, BOS/EOS are not text
+            return self.backend.decode([i for i in ids if i != self.eos_id], errors="replace")
+        if self._split_re is None:
+            return self.backend.decode(ids)
+        text, run = [], []
+        for i in ids + [None]:
+            if i is None or i >= self.base_vocab:
+                text.append(self.backend.decode(run))
+                run = []
+                if i is not None:
+                    text.append(self.id_to_special[i])
+            else:
+                run.append(i)
+        return "".join(text)
+
+    def token_bytes(self, prev_id, id):
+        """The raw bytes one token adds to the text (a UTF-8 character may span several tokens)."""
+        if not 0 <= id < self.vocab_size or id in (self.bos_id, self.eos_id):
+            return b""
+        if id in self.id_to_special:
+            return self.id_to_special[id].encode()
+        if self.kind == "tiktoken":
+            return self.backend.decode_single_token_bytes(id)
+        sp = self.backend
+        if sp.is_byte(id):  # byte-fallback pieces look like <0x0A>
+            return bytes([int(sp.id_to_piece(id)[3:5], 16)])
+        if sp.is_control(id) or sp.is_unknown(id):
+            return b""
+        piece = sp.id_to_piece(id).replace("\u2581", " ")  # "▁" marks a space in SentencePiece
+        # the first piece of a text (after BOS, or after a special we cut at) carries the dummy-prefix
+        # space that encode added; llama2.c strips it the same way
+        if prev_id is not None and (prev_id == self.bos_id or prev_id >= self.base_vocab) and piece[:1] == " ":
+            piece = piece[1:]
+        return piece.encode()
+
+    def decode_piece(self, prev_id, id):
+        """Text of one more token, for streaming. Keeps bytes of an unfinished UTF-8 character until
+        the next call completes it (so it may return ""). The buffer lives on the tokenizer and is
+        reset at BOS / prev_id=None: stream one sequence at a time per Tokenizer."""
+        if prev_id is None or prev_id == self.bos_id:
+            self._utf8.reset()
+        return self._utf8.decode(self.token_bytes(prev_id, id))
+
+    def to_meta(self):
+        return {"kind": self.kind, "path": self.path, "special_tokens": list(self.special_ids),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+# ---- building
+
+def _sentencepiece(path, special_tokens):
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: tokenizer model {path} not found; train one with "
+                         f"python tokenize_data.py train_vocab, or pass --tokenizer=path/to/tokenizer.model")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # the C++ error is a multi-line RuntimeError; keep its gist
+        raise SystemExit(f"error: {path} is not a SentencePiece model ({str(e).splitlines()[0]}); "
+                         f"pass a .model file written by SentencePiece")
+    base = sp.vocab_size()
+    special_ids, next_id = {}, base
+    # specials already in the vocab (our trained models have them) keep their ids: a trained vocab
+    # always knows its specials, even if the caller did not ask for them
+    for s in list(dict.fromkeys(list(special_tokens) + SPECIAL_TOKENS)):
+        i = sp.piece_to_id(s)
+        if i != sp.unk_id() and sp.id_to_piece(i) == s:
+            special_ids[s] = i
+        elif s in special_tokens:
+            special_ids[s], next_id = next_id, next_id + 1
+    pad = sp.pad_id() if sp.pad_id() >= 0 else None
+    return Tokenizer("sentencepiece", os.path.abspath(path), sp, base, sp.bos_id(), sp.eos_id(), pad, special_ids)
+
+
+def _gpt2_base(path):
+    """The GPT-2 encoding: from local BPE files if path is given, else tiktoken's (cached) download."""
+    import tiktoken
+    if path is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise SystemExit(f"error: could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, "
+                             f"set TIKTOKEN_CACHE_DIR to a tiktoken cache or pass --tokenizer=path/to/gpt2_bpe_folder")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex, reused not pasted
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    bpe, enc_json, tk = (os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json", "r50k_base.tiktoken"))
+    if path.endswith(".tiktoken") or (os.path.isdir(path) and os.path.isfile(tk) and not os.path.isfile(bpe)):
+        ranks = load_tiktoken_bpe(path if path.endswith(".tiktoken") else tk)
+    elif os.path.isfile(bpe) and os.path.isfile(enc_json):
+        ranks = data_gym_to_mergeable_bpe_ranks(bpe, enc_json)
+    else:
+        raise SystemExit(f"error: no GPT-2 BPE files at {path}; pass a folder holding vocab.bpe + encoder.json "
+                         f"(or r50k_base.tiktoken), or --tokenizer=gpt2 to use tiktoken's cache")
+    eot = len(ranks)  # 50256: <|endoftext|> follows the merges, as in tiktoken's own gpt2
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={GPT2_EOT: eot})
+
+
+def _tiktoken(path, special_tokens):
+    import tiktoken
+    base = _gpt2_base(path)
+    eot = base.eot_token
+    special_ids = {s: base.n_vocab + k for k, s in enumerate(dict.fromkeys(special_tokens))}
+    enc = base
+    if special_ids:  # the tiktoken way to add tokens: a new Encoding over the same merges
+        enc = tiktoken.Encoding(name=base.name + "_chat", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                special_tokens={**base._special_tokens, **special_ids})
+    # GPT-2 has no BOS: <|endoftext|> separates documents, so it serves as both
+    return Tokenizer("tiktoken", os.path.abspath(path) if path else None, enc, base.n_vocab, eot, eot, None, special_ids)
+
+
+def make_tokenizer(spec, special_tokens=()):
+    """spec: a SentencePiece .model path, "gpt2" (tiktoken's cache), or a folder/file with GPT-2 BPE files.
+    special_tokens (e.g. SPECIAL_TOKENS) get single ids: their own if the vocab has them, else appended."""
+    spec = os.fspath(spec)
+    if spec == "gpt2":
+        return _tiktoken(None, special_tokens)
+    if os.path.isdir(spec) or spec.endswith((".tiktoken", ".bpe", "encoder.json")):
+        return _tiktoken(spec, special_tokens)
+    return _sentencepiece(spec, special_tokens)
+
+
+def load_tokenizer(meta):
+    """Rebuild the tokenizer described by Tokenizer.to_meta() (e.g. meta["tokenizer"] of a dataset)."""
+    if meta.get("kind") not in ("sentencepiece", "tiktoken"):
+        raise SystemExit(f"error: unknown tokenizer kind {meta.get('kind')!r} in metadata; "
+                         f"re-run python tokenize_data.py pretokenize")
+    spec = meta["path"] or "gpt2"
+    tok = make_tokenizer(spec, meta.get("special_tokens", ()))
+    if tok.vocab_size != meta["vocab_size"]:
+        raise SystemExit(f"error: tokenizer {spec} has {tok.vocab_size} ids but the metadata says "
+                         f"{meta['vocab_size']}; the file changed since pretokenize, re-run python tokenize_data.py pretokenize")
+    return tok
