@@ -1,0 +1,111 @@
+"""Sample text from a trained model, streaming tokens as they are produced.
+
+    python generate.py --checkpoint=out/ckpt.pt --prompt="Once upon a time" --temperature=0.8 --top_k=200
+"""
+import sys
+
+checkpoint = "out/ckpt.pt"      # our ckpt.pt (or its run directory)
+prompt = ""                     # text to continue; empty starts from BOS alone
+prompt_file = ""                # read the prompt from this file instead
+num_samples = 1                 # independent samples to draw
+max_new_tokens = 256            # stop after this many new tokens (or at end of sequence, or the context's end)
+temperature = 0.8               # 0 = greedy (argmax); higher = more random
+top_k = 200                     # sample only from the k most likely tokens; 0 disables
+top_p = 1.0                     # nucleus sampling: the smallest set of tokens with this much probability; 1.0 disables
+seed = 1337
+device = "auto"                 # 'auto', 'cpu', 'cuda', ...
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
+tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model path or 'gpt2'
+stream = True                   # print tokens as they come
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+from contextlib import nullcontext  # noqa: E402
+
+import torch  # noqa: E402
+
+from checkpoint import load_model  # noqa: E402
+from model import check_sampling  # noqa: E402
+from tokenizer import load_tokenizer, make_tokenizer  # noqa: E402
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+class StreamPrinter:
+    """Prints the text of a growing token list as it grows. Decoding the whole list each time (rather
+    than token by token) keeps SentencePiece's leading spaces and multi-byte characters right; a
+    trailing U+FFFD means a character's bytes are still incomplete, so it waits for the next token."""
+    def __init__(self, tok, prompt_ids, out=sys.stdout):
+        # start from the prompt so the first new token's leading space is decoded in context
+        self.tok, self.out, self.ids = tok, out, list(prompt_ids)
+        self.printed = tok.decode(self.ids)
+        out.write(self.printed)
+
+    def add(self, token_id):
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def main():
+    try:
+        check_sampling(temperature, top_k or None, top_p)
+    except ValueError as e:
+        fail(f"{e}")
+    if num_samples < 1 or max_new_tokens < 1:
+        fail(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must both be >= 1")
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        fail(f"device='{dev}' but no CUDA GPU is visible; use --device=cpu")
+    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
+
+    model, ckpt = load_model(checkpoint, dev)
+    if tokenizer:
+        tok = make_tokenizer(tokenizer)
+    elif ckpt.get("tokenizer"):
+        tok = load_tokenizer(ckpt["tokenizer"])
+    else:
+        fail(f"checkpoint '{checkpoint}' records no tokenizer; pass --tokenizer=PATH_TO.model (or gpt2)")
+    if tok.vocab_size > model.args.vocab_size:
+        fail(f"tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; pass the model's own tokenizer")
+
+    text = prompt
+    if prompt_file:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            fail(f"cannot read prompt_file '{prompt_file}' ({e.strerror}); check the path")
+    ids = tok.encode(text, bos=True)
+    if len(ids) >= model.args.max_seq_len:
+        fail(f"prompt is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; "
+             f"shorten the prompt to leave room for new tokens")
+
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    for i in range(num_samples):
+        printer = StreamPrinter(tok, ids) if stream else None
+        on_token = (lambda t: printer.add(int(t[0]))) if stream else None
+        with ctx:
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                               eos_id=tok.eos_id, generator=gen, on_token=on_token)
+        new = y[0, len(ids):].tolist()
+        if tok.eos_id in new:
+            new = new[:new.index(tok.eos_id)]
+        if not stream:
+            sys.stdout.write(tok.decode(ids + new))
+        sys.stdout.write("\n" + ("---------------\n" if i < num_samples - 1 else ""))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Train a Llama 2 model on pretokenized data.
+
+    python train.py config/demo.py                      # single process (CPU or one GPU)
+    python train.py config/demo.py --batch_size=16      # any setting can be overridden with --key=value
+    torchrun --standalone --nproc_per_node=2 train.py config/demo.py   # DDP
+
+Settings are the globals below; a config file and --key=value flags override them (configurator.py).
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"                 # checkpoints (ckpt.pt) and the metrics log (metrics.jsonl) go here
+init_from = "scratch"           # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint path to fine-tune from
+eval_interval = 200             # evaluate and checkpoint every this many iterations
+eval_iters = 20                 # validation batches per evaluation (a fixed set, the same every time)
+eval_only = False               # evaluate once and exit
+log_interval = 10               # read the loss from the device (a sync) only every this many iterations
+progress = True                 # tqdm progress bar; off for plain log lines
+seed = 1337
+# data
+data_root = "data"              # where datasets live: data_root/dataset/{train,val}.bin + meta.json
+dataset = "demo"
+batch_size = 16                 # sequences per micro-batch
+block_size = 256                # sequence length trained on (also the model's context, max_seq_len)
+gradient_accumulation_steps = 1 # micro-batches per optimizer step (total across DDP ranks)
+# model
+dim = 288
+n_layers = 6
+n_heads = 6
+n_kv_heads = 0                  # 0 = same as n_heads; fewer gives grouped-query attention
+multiple_of = 32
+hidden_dim = 0                  # 0 = Llama's 8/3*dim rule rounded to multiple_of
+dropout = 0.0
+tie_embeddings = True
+norm_eps = 1e-5
+rope_theta = 10000.0
+# optimizer
+optimizer = "adamw"             # 'adamw' or 'sgd' (momentum; half AdamW's state memory)
+learning_rate = 5e-4            # peak learning rate
+weight_decay = 0.1              # applied to matrices and embeddings only, never to norms or biases
+beta1 = 0.9                     # AdamW
+beta2 = 0.95                    # AdamW
+momentum = 0.9                  # SGD
+nesterov = True                 # SGD
+grad_clip = 1.0                 # clip the global grad norm to this; 0 disables
+# learning-rate schedule
+lr_schedule = "cosine"          # 'cosine' (warmup then cosine to min_lr), 'constant' (warmup then flat), 'onecycle'
+max_iters = 2000
+warmup_iters = 100
+lr_decay_iters = 0              # cosine reaches min_lr here; 0 = max_iters
+min_lr = 5e-5
+# system
+device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU), 'float32', 'bfloat16', 'float16'
+compile = False                 # torch.compile the model (slow first step, faster after)
+# -----------------------------------------------------------------------------
+from configurator import configure, print_config  # noqa: E402
+config = configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from checkpoint import build_model, clean_state_dict, load_checkpoint, save_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenize_data import check_token_ids, load_meta, open_split  # noqa: E402
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+# ---- checks that need no data: fail before any work --------------------------------------------
+if optimizer not in ("adamw", "sgd"):
+    fail(f"optimizer='{optimizer}' is not one of 'adamw', 'sgd'")
+if lr_schedule not in ("cosine", "constant", "onecycle"):
+    fail(f"lr_schedule='{lr_schedule}' is not one of 'cosine', 'constant', 'onecycle'")
+for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+    if globals()[key] < 1:
+        fail(f"{key}={globals()[key]} must be >= 1")
+
+# ---- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain run is a world of one ------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {world_size} DDP processes")
+    gradient_accumulation_steps //= world_size  # keep tokens per optimizer step independent of the world size
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+if ddp and device.startswith("cuda"):
+    device = f"cuda:{local_rank}"
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if device_type == "cuda" and not torch.cuda.is_available():
+    fail(f"device='{device}' but no CUDA GPU is visible; use --device=cpu")
+if dtype == "auto":
+    dtype = "float32" if device_type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+if dtype not in ("float32", "bfloat16", "float16"):
+    fail(f"dtype='{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+ptdtype = getattr(torch, dtype)
+# autocast keeps master weights in fp32 and runs matmuls in bf16/fp16
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~free speed for fp32 parts
+torch.backends.cudnn.allow_tf32 = True
+
+# ---- data -------------------------------------------------------------------------------------
+data_dir = os.path.join(data_root, dataset)
+meta = load_meta(data_dir)
+train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
+for split in ("train", "val"):
+    check_token_ids(data_dir, split, meta["vocab_size"])
+split_files = {"train": (train_data.filename, train_data.dtype), "val": (val_data.filename, val_data.dtype)}
+for split, arr in (("train", train_data), ("val", val_data)):
+    if len(arr) < block_size + 1:
+        fail(f"{data_dir}/{split}.bin holds {len(arr)} tokens, fewer than block_size+1={block_size + 1}; "
+             f"lower block_size or add data")
+
+
+def get_batch(split, positions):
+    """Input/target pairs starting at the given token positions; pinned + async copy on CUDA so the
+    host-to-device transfer overlaps the GPU's work on the previous step."""
+    data = np.memmap(*split_files[split], mode="r")  # a fresh memmap per batch: a long-lived one leaks memory
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in positions]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in positions]).astype(np.int64))
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# The training sampler has its own generator so its state can be saved and restored exactly.
+sampler = torch.Generator().manual_seed(seed + 1000 * rank)
+
+
+def sample_positions(split_len, n, generator):
+    return torch.randint(split_len - block_size, (n,), generator=generator).tolist()
+
+
+# A fixed set of evaluation batches, drawn once: successive evaluations are directly comparable.
+_eval_gen = torch.Generator().manual_seed(seed)
+eval_positions = {s: [sample_positions(len(d), batch_size, _eval_gen) for _ in range(eval_iters)]
+                  for s, d in (("train", train_data), ("val", val_data))}
+
+# ---- model ------------------------------------------------------------------------------------
+iter_num, best_val_loss, tokens_seen, resume_ckpt = 0, float("inf"), 0, None
+if init_from == "scratch":
+    model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None,
+                           vocab_size=meta["vocab_size"], hidden_dim=hidden_dim or None, multiple_of=multiple_of,
+                           norm_eps=norm_eps, max_seq_len=block_size, dropout=dropout,
+                           tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+    model = Transformer(model_args)
+else:
+    # 'resume' continues a run in out_dir exactly; a path starts a new run from its weights
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        fail(f"init_from='resume' but {ckpt_path} does not exist; train with init_from='scratch' first or fix out_dir")
+    resume_ckpt = load_checkpoint(ckpt_path)
+    ckpt_tok, data_tok = resume_ckpt.get("tokenizer"), meta["tokenizer"]
+    if ckpt_tok is not None and (ckpt_tok.get("kind"), ckpt_tok.get("vocab_size")) != (data_tok.get("kind"), data_tok.get("vocab_size")):
+        fail(f"tokenizer mismatch: checkpoint {ckpt_path} was trained with {ckpt_tok.get('kind')} "
+             f"vocab {ckpt_tok.get('vocab_size')} but {data_dir} uses {data_tok.get('kind')} vocab "
+             f"{data_tok.get('vocab_size')}; pretokenize the data with the checkpoint's tokenizer")
+    resume_ckpt["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
+    model = build_model(resume_ckpt)
+    model_args = model.args
+    if block_size > model_args.max_seq_len:
+        fail(f"block_size={block_size} exceeds the checkpoint's context {model_args.max_seq_len}; lower block_size")
+    if model_args.vocab_size < meta["vocab_size"]:
+        fail(f"{data_dir} has vocab {meta['vocab_size']} but the checkpoint's model has {model_args.vocab_size}; "
+             f"use data tokenized with the checkpoint's tokenizer")
+    if init_from == "resume":
+        iter_num, best_val_loss = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
+        tokens_seen = resume_ckpt.get("tokens_seen", 0)
+model.to(device)
+
+# ---- optimizer: weight decay on matrices and embeddings only; norms (1-D) are left alone ---------
+params = [p for p in model.parameters() if p.requires_grad]
+decay = [p for p in params if p.dim() >= 2]
+no_decay = [p for p in params if p.dim() < 2]
+groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+if optimizer == "adamw":
+    # fused: one kernel for all parameters instead of a loop of small ones (CUDA only)
+    opt = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+else:
+    opt = torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0)
+# fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+if init_from == "resume":
+    opt.load_state_dict(resume_ckpt["optimizer"])
+    if "scaler" in resume_ckpt:
+        scaler.load_state_dict(resume_ckpt["scaler"])
+    states = resume_ckpt.get("sampler", [])
+    if rank < len(states):
+        sampler.set_state(states[rank])
+    rng = resume_ckpt.get("rng", {})
+    if rank < len(rng.get("cpu", [])):
+        torch.set_rng_state(rng["cpu"][rank])
+    if device_type == "cuda" and rank < len(rng.get("cuda", [])):
+        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+del resume_ckpt  # free the host copy of the weights
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def get_lr(it):
+    warmup = warmup_iters if lr_schedule != "onecycle" else (warmup_iters or max(1, int(0.3 * max_iters)))
+    if lr_schedule == "onecycle":
+        # one cycle: ramp up from learning_rate/25 to the peak, then cosine all the way to min_lr at max_iters
+        if it < warmup:
+            return learning_rate / 25 + (learning_rate - learning_rate / 25) * it / warmup
+        ratio = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+        return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    if it < warmup:
+        return learning_rate * (it + 1) / (warmup + 1)
+    if lr_schedule == "constant":
+        return learning_rate
+    decay_iters = lr_decay_iters or max_iters
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def evaluate():
+    """Loss, perplexity and next-token accuracy on the fixed evaluation batches of each split."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        loss_sum, correct, count = 0.0, 0, 0
+        for positions in eval_positions[split]:
+            x, y = get_batch(split, positions)
+            with autocast:
+                logits, loss = raw_model(x, y, reduction="sum")
+            loss_sum += loss.item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+        out[f"{split}_loss"] = loss_sum / count
+        out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 50.0))
+        out[f"{split}_acc"] = correct / count
+    model.train()
+    return out
+
+
+def gather(obj):
+    """The list of obj from every rank (a list of one without DDP)."""
+    if not ddp:
+        return [obj]
+    objs = [None] * world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def save(sampler_state):
+    """Everything needed to continue this run exactly: weights, optimizer, position, RNG and sampler."""
+    rng_cpu = gather(torch.get_rng_state())
+    rng_cuda = gather(torch.cuda.get_rng_state(device)) if device_type == "cuda" else []
+    samplers = gather(sampler_state)
+    if not master:
+        return
+    ckpt = {"model": clean_state_dict(raw_model.state_dict()), "model_args": model_args.to_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "config": config,
+            "tokenizer": meta["tokenizer"], "dataset": data_dir,
+            "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers}
+    save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+
+
+def log_metrics(record):
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---- SIGINT/SIGTERM: finish the current step, save, exit cleanly -----------------------------
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# ---- the loop ---------------------------------------------------------------------------------
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"config:")
+    print_config(config)
+    print(f"device {device}, dtype {dtype}, {world_size} process(es); model {raw_model.num_params() / 1e6:.2f}M params; "
+          f"{tokens_per_iter:,} tokens per iteration; train {len(train_data):,} tokens, val {len(val_data):,} tokens")
+    if init_from == "resume" and os.path.exists(metrics_path):
+        # drop log lines past the checkpoint: they will be produced again, identically
+        with open(metrics_path) as f:
+            kept = [ln for ln in f if json.loads(ln).get("iter", 0) <= iter_num]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    elif init_from != "resume" and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a new run starts a new log
+
+bar = None
+if progress and master:
+    from tqdm import tqdm
+    bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=None)
+say = bar.write if bar is not None else print
+start_iter, t_log, loss_acc, n_acc = iter_num, time.time(), torch.zeros((), device=device), 0
+model.train()
+while True:
+    lr = get_lr(iter_num)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
+
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not (iter_num == start_iter and init_from == "resume" and iter_num > 0):
+        t_eval = time.time()
+        metrics = evaluate()
+        t_log += time.time() - t_eval  # keep evaluation out of the tokens/s figure
+        if master:
+            say(f"iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}")
+            log_metrics({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **metrics})
+        if eval_only:
+            break
+        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        if iter_num > start_iter or init_from != "resume":
+            save(sampler_state)
+    if iter_num >= max_iters or stop_requested:
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches
+    batches = [get_batch("train", sample_positions(len(train_data), batch_size, sampler))
+               for _ in range(gradient_accumulation_steps)]
+    for micro, (x, y) in enumerate(batches):
+        if ddp:  # all-reduce gradients only on the last micro-batch
+            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with autocast:
+            _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.zeros(())
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_seen += tokens_per_iter
+    n_acc += 1
+
+    if ddp:  # every rank must stop on the same iteration
+        flag = torch.tensor(float(stop_requested), device=device)
+        dist.all_reduce(flag)
+        stop_requested = flag.item() > 0
+    if iter_num % log_interval == 0 or stop_requested or iter_num == max_iters:
+        train_loss = loss_acc.item() / n_acc  # the only host-device sync of the loop
+        dt = time.time() - t_log
+        tok_s = n_acc * tokens_per_iter / dt
+        mfu = raw_model.estimate_mfu(tok_s / world_size, block_size, device)
+        if master:
+            log_metrics({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
+                         "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": mfu, "ms_per_iter": 1000 * dt / n_acc})
+            msg = f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else "")
+            if bar is not None:
+                bar.set_postfix_str(msg)
+            else:
+                print(f"iter {iter_num}: {msg}")
+        t_log, loss_acc, n_acc = time.time(), torch.zeros((), device=device), 0
+    if bar is not None:
+        bar.update(1)
+    if stop_requested:
+        save(sampler.get_state())
+        if master:
+            say(f"stopped by signal at iter {iter_num}; checkpoint saved to {out_dir}/ckpt.pt; "
+                f"continue with --init_from=resume")
+        break
+
+if bar is not None:
+    bar.close()
+if ddp:
+    dist.destroy_process_group()
