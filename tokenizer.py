@@ -31,10 +31,10 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.special_ids = dict(special_ids)
         self.id_to_special = {i: s for s, i in special_ids.items()}
-        # specials appended after an existing SentencePiece vocab are not known to SentencePiece,
-        # so we cut the text at them ourselves (a trained vocab handles its own specials)
-        appended = [s for s, i in special_ids.items() if i >= base_vocab]
-        self._split_re = re.compile("(" + "|".join(map(re.escape, appended)) + ")") if appended else None
+        # SentencePiece: we cut the text at the specials ourselves. Appended ones are unknown to
+        # SentencePiece, and for trained-in ones it would put a dummy-prefix "▁" before a leading special
+        names = sorted(special_ids, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # streaming state for decode_piece
 
     def __repr__(self):
@@ -51,7 +51,8 @@ class Tokenizer:
             ids = self.backend.encode(text)
         else:
             # Llama-2-chat style: each chunk between specials is encoded on its own (so each gets
-            # SentencePiece's dummy-prefix space); decode() cuts at the same places, so round trips are exact
+            # SentencePiece's dummy-prefix space); decode() cuts at the same places, so round trips are
+            # exact, and a special is one id wherever it stands
             ids = []
             for chunk in self._split_re.split(text):
                 if chunk in self.special_ids:
@@ -70,7 +71,7 @@ class Tokenizer:
             return self.backend.decode(ids)
         text, run = [], []
         for i in ids + [None]:
-            if i is None or i >= self.base_vocab:
+            if i is None or i in self.id_to_special:
                 text.append(self.backend.decode(run))
                 run = []
                 if i is not None:
@@ -95,7 +96,7 @@ class Tokenizer:
         piece = sp.id_to_piece(id).replace("\u2581", " ")  # "▁" marks a space in SentencePiece
         # the first piece of a text (after BOS, or after a special we cut at) carries the dummy-prefix
         # space that encode added; llama2.c strips it the same way
-        if prev_id is not None and (prev_id == self.bos_id or prev_id >= self.base_vocab) and piece[:1] == " ":
+        if (prev_id == self.bos_id or prev_id in self.id_to_special) and piece[:1] == " ":
             piece = piece[1:]
         return piece.encode()
 

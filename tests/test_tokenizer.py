@@ -1,0 +1,131 @@
+"""tokenizer.py: round trips, chat specials, streaming decode, metadata, against real vocabularies."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tokenize_data as td  # noqa: E402
+from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LLAMA = SHARED / "llama2_tokenizer" / "tokenizer.model"
+GPT2_DIR = SHARED / "gpt2_bpe"
+need_llama = pytest.mark.skipif(not LLAMA.is_file(), reason=f"Llama 2 tokenizer not at {LLAMA}")
+need_gpt2 = pytest.mark.skipif(not (GPT2_DIR / "vocab.bpe").is_file(), reason=f"GPT-2 BPE files not at {GPT2_DIR}")
+
+# code with indentation, blank lines, digits, non-Latin text, an emoji (byte fallback) and the chat specials
+TEXT = ("def f(x):\n    return x + 12345\n\n\n  two  spaces  \ttab\n"
+        "<|user|> héllo 日本語 🦙<|assistant|>ok<|end_of_turn|>\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 400-token vocab trained by our own train_vocab on ~300 KB of the stdlib."""
+    root = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(data_root=str(root), dataset="demo", source="stdlib", stdlib_max_bytes=300_000,
+                         vocab_size=400).items():
+            mp.setattr(td, k, v)
+        td.download()
+        td.train_vocab()
+    return make_tokenizer(root / "demo" / "tok400.model")
+
+
+def stream(tok, ids):
+    return "".join(tok.decode_piece(p, i) for p, i in zip([None] + ids[:-1], ids))
+
+
+def test_trained_sentencepiece_round_trip_and_specials(trained):
+    tok = trained
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 400
+    # specials were trained in as user_defined_symbols: real pieces inside the 400, right after <unk> <s> </s>
+    assert tok.special_ids == {"<|user|>": 3, "<|assistant|>": 4, "<|end_of_turn|>": 5}
+    for s, i in tok.special_ids.items():
+        assert tok.encode(s) == [i] and tok.decode([i]) == s
+    ids = tok.encode(TEXT, bos=True, eos=True)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
+    assert max(ids) < tok.vocab_size
+    assert tok.decode(ids) == TEXT  # identity normalization, spaces kept, byte fallback for 🦙
+    assert stream(tok, ids) == TEXT
+    assert "<0x0A>" in {tok.backend.id_to_piece(i) for i in ids}  # newline is a byte piece, streamed as "\n"
+
+
+def test_trained_to_meta_load_round_trip(trained):
+    meta = trained.to_meta()
+    assert meta == {"kind": "sentencepiece", "path": trained.path, "special_tokens": SPECIAL_TOKENS,
+                    "vocab_size": 400, "bos_id": 1, "eos_id": 2}
+    again = load_tokenizer(meta)
+    assert again.encode(TEXT) == trained.encode(TEXT) and again.special_ids == trained.special_ids
+
+
+@need_llama
+def test_llama2_model_golden_ids_and_appended_specials():
+    plain = make_tokenizer(LLAMA)
+    assert plain.vocab_size == 32000 and (plain.bos_id, plain.eos_id, plain.pad_id) == (1, 2, None)
+    assert plain.encode("Hello world") == [15043, 3186]  # the ids Meta's tokenizer gives
+    assert len(plain.encode("<|user|>")) > 1  # without specials added they are plain text
+    tok = make_tokenizer(LLAMA, SPECIAL_TOKENS)
+    assert tok.vocab_size == 32003
+    assert tok.special_ids == {"<|user|>": 32000, "<|assistant|>": 32001, "<|end_of_turn|>": 32002}
+    ids = tok.encode(TEXT, bos=True)
+    assert [i for i in ids if i >= 32000] == [32000, 32001, 32002]
+    assert tok.decode(ids) == TEXT and stream(tok, ids) == TEXT
+    assert load_tokenizer(tok.to_meta()).encode(TEXT) == ids[1:]
+
+
+@need_gpt2
+def test_gpt2_local_files_match_tiktoken_reference(monkeypatch):
+    import tiktoken
+    tok = make_tokenizer(GPT2_DIR, SPECIAL_TOKENS)
+    assert tok.kind == "tiktoken" and tok.vocab_size == 50260
+    assert tok.bos_id == tok.eos_id == 50256 and tok.pad_id is None
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.special_ids == {"<|user|>": 50257, "<|assistant|>": 50258, "<|end_of_turn|>": 50259}
+    assert make_tokenizer(GPT2_DIR / "r50k_base.tiktoken").encode(TEXT) == make_tokenizer(GPT2_DIR).encode(TEXT)
+    # the reference: tiktoken's own gpt2 encoding, from the offline cache
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(GPT2_DIR / "tiktoken_cache"))
+    ref = tiktoken.get_encoding("gpt2")
+    plain = "no specials here, just text\n\n  x = 1"
+    assert tok.encode(plain) == ref.encode(plain)
+    assert make_tokenizer("gpt2", SPECIAL_TOKENS).encode(TEXT) == tok.encode(TEXT)
+    assert load_tokenizer(make_tokenizer("gpt2").to_meta()).path is None
+
+
+@need_gpt2
+def test_gpt2_specials_round_trip_and_streaming_split_utf8():
+    tok = make_tokenizer(GPT2_DIR, SPECIAL_TOKENS)
+    ids = tok.encode(TEXT, bos=True, eos=True)
+    assert [i for i in ids if i > 50256] == [50257, 50258, 50259]
+    assert tok.decode(ids) == TEXT
+    # 日 is split over two byte tokens: the streaming decoder holds the first half back
+    ja = tok.encode("日")
+    assert len(ja) == 2 and tok.decode_piece(None, ja[0]) == "" and tok.decode_piece(ja[0], ja[1]) == "日"
+    assert stream(tok, ids) == TEXT
+    # specials only when asked for, and typed <|endoftext|> is text, never the control id
+    assert len(make_tokenizer(GPT2_DIR).encode("<|user|>")) > 1
+    assert 50256 not in tok.encode("a <|endoftext|> b")
+
+
+@need_gpt2
+def test_decode_drops_ids_of_a_padded_embedding():
+    tok = make_tokenizer(GPT2_DIR)
+    assert tok.decode(tok.encode("hi") + [50300]) == "hi" and tok.decode_piece(None, 50300) == ""
+
+
+def test_errors_are_one_line(tmp_path, trained):
+    with pytest.raises(SystemExit, match="not found; train one"):
+        make_tokenizer(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(SystemExit, match="is not a SentencePiece model"):
+        make_tokenizer(tmp_path / "junk.model")
+    with pytest.raises(SystemExit, match="no GPT-2 BPE files"):
+        make_tokenizer(tmp_path)
+    meta = dict(trained.to_meta(), vocab_size=401)
+    with pytest.raises(SystemExit, match="has 400 ids but the metadata says 401"):
+        load_tokenizer(meta)
+    with pytest.raises(SystemExit, match="unknown tokenizer kind"):
+        load_tokenizer(dict(meta, kind="bert"))
+    assert "\n" not in str(pytest.raises(SystemExit, make_tokenizer, os.fspath(tmp_path / "x.model")).value)
