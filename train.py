@@ -69,6 +69,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from chat import IGNORE_INDEX  # noqa: E402
 from checkpoint import build_model, clean_state_dict, load_checkpoint, save_checkpoint  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenize_data import check_token_ids, load_meta, open_split  # noqa: E402
@@ -249,10 +250,12 @@ def evaluate():
         for positions in eval_positions[split]:
             x, y = get_batch(split, positions)
             with autocast:
-                logits, loss = raw_model(x, y, reduction="sum")
+                logits, loss = raw_model(x, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            valid = y != IGNORE_INDEX
             loss_sum += loss.item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            count += y.numel()
+            correct += ((logits.argmax(-1) == y) & valid).sum().item()
+            count += valid.sum().item()
+        count = max(count, 1)
         out[f"{split}_loss"] = loss_sum / count
         out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 50.0))
         out[f"{split}_acc"] = correct / count
@@ -353,14 +356,21 @@ while True:
     # one optimizer step over gradient_accumulation_steps micro-batches
     batches = [get_batch("train", sample_positions(len(train_data), batch_size, sampler))
                for _ in range(gradient_accumulation_steps)]
+    # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks), not
+    # per micro-batch: with masked targets (fine-tuning) micro-batches hold different numbers of
+    # answer tokens, and averaging their means would over-weight the short ones.
+    n_targets = sum((y != IGNORE_INDEX).sum() for _, y in batches)
+    if ddp:
+        dist.all_reduce(n_targets)  # stays on the device: no host sync
+    scale = world_size / n_targets.clamp(min=1)  # DDP averages gradients over ranks; undo that here
     for micro, (x, y) in enumerate(batches):
         if ddp:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
-            _, loss = model(x, y)
-            loss = loss / gradient_accumulation_steps
+            _, loss = model(x, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss * scale
         scaler.scale(loss).backward()
-        loss_acc += loss.detach()
+        loss_acc += loss.detach() / world_size
     if grad_clip > 0:
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
