@@ -159,7 +159,10 @@ def load_source():
     if text_field not in ds.column_names:
         raise SystemExit(f"error: {source} has no column '{text_field}' (it has {ds.column_names}); "
                          f"pass --text_field=<one of those>")
-    return list(ds[text_field])
+    texts = list(ds[text_field])
+    if local and loader == "text":  # paragraphs split on "\n\n" keep the rest of a longer blank run
+        texts = [t.strip("\n") for t in texts]
+    return texts
 
 
 def download():

@@ -1,0 +1,225 @@
+"""tokenize_data.py: download -> train_vocab -> pretokenize, the .bin/meta.json contract, and its errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tokenize_data as td  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GPT2_DIR = SHARED / "gpt2_bpe"
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+
+
+def configure(monkeypatch, **cfg):
+    """Our config is module globals: set them as configure() would."""
+    for k, v in cfg.items():
+        assert hasattr(td, k), k
+        monkeypatch.setattr(td, k, v)
+
+
+def corpus(n=60):
+    """n unique real documents: stanzas of Python's own source (never generated filler)."""
+    docs = sorted({d for d in td.stdlib_docs(400_000)})
+    chunks = [c for d in docs for c in d.split("\n\n\n") if len(c.strip()) > 40]
+    return list(dict.fromkeys(chunks))[:n]
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def documents(ids, bos, eos):
+    """Split a token stream back into documents at BOS ... EOS."""
+    out, start = [], None
+    for k, t in enumerate(ids.tolist()):
+        if t == bos:
+            start = k + 1
+        elif t == eos:
+            out.append(tuple(ids[start:k].tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One small dataset built in-process: 60 real documents, a 400-token vocab."""
+    root = tmp_path_factory.mktemp("data")
+    src = write_jsonl(root / "src.jsonl", corpus())
+    with pytest.MonkeyPatch.context() as mp:
+        configure(mp, data_root=str(root), dataset="small", source=str(src), vocab_size=400,
+                  val_fraction=0.2, num_workers=1)
+        td.download()
+        td.train_vocab()
+        td.pretokenize()
+    return root / "small"
+
+
+def test_dtype_rule():
+    assert td.token_dtype(512) == np.uint16
+    assert td.token_dtype(50260) == np.uint16  # GPT-2 + 3 chat specials
+    assert td.token_dtype(65536) == np.uint16  # ids 0..65535 all fit
+    assert td.token_dtype(65537) == np.uint32
+    assert td.token_dtype(512, "uint32") == np.uint32
+    with pytest.raises(SystemExit, match="does not fit in uint16"):
+        td.token_dtype(100_000, "uint16")
+    with pytest.raises(SystemExit, match="not one of auto"):
+        td.token_dtype(512, "int8")
+
+
+def test_split_is_by_document_seeded_and_disjoint():
+    train, val = td.split_documents(1000, 0.05, 1337)
+    assert len(val) == 50 and not set(train) & set(val) and sorted([*train, *val]) == list(range(1000))
+    assert np.array_equal(val, td.split_documents(1000, 0.05, 1337)[1])
+    assert not np.array_equal(val, td.split_documents(1000, 0.05, 7)[1])
+    assert len(td.split_documents(3, 0.0, 0)[1]) == 1 and len(td.split_documents(2, 0.9, 0)[0]) == 1
+    with pytest.raises(SystemExit, match="cannot be split"):
+        td.split_documents(1, 0.05, 0)
+
+
+def test_meta_and_bins(built):
+    meta = td.load_meta(built)
+    tok = load_tokenizer(meta["tokenizer"])
+    assert meta["vocab_size"] == tok.vocab_size == 400 and meta["dtype"] == "uint16"
+    assert (meta["bos_id"], meta["eos_id"]) == (tok.bos_id, tok.eos_id) == (1, 2)
+    assert meta["tokenizer"]["kind"] == "sentencepiece" and meta["tokenizer"]["path"].endswith("tok400.model")
+    assert meta["val_fraction"] == 0.2 and meta["seed"] == 1337
+    assert meta["splits"]["train"]["documents"] == 48 and meta["splits"]["val"]["documents"] == 12
+    for split in ("train", "val"):
+        data = td.open_split(built, split)
+        assert data.dtype == np.uint16 and len(data) == meta["splits"][split]["tokens"]
+        assert td.check_token_ids(built, split) < 400
+
+
+def test_train_and_val_documents_are_disjoint_and_complete(built):
+    meta = td.load_meta(built)
+    tok = load_tokenizer(meta["tokenizer"])
+    train = documents(td.open_split(built, "train"), tok.bos_id, tok.eos_id)
+    val = documents(td.open_split(built, "val"), tok.bos_id, tok.eos_id)
+    assert len(train) == 48 and len(val) == 12
+    assert not set(train) & set(val)
+    # every source document comes back exactly once, decoded to its own text
+    texts = sorted(tok.decode(list(d)) for d in train + val)
+    assert texts == sorted(corpus())
+
+
+def test_gpt2_is_uint16_and_forced_uint32_reads_the_same(tmp_path, built, monkeypatch):
+    if not (GPT2_DIR / "vocab.bpe").is_file():
+        pytest.skip(f"GPT-2 BPE files not at {GPT2_DIR}")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "docs.jsonl").write_bytes((built / "docs.jsonl").read_bytes())
+    configure(monkeypatch, data_root=str(tmp_path), dataset="g", tokenizer=str(GPT2_DIR), num_workers=1)
+    td.pretokenize()
+    meta = td.load_meta(tmp_path / "g")
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50260 and meta["bos_id"] == meta["eos_id"] == 50256
+    small = np.array(td.open_split(tmp_path / "g", "train"))
+    configure(monkeypatch, dtype="uint32")
+    td.pretokenize()
+    big = td.open_split(tmp_path / "g", "train")
+    assert td.load_meta(tmp_path / "g")["dtype"] == "uint32" and big.dtype == np.uint32
+    assert os.path.getsize(tmp_path / "g" / "train.bin") == 4 * len(small) and np.array_equal(big, small)
+
+
+def test_open_split_errors(tmp_path, built):
+    with pytest.raises(SystemExit, match="not found; make it with python tokenize_data.py download"):
+        td.load_meta(tmp_path / "nope")
+    with pytest.raises(SystemExit, match="meta.json not found; run python tokenize_data.py pretokenize"):
+        td.load_meta(tmp_path)
+    d = tmp_path / "copy"
+    d.mkdir()
+    for f in ("meta.json", "train.bin", "val.bin"):
+        (d / f).write_bytes((built / f).read_bytes())
+    with open(d / "train.bin", "ab") as f:
+        f.write(b"\x00")  # a torn write: one byte too many
+    n = os.path.getsize(d / "train.bin")
+    with pytest.raises(SystemExit, match=f"holds {n:,} bytes, not a whole number of uint16 tokens; re-run"):
+        td.open_split(d, "train")
+    (d / "train.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="is empty"):
+        td.open_split(d, "train")
+    np.array([1, 5, 400, 2], dtype=np.uint16).tofile(d / "train.bin")  # 400 is past a 400-token vocab
+    with pytest.raises(SystemExit, match="holds token id 400 but the vocab has only 400 ids"):
+        td.check_token_ids(d, "train")
+    assert td.check_token_ids(d, "train", vocab_size=512) == 400
+    with pytest.raises(SystemExit, match="no split 'test'"):
+        td.open_split(d, "test")
+    (d / "val.bin").unlink()
+    with pytest.raises(SystemExit, match="val.bin not found"):
+        td.open_split(d, "val")
+
+
+def test_download_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    configure(monkeypatch, data_root=str(tmp_path / "data"), source=str(bad))
+    with pytest.raises(SystemExit, match="bad.jsonl line 3"):
+        td.download()
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "   \n"])
+    configure(monkeypatch, source=str(empty))
+    with pytest.raises(SystemExit, match="no non-empty documents"):
+        td.download()
+    configure(monkeypatch, source=str(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"])), text_field="story")
+    with pytest.raises(SystemExit, match=r"has no column 'story' \(it has \['text'\]\)"):
+        td.download()
+    configure(monkeypatch, dataset="never_downloaded")
+    with pytest.raises(SystemExit, match="docs.jsonl not found; run python tokenize_data.py download"):
+        td.train_vocab()
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "x" / "docs.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    configure(monkeypatch, dataset="x")
+    with pytest.raises(SystemExit, match="line 2 is not a JSON object with a 'text' field"):
+        td.pretokenize()
+
+
+def run_cli(*args, cwd, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(cwd / "hf_cache"), HF_HUB_OFFLINE="1",
+               **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "tokenize_data.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_cli_end_to_end(tmp_path):
+    """The user's path: local JSONL through datasets, vocab, then two-process pretokenize."""
+    write_jsonl(tmp_path / "stories.jsonl", corpus(40))
+    common = ["--data_root=out_data", "--vocab_size=400"]
+    for cmd in (["download", "--source=stories.jsonl"], ["train_vocab", "--dataset=stories"],
+                ["pretokenize", "--dataset=stories", "--num_workers=2"]):
+        r = run_cli(*cmd, *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    d = tmp_path / "out_data" / "stories"
+    assert sorted(p.name for p in d.iterdir()) == ["docs.jsonl", "meta.json", "tok400.model", "tok400.vocab",
+                                                    "train.bin", "val.bin"]
+    meta = td.load_meta(d)
+    assert meta["splits"]["val"]["documents"] == 2 and meta["splits"]["train"]["documents"] == 38
+    tok = load_tokenizer(meta["tokenizer"])
+    docs = documents(td.open_split(d, "train"), tok.bos_id, tok.eos_id)
+    assert sorted(tok.decode(list(x)) for x in docs) == sorted(corpus(40)[i] for i in td.split_documents(40, .05, 1337)[0])
+
+
+def test_cli_txt_and_one_line_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("First paragraph,\nstill first.\n\nSecond one.\n\n\nThird.\n")
+    r = run_cli("download", "--source=a.txt", "--data_root=d", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(td.read_jsonl_texts(tmp_path / "d" / "a" / "docs.jsonl")) == [
+        "First paragraph,\nstill first.", "Second one.", "Third."]
+    for args, msg in ((["download", "--data_root=d"], "could not load 'roneneldan/TinyStories' from the Hugging Face Hub"),
+                      (["pretokenize", "--dataset=a", "--data_root=d"], "a/tok512.model not found; train one"),
+                      (["frobnicate"], "give a subcommand"),
+                      (["download", "--vocab_sise=3"], "did you mean vocab_size")):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stdlib_demo_corpus_is_capped_real_python(tmp_path, monkeypatch):
+    configure(monkeypatch, data_root=str(tmp_path), source="stdlib", stdlib_max_bytes=200_000)
+    td.download()
+    docs = list(td.read_jsonl_texts(tmp_path / "demo" / "docs.jsonl"))
+    assert 0 < sum(len(d.encode()) for d in docs) <= 200_000
+    assert all(compile(d, "<doc>", "exec") for d in docs)  # whole, valid Python files
