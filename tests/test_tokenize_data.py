@@ -187,7 +187,8 @@ def run_cli(*args, cwd, env=None):
 
 def test_cli_end_to_end(tmp_path):
     """The user's path: local JSONL through datasets, vocab, then two-process pretokenize."""
-    write_jsonl(tmp_path / "stories.jsonl", corpus(40))
+    docs = corpus(40)
+    write_jsonl(tmp_path / "stories.jsonl", docs)
     common = ["--data_root=out_data", "--vocab_size=400"]
     for cmd in (["download", "--source=stories.jsonl"], ["train_vocab", "--dataset=stories"],
                 ["pretokenize", "--dataset=stories", "--num_workers=2"]):
@@ -199,8 +200,8 @@ def test_cli_end_to_end(tmp_path):
     meta = td.load_meta(d)
     assert meta["splits"]["val"]["documents"] == 2 and meta["splits"]["train"]["documents"] == 38
     tok = load_tokenizer(meta["tokenizer"])
-    docs = documents(td.open_split(d, "train"), tok.bos_id, tok.eos_id)
-    assert sorted(tok.decode(list(x)) for x in docs) == sorted(corpus(40)[i] for i in td.split_documents(40, .05, 1337)[0])
+    train = documents(td.open_split(d, "train"), tok.bos_id, tok.eos_id)
+    assert sorted(tok.decode(list(x)) for x in train) == sorted(docs[i] for i in td.split_documents(40, .05, 1337)[0])
 
 
 def test_cli_txt_and_one_line_errors(tmp_path):
