@@ -10,6 +10,7 @@ import tempfile
 
 import torch
 
+from formats import read_foreign
 from model import ModelArgs, Transformer
 
 
@@ -32,7 +33,11 @@ def save_checkpoint(ckpt, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read one of our checkpoints (a .pt file, or a run directory holding ckpt.pt) into its dict."""
+    """Read one of our checkpoints (a .pt file, or a run directory holding ckpt.pt) into its dict.
+    A llama2.c model file (.bin) or a Hugging Face Llama folder is converted into the same dict."""
+    foreign = read_foreign(path)
+    if foreign is not None:
+        return foreign
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
