@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelArgs, Transformer, apply_rope, check_sampling, peak_flops, precompute_rope, sample_next
+
+
+def tiny(**kw):
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=24)
+    args.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(**args)).eval()
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = tiny()
+    x = torch.randint(0, 50, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 7) % 50  # change only positions 10..15
+    lx, _ = m(x, x)
+    ly, _ = m(y, y)
+    torch.testing.assert_close(lx[:, :10], ly[:, :10])
+    assert not torch.allclose(lx[:, 10:], ly[:, 10:])
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_decoding_equals_full_recomputation(n_kv_heads):
+    m = tiny(n_kv_heads=n_kv_heads)
+    x = torch.randint(0, 50, (2, 20))
+    full, _ = m(x, x)
+    m.setup_cache(2)
+    chunks = [(0, 8), (8, 13), (13, 14), (14, 20)]  # a prompt, a multi-token chunk, single tokens
+    for a, b in chunks:
+        part, _ = m(x[:, a:b], x[:, a:b], start_pos=a)
+        torch.testing.assert_close(part, full[:, a:b], atol=1e-5, rtol=1e-5)
+    m.clear_cache()
+
+
+def test_generate_greedy_matches_argmax_loop_and_stops_at_eos():
+    m = tiny()
+    x = torch.randint(0, 50, (1, 5))
+    out = m.generate(x, 12, temperature=0)
+    idx = x
+    for _ in range(12):
+        logits, _ = m(idx)  # full recomputation, no cache
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, idx)
+    eos = int(out[0, 7])  # pretend the third generated token is EOS: generation must stop at its first use
+    first = out[0, 5:].tolist().index(eos)
+    stopped = m.generate(x, 12, temperature=0, eos_id=eos)
+    assert stopped.shape[1] == 5 + first + 1 and int(stopped[0, -1]) == eos
+
+
+def test_generate_respects_context_and_rejects_long_prompt():
+    m = tiny(max_seq_len=10)
+    out = m.generate(torch.zeros(1, 6, dtype=torch.long), 100, temperature=1.0)
+    assert out.shape[1] == 10  # capped at the context
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        m.generate(torch.zeros(1, 11, dtype=torch.long), 5)
+
+
+def test_sampling_top_k_top_p_and_validation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
+    k = sample_next(logits, 1.0, top_k=2, generator=g)
+    assert set(k.tolist()) <= {0, 1} and len(set(k.tolist())) == 2
+    p = sample_next(logits, 1.0, top_p=0.5, generator=g)  # token 0 alone has ~0.73 of the mass
+    assert set(p.tolist()) == {0}
+    assert torch.equal(sample_next(logits, 0.0), torch.zeros(400, dtype=torch.long))
+    for bad in [dict(temperature=-1, top_k=None, top_p=None), dict(temperature=1, top_k=0, top_p=None),
+                dict(temperature=1, top_k=None, top_p=1.5)]:
+        with pytest.raises(ValueError):
+            check_sampling(**bad)
+
+
+def test_rope_is_a_rotation_of_interleaved_pairs():
+    cos, sin = precompute_rope(8, 4, 10000.0)
+    x = torch.randn(1, 4, 1, 8)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
+    # position 1, pair 0 turns by exactly 1 radian (theta^0 = 1)
+    a, b = x[0, 1, 0, 0], x[0, 1, 0, 1]
+    torch.testing.assert_close(y[0, 1, 0, :2], torch.stack([a * math.cos(1) - b * math.sin(1), a * math.sin(1) + b * math.cos(1)]))
+
+
+def test_loss_ignore_index_and_sum_reduction():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 12))
+    y = x.clone()
+    y[:, :5] = -100
+    logits, loss = m(x, y)
+    ref = F.cross_entropy(logits[:, 5:].reshape(-1, 50), y[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    _, s = m(x, y, reduction="sum")
+    torch.testing.assert_close(s, ref * 14)
+
+
+def test_param_count_tied_and_untied():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    a = tied.args
+    per_layer = 2 * a.dim * a.dim + 2 * a.dim * (a.dim // a.n_heads) * a.n_kv_heads + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    assert tied.num_params() == a.vocab_size * a.dim + a.n_layers * per_layer + a.dim
+    assert untied.num_params() == tied.num_params() + a.vocab_size * a.dim
+    assert tied.num_params(non_embedding=True) == tied.num_params()  # tied head still costs its matmul
+
+
+def test_hidden_dim_rule_and_bad_args():
+    assert ModelArgs(dim=288, multiple_of=32).hidden_dim == 768  # llama2.c stories15M
+    assert ModelArgs(dim=4096, n_heads=32, multiple_of=256).hidden_dim == 11008  # Llama 2 7B
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=64, n_heads=8, n_kv_heads=3)
+
+
+def test_flops_and_mfu():
+    m = tiny()
+    a = m.args
+    assert m.flops_per_token(24) == 6 * m.num_params(non_embedding=True) + 12 * a.n_layers * a.dim * 24
+    assert m.estimate_mfu(1000.0, 24, "cpu") is None  # no peak known for a CPU
+    assert peak_flops("cpu") is None
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    m = tiny().train()
+    x = torch.randint(0, 50, (2, 16))
+    _, loss = m(x, x)
+    loss.backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.activation_checkpointing = True
+    _, loss2 = m(x, x)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    for a, b in zip(g1, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,165 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, make_dataset, read_metrics, run_script
+
+
+def train(tmp_path, *extra, out="out", check=True, dataset="tiny"):
+    return run_script("train.py", f"--data_root={tmp_path / 'data'}", f"--dataset={dataset}",
+                      f"--out_dir={tmp_path / out}", *TINY, *extra, check=check)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def test_val_loss_falls_well_below_unigram_entropy(tmp_path, data):
+    _, toks = data
+    counts = np.bincount(toks, minlength=64) / len(toks)
+    unigram_entropy = -(counts[counts > 0] * np.log(counts[counts > 0])).sum()  # nats, like the loss
+    train(tmp_path, "--max_iters=150", "--eval_interval=150", "--learning_rate=1e-2", "--warmup_iters=10",
+          "--batch_size=8", "--eval_iters=8")
+    evals = read_metrics(tmp_path / "out", "eval")
+    first, last = evals[0], evals[-1]
+    assert first["val_loss"] > unigram_entropy  # an untrained model is worse than counting
+    assert last["val_loss"] < unigram_entropy - 0.5, (last["val_loss"], unigram_entropy)
+    assert math.isclose(last["val_ppl"], math.exp(last["val_loss"]), rel_tol=1e-6)
+    assert 0.0 < last["val_acc"] <= 1.0 and last["val_acc"] > first["val_acc"]
+    tr = read_metrics(tmp_path / "out", "train")
+    assert all(r["grad_norm"] > 0 and r["tok_per_s"] > 0 for r in tr)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_resume_continues_the_exact_loss_sequence(tmp_path, data, opt):
+    common = ["--log_interval=1", "--eval_interval=5", "--dropout=0.1", f"--optimizer={opt}",
+              "--gradient_accumulation_steps=2", "--warmup_iters=2", "--lr_decay_iters=12"]
+    train(tmp_path, *common, "--max_iters=12", out="full")
+    train(tmp_path, *common, "--max_iters=5", out="part")  # stops (and checkpoints) at iter 5
+    train(tmp_path, *common, "--max_iters=12", "--init_from=resume", out="part")
+    full = [(r["iter"], r["loss"], r["lr"]) for r in read_metrics(tmp_path / "full", "train")]
+    part = [(r["iter"], r["loss"], r["lr"]) for r in read_metrics(tmp_path / "part", "train")]
+    assert [i for i, _, _ in full] == list(range(1, 13))
+    assert part == full  # bit-identical: weights, optimizer, dropout RNG and data sampler all restored
+    ckpt = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 12 and ckpt["tokenizer"]["vocab_size"] == 64 and ckpt["config"]["optimizer"] == opt
+
+
+def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "train.py"), f"--data_root={tmp_path / 'data'}", "--dataset=tiny",
+           f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000", "--log_interval=1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until it is really training
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out, "train")) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout + stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] >= 3
+    train(tmp_path, f"--max_iters={ckpt['iter_num'] + 2}", "--init_from=resume", "--eval_interval=100000")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == ckpt["iter_num"] + 2
+
+
+def test_lr_schedules(tmp_path, data):
+    common = ["--log_interval=1", "--eval_interval=1000", "--learning_rate=0.01", "--min_lr=0.001", "--max_iters=20"]
+    train(tmp_path, *common, "--lr_schedule=constant", "--warmup_iters=4", "--optimizer=sgd", out="const")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "const", "train")]
+    assert lrs[0] < lrs[3] and all(lr == 0.01 for lr in lrs[4:])
+    train(tmp_path, *common, "--lr_schedule=onecycle", "--warmup_iters=6", out="cycle")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "cycle", "train")]
+    peak = lrs.index(max(lrs))
+    assert peak == 6 and lrs[0] == pytest.approx(0.01 / 25) and lrs[-1] < lrs[peak] and lrs[-1] >= 0.001
+    train(tmp_path, *common, "--lr_schedule=cosine", "--warmup_iters=2", out="cos")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "cos", "train")]
+    assert max(lrs) == pytest.approx(0.01, rel=0.05) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_ddp_two_cpu_processes(tmp_path, data):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'ddp'}", *TINY,
+           "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu", "--log_interval=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    tr = read_metrics(tmp_path / "ddp", "train")
+    assert [r["iter"] for r in tr] == list(range(1, 7))  # one log, from the master rank only
+    assert tr[-1]["tokens"] == 6 * 2 * 4 * 32  # grad accum 2 split over 2 ranks: 1 micro-batch each
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 6 and len(ckpt["sampler"]) == 2 and all(math.isfinite(r["loss"]) for r in tr)
+
+
+def test_fine_tune_from_checkpoint_path_starts_fresh_schedule(tmp_path, data):
+    train(tmp_path, "--max_iters=4", "--eval_interval=4", out="base")
+    train(tmp_path, "--max_iters=3", "--eval_interval=3", f"--init_from={tmp_path / 'base' / 'ckpt.pt'}",
+          "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e-3", "--log_interval=1",
+          "--dim=999", out="ft")  # architecture comes from the checkpoint, not the flags
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 3 and ckpt["model_args"]["dim"] == 32
+    assert [r["lr"] for r in read_metrics(tmp_path / "ft", "train")] == [1e-3] * 3
+
+
+# ---- bad input: one line, non-zero exit, no traceback --------------------------------------------
+
+def expect_error(proc, *fragments):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error:"), err
+    for f in fragments:
+        assert f in last, (f, last)
+
+
+def test_error_missing_data(tmp_path):
+    expect_error(train(tmp_path, check=False, dataset="nope"), "not found")
+
+
+def test_error_shard_not_whole_tokens(tmp_path, data):
+    d, _ = data
+    with open(d / "train.bin", "ab") as f:
+        f.write(b"\x01")
+    expect_error(train(tmp_path, check=False), "not a whole number of uint16 tokens")
+
+
+def test_error_token_ids_beyond_vocab(tmp_path):
+    d, toks = make_dataset(tmp_path / "data", vocab_size=64)
+    arr = np.fromfile(d / "val.bin", dtype=np.uint16)
+    arr[3] = 500
+    arr.tofile(d / "val.bin")
+    expect_error(train(tmp_path, check=False), "token id 500", "vocab")
+
+
+def test_error_bad_settings(tmp_path, data):
+    expect_error(train(tmp_path, "--optimizer=adam", check=False), "optimizer='adam'")
+    expect_error(train(tmp_path, "--block_size=5000", check=False), "block_size+1")
+    expect_error(train(tmp_path, "--init_from=resume", check=False), "does not exist")
+    expect_error(train(tmp_path, "--learning_rte=1", check=False), "learning_rate")
+
+
+def test_error_corrupt_checkpoint(tmp_path, data):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    expect_error(train(tmp_path, f"--init_from={bad}", check=False), "cannot read checkpoint")
+
+
+def test_error_tokenizer_mismatch(tmp_path, data):
+    train(tmp_path, "--max_iters=2", "--eval_interval=2", out="base")
+    make_dataset(tmp_path / "data", name="other", vocab_size=64,
+                 tokenizer={"kind": "tiktoken", "path": None, "special_tokens": [], "vocab_size": 64, "bos_id": 1, "eos_id": 2})
+    proc = train(tmp_path, f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", dataset="other", check=False)
+    expect_error(proc, "tokenizer mismatch")
