@@ -148,6 +148,9 @@ def _gpt2_base(path):
         except Exception as e:
             raise SystemExit(f"error: could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, "
                              f"set TIKTOKEN_CACHE_DIR to a tiktoken cache or pass --tokenizer=path/to/gpt2_bpe_folder")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: GPT-2 BPE path {path} not found; pass a folder holding vocab.bpe + encoder.json "
+                         f"(or r50k_base.tiktoken), or --tokenizer=gpt2 to use tiktoken's cache")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex, reused not pasted
     folder = path if os.path.isdir(path) else os.path.dirname(path)

@@ -123,6 +123,8 @@ def test_errors_are_one_line(tmp_path, trained):
         make_tokenizer(tmp_path / "junk.model")
     with pytest.raises(SystemExit, match="no GPT-2 BPE files"):
         make_tokenizer(tmp_path)
+    with pytest.raises(SystemExit, match="GPT-2 BPE path .* not found"):
+        make_tokenizer(tmp_path / "r50k_base.tiktoken")
     meta = dict(trained.to_meta(), vocab_size=401)
     with pytest.raises(SystemExit, match="has 400 ids but the metadata says 401"):
         load_tokenizer(meta)
