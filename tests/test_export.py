@@ -96,6 +96,28 @@ def test_llama2c_tokenizer_file_byte_identical(tmp_path, name):
     assert tok.encode(text, bos=True) == [1] + spm.SentencePieceProcessor(model_file=str(src)).encode(text)
 
 
+@need_stories
+@pytest.mark.skipif(not os.environ.get("LLAMA2C_RUN"), reason="set LLAMA2C_RUN to a compiled llama2.c run.c binary")
+def test_runc_reads_our_export(tmp_path):
+    """An independent C reader: llama2.c's run.c on our legacy file (untied head: the negative-vocab path)."""
+    model, _ = load_model(str(STORIES / "stories260K.bin"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.args.tie_embeddings = False
+        model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight + 0.01 * torch.randn_like(model.output.weight))
+        for p in model.layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export.write_llama2c(state(model), model.args, tmp_path / "m.bin", version=0)
+    from tokenizer import make_tokenizer
+    export.write_llama2c_tokenizer(make_tokenizer(str(STORIES / "tok512.model")), tmp_path / "t.bin")
+    r = subprocess.run([os.environ["LLAMA2C_RUN"], str(tmp_path / "m.bin"), "-z", str(tmp_path / "t.bin"),
+                        "-t", "0", "-n", "120"], capture_output=True, text=True)
+    ids = reload(tmp_path / "m.bin").generate(torch.tensor([[1]]), max_new_tokens=120, temperature=0)[0].tolist()
+    ours = Llama2cTokenizer(str(tmp_path / "t.bin")).decode(ids)
+    theirs = r.stdout.rstrip("\n")
+    assert len(theirs) > 100 and ours.startswith(theirs), (theirs, ours)
+
+
 @pytest.mark.parametrize("version,tie", [(0, True), (0, False), (1, True), (1, False)])
 def test_llama2c_fp32_roundtrip_identical_logits(tmp_path, version, tie):
     m = tiny(tie=tie)
