@@ -296,3 +296,40 @@ def test_gguf_tensors_and_metadata(tmp_path, qtype):
         worst = max(worst, (got - ref).abs().max().item() / ref.abs().max().item())
     # fp16 keeps ~11 bits (relative 2^-11); Q8_0 rounds to 1/127 of each 32-block's max: <= 0.5/127 of the max
     assert worst < (1e-3 if qtype == "f16" else 0.5 / 127 + 1e-3), worst
+
+
+@need_stories
+def test_cli_imports_llama2c_file_with_tokenizer(tmp_path):
+    """--format=ours turns a llama2.c .bin plus its tokenizer into a ckpt.pt that train.py init_from takes."""
+    out = tmp_path / "ckpt.pt"
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--checkpoint={STORIES / 'stories260K.bin'}",
+                        f"--tokenizer={STORIES / 'tok512.model'}", "--format=ours", f"--out={out}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["tokenizer"]["kind"] == "sentencepiece" and ckpt["tokenizer"]["vocab_size"] == 512
+    model = build_model(ckpt).eval()
+    from tokenizer import load_tokenizer
+    ids = model.generate(torch.tensor([[1]]), max_new_tokens=40, temperature=0)[0].tolist()
+    assert GOLDEN.startswith(load_tokenizer(ckpt["tokenizer"]).decode(ids))
+
+
+def test_gpt2_tokenizer_in_hf_and_gguf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    if not (DATA / "gpt2_bpe" / "vocab.bpe").is_file():
+        pytest.skip("shared/data/gpt2_bpe absent")
+    from tokenizer import make_tokenizer
+    tok = make_tokenizer(str(DATA / "gpt2_bpe"))
+    m = tiny(vocab=50304)  # padded past GPT-2's 50257, as nanoGPT does
+    export.export_hf(state(m), m.args, tok, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Hello world, it's a test of 2 tokenizers."
+    assert hf_tok.encode(text) == tok.encode(text)
+    assert load_checkpoint(str(tmp_path / "hf"))["tokenizer"]["kind"] == "tiktoken"
+    export.export_gguf(state(m), m.args, tok, tmp_path / "m.gguf", "f16")
+    f = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    assert f["tokenizer.ggml.model"].contents() == "gpt2" and len(tokens) == 50304
+    assert tokens[50256] == "<|endoftext|>" and tokens[50257] == "[PAD50257]"
+    assert f["tokenizer.ggml.merges"].contents()[0] == "Ġ t"
