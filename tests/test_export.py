@@ -333,3 +333,15 @@ def test_gpt2_tokenizer_in_hf_and_gguf(tmp_path):
     assert f["tokenizer.ggml.model"].contents() == "gpt2" and len(tokens) == 50304
     assert tokens[50256] == "<|endoftext|>" and tokens[50257] == "[PAD50257]"
     assert f["tokenizer.ggml.merges"].contents()[0] == "Ġ t"
+
+
+@need_stories
+def test_transformers_tells_the_golden_story_from_our_hf_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = load_model(str(STORIES / "stories260K.bin"))
+    export.export_hf(state(model), model.args, None, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf.generation_config.eos_token_id = None
+    ids = hf.generate(torch.tensor([[1]]), do_sample=False, max_new_tokens=200)[0].tolist()
+    from tokenizer import make_tokenizer
+    assert make_tokenizer(str(STORIES / "tok512.model")).decode(ids) == GOLDEN
