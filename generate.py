@@ -4,7 +4,7 @@
 """
 import sys
 
-checkpoint = "out/ckpt.pt"      # our ckpt.pt (or its run directory)
+checkpoint = "out/ckpt.pt"      # our ckpt.pt (or its run directory), a llama2.c .bin, or a Hugging Face folder
 prompt = ""                     # text to continue; empty starts from BOS alone
 prompt_file = ""                # read the prompt from this file instead
 num_samples = 1                 # independent samples to draw
@@ -15,7 +15,7 @@ top_p = 1.0                     # nucleus sampling: the smallest set of tokens w
 seed = 1337
 device = "auto"                 # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
-tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model path or 'gpt2'
+tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model, 'gpt2', or a llama2.c tokenizer .bin
 stream = True                   # print tokens as they come
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -69,7 +69,10 @@ def main():
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
 
     model, ckpt = load_model(checkpoint, dev)
-    if tokenizer:
+    if tokenizer.endswith(".bin"):  # a llama2.c tokenizer file (what run.c -z reads)
+        from formats import Llama2cTokenizer
+        tok = Llama2cTokenizer(tokenizer)
+    elif tokenizer:
         tok = make_tokenizer(tokenizer)
     elif ckpt.get("tokenizer"):
         tok = load_tokenizer(ckpt["tokenizer"])

@@ -238,6 +238,12 @@ def test_hf_export_with_sentencepiece_tokenizer_and_import_tokenizer(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["bos_token_id"] == 1 and cfg["head_dim"] == 16
     ckpt = load_checkpoint(str(tmp_path / "hf"))
     assert ckpt["tokenizer"]["kind"] == "sentencepiece" and ckpt["tokenizer"]["vocab_size"] == 512
+    pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model through protobuf
+    import transformers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Once upon a time, Lily saw 3 big dogs."
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf_tok.decode(tok.encode(text)) == text
 
 
 def test_peft_adapter_matches_merged_lora(tmp_path):

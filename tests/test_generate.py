@@ -54,3 +54,12 @@ def test_generate_errors(trained):
     one_line_error(gen(trained, "--top_p=0", check=False), "top_p")
     one_line_error(gen(trained, "--prompt_file=missing.txt", check=False), "prompt_file")
     one_line_error(run_script("generate.py", "--checkpoint=nope.pt", cwd=trained, check=False), "not found")
+
+
+def test_generate_runs_a_llama2c_model_with_its_bin_tokenizer(tmp_path):
+    from conftest import shared
+    model, tok = shared("stories260K", "stories260K.bin"), shared("stories260K", "tok512.bin")
+    out = run_script("generate.py", f"--checkpoint={model}", f"--tokenizer={tok}", "--temperature=0",
+                     "--max_new_tokens=40", cwd=tmp_path)
+    assert out.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside")
+    one_line_error(run_script("generate.py", f"--checkpoint={model}", cwd=tmp_path, check=False), "no tokenizer")
