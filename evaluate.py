@@ -1,0 +1,318 @@
+"""Evaluate a checkpoint, and draw training curves.
+
+    python evaluate.py loss --checkpoint=out/demo --dataset=demo --split=val          # loss, perplexity, accuracy
+    python evaluate.py hellaswag --checkpoint=out/demo --hellaswag_file=hellaswag_val.jsonl
+    python evaluate.py plot --runs=out/adamw,out/sgd --out=docs/loss.png              # metrics.jsonl -> PNG
+
+Each subcommand prints a table, then one JSON line with the same numbers (and writes it to json_out if
+set) so scripts can read results without parsing the table. A subcommand is a function that returns a
+dict of results; adding one is one entry in COMMANDS at the bottom.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+# -----------------------------------------------------------------------------
+# every subcommand
+checkpoint = "out/ckpt.pt"      # our ckpt.pt or its run directory, a llama2.c .bin, or a Hugging Face folder
+tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model path or 'gpt2'
+device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', ...
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
+json_out = ""                   # also write the results to this JSON file
+# loss
+data_root = "data"              # pretokenized datasets live in data_root/dataset (tokenize_data.py pretokenize)
+dataset = "demo"
+split = "val"                   # any split in the dataset's meta.json
+max_tokens = 0                  # score only the first this-many tokens of the split; 0 = the whole split
+block_size = 0                  # window length; 0 = the model's context (max_seq_len)
+batch_size = 8                  # windows per forward pass
+# hellaswag
+hellaswag_file = "hellaswag_val.jsonl"  # official rowanz/hellaswag file, or the cleaned {ctx, endings, label} variant
+max_items = 0                   # score only the first this-many items; 0 = all
+# plot
+runs = ""                       # comma-separated run directories holding metrics.jsonl (train.py's out_dir)
+out = "loss.png"                # where plot writes the PNG
+logx = False                    # log-scale the tokens axis (shows early training better)
+# -----------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def setup():
+    """(model, checkpoint dict, device, autocast context) from the config globals."""
+    from checkpoint import load_model
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        fail(f"device='{dev}' but no CUDA GPU is visible; use --device=cpu")
+    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    if dt not in ("float32", "bfloat16", "float16"):
+        fail(f"dtype='{dt}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
+    model, ckpt = load_model(checkpoint, dev)
+    return model, ckpt, dev, ctx
+
+
+def get_tokenizer(model, ckpt):
+    """The tokenizer key if set, else the checkpoint's own (llama2.c and some HF imports record none)."""
+    from tokenizer import load_tokenizer, make_tokenizer
+    if tokenizer:
+        tok = make_tokenizer(tokenizer)
+    elif ckpt.get("tokenizer"):
+        tok = load_tokenizer(ckpt["tokenizer"])
+    else:
+        fail(f"checkpoint '{checkpoint}' records no tokenizer; pass --tokenizer=PATH_TO.model (or gpt2)")
+    if tok.vocab_size > model.args.vocab_size:
+        fail(f"tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; pass the model's own tokenizer")
+    return tok
+
+
+# ---- loss, perplexity, next-token accuracy over a split ---------------------------------------
+
+@torch.no_grad()
+def split_metrics(model, data, n_max=0, window=0, batch=8, device="cpu", ctx=nullcontext()):
+    """Score tokens 1..N of data (a 1-D token array) given everything before them in the same window.
+    Windows of the model's context do not overlap, so each token is predicted exactly once; the first
+    token of a window is predicted from nothing but itself, which makes this a little pessimistic
+    next to a sliding window (the price of scoring every token once at 1x the compute)."""
+    window = window or model.args.max_seq_len
+    n = len(data) - 1 if not n_max else min(n_max, len(data) - 1)  # tokens to score; the first has no target
+    if n < 1:
+        fail(f"the split holds {len(data)} token(s); at least 2 are needed to score one next-token prediction")
+    starts = list(range(0, n, window))
+    loss_sum, correct = 0.0, 0
+    for k in range(0, len(starts), batch):
+        group = starts[k:k + batch]
+        # a short last window goes in a batch of its own so nothing needs padding
+        for rows in ([s for s in group if s + window <= n], [s for s in group if s + window > n]):
+            if not rows:
+                continue
+            T = min(window, n - rows[0])
+            chunk = np.stack([data[s:s + T + 1] for s in rows]).astype(np.int64)
+            x, y = torch.from_numpy(chunk[:, :-1]).to(device), torch.from_numpy(chunk[:, 1:]).to(device)
+            with ctx:
+                logits, loss = model(x, y, reduction="sum")
+            loss_sum += loss.item()
+            correct += (logits.argmax(-1) == y).sum().item()
+    loss = loss_sum / n
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / n, "tokens_scored": n, "window": window}
+
+
+def loss():
+    from tokenize_data import check_token_ids, open_split
+    model, _, dev, ctx = setup()  # scoring token ids needs no tokenizer
+    data_dir = os.path.join(data_root, dataset)
+    data = open_split(data_dir, split)  # stops with a one-line error on a missing, damaged or empty split
+    top = check_token_ids(data_dir, split, model.args.vocab_size)
+    if block_size > model.args.max_seq_len:
+        fail(f"block_size={block_size} exceeds the model's context {model.args.max_seq_len}; lower it or use 0")
+    t0 = time.time()
+    res = split_metrics(model, data, max_tokens, block_size, batch_size, dev, ctx)
+    return {"task": "loss", "checkpoint": checkpoint, "dataset": data_dir, "split": split, **res,
+            "max_token_id": top, "seconds": round(time.time() - t0, 2)}
+
+
+# ---- scoring continuations: HellaSwag here, classification later ------------------------------
+
+@torch.no_grad()
+def score_continuations(model, context_ids, continuation_ids_list, device="cpu", ctx=nullcontext()):
+    """[(sum of log p(continuation tokens | context), number of continuation tokens)] for each
+    continuation, all in one batch. When context + continuation exceeds the model's context, the
+    context loses tokens from its left (the end, nearest the continuation, matters most); a
+    continuation longer than the whole context keeps only its first max_seq_len tokens."""
+    L = model.args.max_seq_len
+    conts = [list(c)[:L] for c in continuation_ids_list]
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("an empty continuation has no tokens to score")
+    keep = max(1, L + 1 - max(len(c) for c in conts))  # the last token is only a target, never an input
+    context_ids = list(context_ids)[-keep:]
+    if not context_ids:
+        raise ValueError("the context must hold at least one token (e.g. BOS) to predict the first continuation token")
+    rows = [context_ids + c for c in conts]
+    T = max(len(r) for r in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal attention never looks at it
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (r, c) in enumerate(zip(rows, conts)):
+        x[i, :len(r) - 1] = torch.tensor(r[:-1])
+        y[i, len(context_ids) - 1:len(r) - 1] = torch.tensor(c)  # targets only where a continuation token is predicted
+    x, y = x.to(device), y.to(device)
+    with ctx:
+        logits, _ = model(x, y, reduction="sum")
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    logp = torch.where(y == -100, torch.zeros_like(logp), logp).double()
+    return [(float(s), len(c)) for s, c in zip(logp.sum(-1).tolist(), conts)]
+
+
+def clean_hellaswag(text):
+    """The cleaning the harnesses apply to the official file (WikiHow items carry [header], [title],
+    [step] markup); the preprocessed variant is already clean and passes through unchanged."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ").strip()
+
+
+def read_hellaswag(path, n_max=0):
+    """Items {ctx, endings (4), label} from a JSONL file; a bad line stops with its line number."""
+    if not os.path.isfile(path):
+        fail(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+             f"(data/) and pass --hellaswag_file=PATH")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                official = "ctx_a" in d  # the official file: clean the way the harnesses do
+                ctx_text, endings, label = d["ctx"], d["endings"], int(d["label"])
+                if not (isinstance(ctx_text, str) and isinstance(endings, list) and len(endings) == 4
+                        and all(isinstance(e, str) and e.strip() for e in endings) and 0 <= label < 4):
+                    raise ValueError("needs a string ctx, 4 non-empty string endings and a label 0-3")
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                fail(f"{path} line {lineno} is not a HellaSwag item ({type(e).__name__}: {str(e)[:120]}); "
+                     f"expected JSON with ctx, endings (4 strings) and label 0-3")
+            if official:
+                ctx_text, endings = clean_hellaswag(ctx_text), [clean_hellaswag(e) for e in endings]
+            items.append({"ctx": ctx_text, "endings": endings, "label": label})
+            if n_max and len(items) == n_max:
+                break
+    if not items:
+        fail(f"{path} holds no HellaSwag items; pass the hellaswag_val.jsonl file")
+    return items
+
+
+def encode_item(tok, ctx_text, endings):
+    """(context ids, [ending ids]). Encode context + " " + ending whole, as the harnesses do, and cut
+    where the tokenizations of the four texts stop agreeing with the context's: the ending's leading
+    space then lands in its first token whichever tokenizer this is (SentencePiece's "▁" or GPT-2's " ")."""
+    ctx_ids = tok.encode(ctx_text, bos=True)
+    wholes = [tok.encode(ctx_text + " " + e, bos=True) for e in endings]
+    k = len(ctx_ids)
+    for w in wholes:  # a merge across the boundary moves the cut left by a token or so
+        k = next((i for i, (a, b) in enumerate(zip(ctx_ids[:k], w)) if a != b), min(k, len(w) - 1))
+    return ctx_ids[:k], [w[k:] for w in wholes]
+
+
+def hellaswag_scores(model, tok, items, device="cpu", ctx=nullcontext()):
+    """acc: the ending with the highest summed log-prob is the label. acc_norm: log-prob divided by the
+    ending's length in characters, as lm-evaluation-harness does (some scripts divide by tokens, which
+    gives different numbers); it stops favouring short endings just for being short."""
+    correct = correct_norm = truncated = 0
+    for item in items:
+        ctx_ids, cont_ids = encode_item(tok, item["ctx"], item["endings"])
+        truncated += len(ctx_ids) + max(len(c) for c in cont_ids) - 1 > model.args.max_seq_len
+        scores = score_continuations(model, ctx_ids, cont_ids, device, ctx)
+        logp = [s for s, _ in scores]
+        norm = [s / len(e) for s, e in zip(logp, item["endings"])]
+        correct += int(np.argmax(logp)) == item["label"]
+        correct_norm += int(np.argmax(norm)) == item["label"]
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n, "truncated": truncated, "chance": 0.25}
+
+
+def hellaswag():
+    model, ckpt, dev, ctx = setup()
+    tok = get_tokenizer(model, ckpt)
+    items = read_hellaswag(hellaswag_file, max_items)
+    t0 = time.time()
+    res = hellaswag_scores(model, tok, items, dev, ctx)
+    return {"task": "hellaswag", "checkpoint": checkpoint, "file": hellaswag_file, **res,
+            "acc_norm_divides_by": "characters", "seconds": round(time.time() - t0, 2)}
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+
+def read_run(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        fail(f"{path} not found; pass --runs=DIR,DIR with train.py out_dir folders that hold metrics.jsonl")
+    recs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                fail(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): delete that line")
+    if not any(r.get("type") in ("train", "eval") for r in recs):
+        fail(f"{path} holds no train or eval records yet; let the run log at least log_interval iterations")
+    return recs
+
+
+def plot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    dirs = [d for d in runs.split(",") if d.strip()]
+    if not dirs:
+        fail("no runs given; pass --runs=out/adamw,out/sgd (train.py out_dir folders)")
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=[3, 1, 1])
+    results = {"task": "plot", "out": out, "runs": {}}
+    for k, d in enumerate(dirs):
+        recs, name, color = read_run(d.strip()), os.path.basename(os.path.normpath(d.strip())), f"C{k}"
+        tr = [r for r in recs if r.get("type") == "train"]
+        ev = [r for r in recs if r.get("type") == "eval"]
+        if tr:
+            x = [r["tokens"] for r in tr]
+            axes[0].plot(x, [r["loss"] for r in tr], color=color, alpha=0.45, lw=1, label=f"{name} train")
+            axes[1].plot(x, [r["lr"] for r in tr], color=color, lw=1.2, label=name)
+            axes[2].plot(x, [r["grad_norm"] for r in tr], color=color, lw=1, label=name)
+        if ev:
+            axes[0].plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o",
+                         ms=4, label=f"{name} val")
+            results["runs"][name] = {"final_val_loss": ev[-1]["val_loss"], "tokens": ev[-1]["tokens"]}
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].set_title("training curves: thin = train (per log interval), thick = val")
+    axes[1].set_ylabel("learning rate")
+    axes[2].set_ylabel("grad norm\n(before clipping)")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("tokens seen")
+    if logx:
+        axes[2].set_xscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if len(dirs) > 1:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=90)
+    return results
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def report(results):
+    """A table for people, then one JSON line (and json_out) for scripts."""
+    width = max(len(k) for k in results)
+    for k, v in results.items():
+        text = f"{v:.4f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v)
+        print(f"  {k:<{width}}  {text}")
+    if results.get("task") == "hellaswag":
+        print("  (acc_norm divides each ending's log-prob by its length in characters, like lm-evaluation-harness)")
+    line = json.dumps(results)
+    print(line)
+    if json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w") as f:
+            f.write(line + "\n")
+
+
+COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        fail(f"give a subcommand, one of {', '.join(COMMANDS)}; e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
+    from configurator import configure
+    configure(globals(), sys.argv[2:])
+    report(COMMANDS[sys.argv[1]]())
