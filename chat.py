@@ -73,6 +73,36 @@ def classification_messages(text, labels, answer=None):
     return messages
 
 
+# TinyStories-Instruct feature names -> the phrase the prompt uses for them
+STORY_FEATURES = {"Dialogue": "the story should contain at least one dialogue",
+                  "BadEnding": "the story has a bad ending", "Twist": "something unexpected happens in the story",
+                  "Foreshadowing": "the story uses foreshadowing", "MoralValue": "the story has a moral value",
+                  "Conflict": "the story has some sort of conflict"}
+
+
+def story_prompt(words=(), features=()):
+    """TinyStories' own prompt style: 'Write a story. In the story, try to use the verb "climb", the noun
+    "ring" and the adjective "messy". ... Possible story:'. words are (verb, noun, adjective), as in
+    TinyStories-Instruct's 'Words:' line; features are its 'Features:' names."""
+    prompt = "Write a story."
+    if words:
+        kinds = ["the verb", "the noun", "the adjective"] if len(words) == 3 else ["the word"] * len(words)
+        used = [f'{k} "{w}"' for k, w in zip(kinds, words)]
+        prompt += " In the story, try to use " + (", ".join(used[:-1]) + " and " if len(used) > 1 else "") + used[-1] + "."
+    for f in features:
+        phrase = STORY_FEATURES.get(f, f"the story has this feature: {f}")
+        prompt += f" Remember, {phrase}."
+    return prompt + " Possible story:"
+
+
+def tinystories_messages(entry):
+    """A TinyStories-Instruct entry {"Words": "climb, ring, messy", "Features": "Dialogue, Twist", "Story": ...}
+    as a conversation: the prompt built from its words and features, the story as the answer."""
+    split = lambda key: [w.strip() for w in entry.get(key, "").split(",") if w.strip()]  # noqa: E731
+    return [{"role": "user", "content": story_prompt(split("Words"), split("Features"))},
+            {"role": "assistant", "content": entry["Story"].strip()}]
+
+
 def show_example(tok, ids, labels):
     """A debug view: one line per token with its id, its text and whether the loss sees it."""
     lines = [f"{'pos':>4} {'id':>6}  {'trained':<7} token"]

@@ -17,6 +17,9 @@ device = "auto"                 # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
 tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model, 'gpt2', or a llama2.c tokenizer .bin
 stream = True                   # print tokens as they come
+chat = False                    # wrap --prompt in the chat template (chat.py) and stop at <|end_of_turn|>
+interactive = False             # chat turn by turn: one user message per stdin line; old turns drop out when the context fills
+adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 configure(globals(), sys.argv[1:])
@@ -68,7 +71,11 @@ def main():
     dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
 
-    model, ckpt = load_model(checkpoint, dev)
+    if adapter:
+        from lora import load_with_adapter
+        model, ckpt, _ = load_with_adapter(checkpoint, adapter, dev)
+    else:
+        model, ckpt = load_model(checkpoint, dev)
     if tokenizer.endswith(".bin"):  # a llama2.c tokenizer file (what run.c -z reads)
         from formats import Llama2cTokenizer
         tok = Llama2cTokenizer(tokenizer)
@@ -81,6 +88,9 @@ def main():
     if tok.vocab_size > model.args.vocab_size:
         fail(f"tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; pass the model's own tokenizer")
 
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    if chat or interactive:
+        return chat_main(model, tok, gen, ctx, dev)
     text = prompt
     if prompt_file:
         try:
@@ -93,7 +103,6 @@ def main():
         fail(f"prompt is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; "
              f"shorten the prompt to leave room for new tokens")
 
-    gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     for i in range(num_samples):
         printer = StreamPrinter(tok, ids) if stream else None
@@ -108,6 +117,49 @@ def main():
             sys.stdout.write(tok.decode(ids + new))
         sys.stdout.write("\n" + ("---------------\n" if i < num_samples - 1 else ""))
         sys.stdout.flush()
+
+
+def chat_reply(model, tok, history, gen, ctx, dev):
+    """Generate the assistant's next answer to history (a list of messages) up to <|end_of_turn|>,
+    streaming it; returns its text. The oldest user/assistant pairs are dropped (from history itself)
+    while the rendered conversation plus max_new_tokens would overflow the context."""
+    from chat import chat_ids, render_chat
+    eot = chat_ids(tok)[2]
+    ids = render_chat(tok, history, add_generation_prompt=True)[0]
+    while len(ids) + max_new_tokens > model.args.max_seq_len and len(history) > 1:
+        del history[:2]
+        ids = render_chat(tok, history, add_generation_prompt=True)[0]
+    if len(ids) >= model.args.max_seq_len:
+        fail(f"the message is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; shorten it")
+    printer = StreamPrinter(tok, []) if stream else None  # the answer only, not the rendered prompt
+    new = []
+
+    def on_token(t):
+        new.append(int(t[0]))
+        if printer is not None and new[-1] != eot:
+            printer.add(new[-1])
+    with ctx:
+        model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature=temperature, top_k=top_k or None,
+                       top_p=top_p, eos_id=eot, generator=gen, on_token=on_token)
+    answer = tok.decode(new[:new.index(eot)] if eot in new else new)
+    sys.stdout.write(("" if stream else answer) + "\n")
+    sys.stdout.flush()
+    return answer
+
+
+def chat_main(model, tok, gen, ctx, dev):
+    if not interactive:
+        text = open(prompt_file, encoding="utf-8").read() if prompt_file else prompt
+        for i in range(num_samples):
+            chat_reply(model, tok, [{"role": "user", "content": text}], gen, ctx, dev)
+            if i < num_samples - 1:
+                sys.stdout.write("---------------\n")
+        return
+    history = []
+    for line in sys.stdin:  # one user message per line; EOF ends the chat
+        if line.strip():
+            history.append({"role": "user", "content": line.strip()})
+            history.append({"role": "assistant", "content": chat_reply(model, tok, history, gen, ctx, dev)})
 
 
 if __name__ == "__main__":

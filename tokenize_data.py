@@ -3,6 +3,8 @@
     python tokenize_data.py download    [config.py] [--key=value ...]   # text -> data/<name>/docs.jsonl
     python tokenize_data.py train_vocab [config.py] [--key=value ...]   # docs -> data/<name>/tok<N>.model
     python tokenize_data.py pretokenize [config.py] [--key=value ...]   # docs -> train.bin, val.bin, meta.json
+    python tokenize_data.py sft         [config.py] [--key=value ...]   # chat/Alpaca/TinyStories-Instruct -> SFT arrays
+    python tokenize_data.py classify    [config.py] [--key=value ...]   # labelled text (csv/jsonl) -> SFT arrays
 
 Offline demo (the Python standard library as a corpus, one document per .py file):
     python tokenize_data.py download --source=stdlib
@@ -44,6 +46,12 @@ val_fraction = 0.05       # fraction of documents held out for val (at least 1)
 seed = 1337               # seeds the train/val document split and the vocab sample
 dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
 num_workers = 0           # processes for pretokenize (0 = all CPU cores)
+# sft / classify (source = a local .json/.jsonl/.csv/.txt file; tokenizer may also be a checkpoint .pt)
+sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories" (Instruct .txt)
+label_field = "label"     # classify: the column holding the label (text_field holds the text)
+label_names = ()          # classify: the label set, in order; numeric labels index into it (0 -> label_names[0])
+encoding = "auto"         # text encoding of the source: "auto" (utf-8, else latin-1), or any Python codec name
+show = 0                  # print the first N examples token by token beside their labels (a debug view)
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
@@ -309,6 +317,231 @@ def pretokenize():
 
 
 # -----------------------------------------------------------------------------
+# sft / classify: rendered chat examples + a loss mask (the format is described in data/README.md)
+
+def read_text(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found; pass --source=path/to/file (.json, .jsonl, .csv or .txt)")
+    raw = Path(path).read_bytes()
+    if encoding != "auto":
+        return raw.decode(encoding)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # Financial PhraseBank and other older corpora are latin-1
+        return raw.decode("latin-1")
+
+
+def read_records(path):
+    """[(line number, record)] of a JSON array, JSONL, CSV (header row) or 'text@label' .txt file."""
+    import csv
+    import io
+    text = read_text(path)
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
+        if not isinstance(data, list):
+            raise SystemExit(f"error: {path} holds a JSON {type(data).__name__}, not a list of records; use a list or .jsonl")
+        return [(n, r) for n, r in enumerate(data, 1)]  # "line" = record number in a JSON array
+    if path.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path} line {n} is not valid JSON ({e.msg}); fix or delete that line")
+        return out
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [(reader.line_num, r) for r in reader]
+    # .txt: Financial PhraseBank's "sentence@label" lines
+    return [(n, dict(zip((text_field, label_field), line.rsplit("@", 1))))
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def tinystories_entries(text):
+    """TinyStories-Instruct text: entries separated by <|endoftext|>, each a few 'Key: value' lines
+    (Features, Words, Summary, Random sentence) and a 'Story:' whose value runs to the entry's end."""
+    entries = []
+    for chunk in text.split("<|endoftext|>"):
+        entry, lines = {}, chunk.strip().splitlines()
+        for i, line in enumerate(lines):
+            key, sep, value = line.partition(":")
+            if key == "Story" and sep:
+                entry["Story"] = "\n".join([value.strip()] + lines[i + 1:]).strip()
+                break
+            if sep and key in ("Features", "Words", "Summary", "Random sentence"):
+                entry[key] = value.strip()
+        if entry.get("Story"):
+            entries.append(entry)
+    return entries
+
+
+def sft_conversations(path):
+    """[(line number, messages)] from Alpaca records, chat records ({"messages": [...]}) or TinyStories-Instruct."""
+    from chat import alpaca_messages, tinystories_messages
+    fmt = sft_format
+    if fmt == "tinystories" or (fmt == "auto" and path.endswith(".txt")):
+        return list(enumerate((tinystories_messages(e) for e in tinystories_entries(read_text(path))), 1))
+    out = []
+    for n, r in read_records(path):
+        if not isinstance(r, dict):
+            raise SystemExit(f"error: {path} line {n} is a JSON {type(r).__name__}, not an object; one record per line")
+        if fmt in ("chat", "auto") and "messages" in r:
+            out.append((n, r["messages"]))
+        elif fmt in ("alpaca", "auto") and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
+            out.append((n, alpaca_messages(r)))
+        else:
+            raise SystemExit(f"error: {path} line {n} has neither 'messages' nor string 'instruction'/'output' fields "
+                             f"(it has {sorted(r)}); fix that record or pass --sft_format")
+    return out
+
+
+def classify_examples(path):
+    """([(line number, text, label)], label set). Numeric labels index label_names; text labels must be in it."""
+    rows = []
+    for n, r in read_records(path):
+        if not isinstance(r, dict) or text_field not in r or label_field not in r:
+            raise SystemExit(f"error: {path} line {n} has no '{text_field}' and '{label_field}' fields; "
+                             f"pass --text_field/--label_field naming its columns")
+        rows.append((n, str(r[text_field]), str(r[label_field]).strip()))
+    names = list(label_names) or sorted({lab for _, _, lab in rows})
+    out = []
+    for n, text, lab in rows:
+        if lab not in names and lab.isdigit() and int(lab) < len(label_names):
+            lab = names[int(lab)]  # 0/1/2 -> bearish/bullish/neutral
+        if lab not in names:
+            raise SystemExit(f"error: {path} line {n} has label '{lab}', not in the label set {names}; "
+                             f"fix the line or pass --label_names")
+        out.append((n, text, lab))
+    return out, names
+
+
+def write_sft(d, tok, examples, train_idx, val_idx, extra):
+    """examples: [(ids, labels)] from chat.render_chat. Writes {split}.bin (tokens), {split}.mask.bin
+    (uint8, 1 = the loss trains on this token) and {split}.offsets.bin (int64, example i is
+    tokens[offsets[i]:offsets[i+1]]), then meta.json with "format": "sft"."""
+    from chat import IGNORE_INDEX
+    dt = token_dtype(tok.vocab_size, dtype)
+    d.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for name, idx in (("train", train_idx), ("val", val_idx)):
+        ex = [examples[i] for i in idx]
+        ids = np.array([t for e, _ in ex for t in e], dtype=dt)
+        mask = np.array([lab != IGNORE_INDEX for _, labs in ex for lab in labs], dtype=np.uint8)
+        offsets = np.cumsum([0] + [len(e) for e, _ in ex]).astype(np.int64)
+        for suffix, arr in (("bin", ids), ("mask.bin", mask), ("offsets.bin", offsets)):
+            write_atomic(d / f"{name}.{suffix}", lambda f: f.write(arr.tobytes()))
+        lengths = np.diff(offsets)
+        splits[name] = {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "offsets": f"{name}.offsets.bin",
+                        "examples": len(ex), "tokens": int(len(ids)), "trained_tokens": int(mask.sum()),
+                        "max_example_tokens": int(lengths.max())}
+        print(f"  {name}: {len(ex):,} examples, {len(ids):,} tokens ({int(mask.sum()):,} trained), "
+              f"example length median {int(np.median(lengths))}, max {int(lengths.max())} -> {d / name}.bin")
+    meta = {"format": "sft", "tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": dt.name,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits, "val_fraction": val_fraction,
+            "seed": seed, "source": os.path.abspath(source), **extra}
+    write_atomic(d / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    print(f"wrote {d / 'meta.json'}")
+
+
+def sft_tokenizer():
+    if tokenizer.endswith(".pt") or os.path.isdir(tokenizer) and os.path.isfile(os.path.join(tokenizer, "ckpt.pt")):
+        from checkpoint import load_checkpoint  # a checkpoint's own tokenizer: the usual case for fine-tuning
+        ckpt_tok = load_checkpoint(tokenizer).get("tokenizer")
+        if not ckpt_tok:
+            raise SystemExit(f"error: checkpoint {tokenizer} records no tokenizer; pass --tokenizer=path/to/tokenizer.model")
+        return load_tokenizer(ckpt_tok)
+    return make_tokenizer(tokenizer or str(dataset_dir() / f"tok{vocab_size}.model"), SPECIAL_TOKENS)
+
+
+def render_all(tok, convs):
+    from chat import render_chat, show_example
+    examples = []
+    for n, messages in convs:
+        try:
+            examples.append(render_chat(tok, messages))
+        except (ValueError, AttributeError, TypeError) as e:
+            raise SystemExit(f"error: {source} line {n}: {e}; fix that record")
+    for ids, labels in examples[:show]:
+        print(show_example(tok, ids, labels))
+    return examples
+
+
+def sft():
+    convs = sft_conversations(source)
+    if max_docs >= 0:
+        convs = convs[:max_docs]
+    if not convs:
+        raise SystemExit(f"error: {source} holds no examples; pass a non-empty file")
+    tok = sft_tokenizer()
+    examples = render_all(tok, convs)
+    train_idx, val_idx = split_documents(len(examples), val_fraction, seed)  # by whole example, seeded
+    print(f"{len(examples):,} conversations from {source}, split {len(train_idx):,} train / {len(val_idx):,} val")
+    write_sft(dataset_dir(), tok, examples, train_idx, val_idx, {"task": "sft"})
+
+
+def classify():
+    from chat import classification_messages
+    rows, names = classify_examples(source)
+    if max_docs >= 0:
+        rows = rows[:max_docs]
+    if len(rows) < 2:
+        raise SystemExit(f"error: {source} holds {len(rows)} labelled example(s); need at least 2 (train and val)")
+    tok = sft_tokenizer()
+    examples = render_all(tok, [(n, classification_messages(t, names, lab)) for n, t, lab in rows])
+    # stratified: each label is split on its own with the same seed, so val keeps the class balance
+    by_label = [np.array([i for i, r in enumerate(rows) if r[2] == lab]) for lab in names]
+    parts = [split_documents(len(ix), val_fraction, seed) if len(ix) > 1 else (np.arange(len(ix)), np.arange(0))
+             for ix in by_label]
+    train_idx = np.sort(np.concatenate([ix[tr] for ix, (tr, _) in zip(by_label, parts)]))
+    val_idx = np.sort(np.concatenate([ix[va] for ix, (_, va) in zip(by_label, parts)]).astype(np.int64))
+    d = dataset_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("train", train_idx), ("val", val_idx)):  # the raw texts, for evaluate.py classify
+        write_atomic(d / f"{name}.classify.jsonl", lambda f: f.writelines(
+            (json.dumps({"text": rows[i][1], "label": rows[i][2]}, ensure_ascii=False) + "\n").encode() for i in idx))
+    counts = {lab: len(ix) for lab, ix in zip(names, by_label)}
+    print(f"{len(rows):,} labelled texts from {source}, labels {counts}, stratified split "
+          f"{len(train_idx):,} train / {len(val_idx):,} val")
+    write_sft(d, tok, examples, train_idx, val_idx, {"task": "classify", "labels": names,
+              "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
+
+
+def open_sft(data_dir, split):
+    """(tokens, mask, offsets) memmaps of an SFT split (meta "format": "sft"), checked against each other."""
+    d = Path(data_dir)
+    info = load_meta(d)["splits"][split]
+    tokens = open_split(d, split)
+    mask = np.memmap(d / info["mask"], dtype=np.uint8, mode="r")
+    offsets = np.fromfile(d / info["offsets"], dtype=np.int64)
+    if len(mask) != len(tokens) or len(offsets) < 2 or offsets[-1] != len(tokens):
+        raise SystemExit(f"error: {d}/{split}.* files disagree (tokens {len(tokens)}, mask {len(mask)}, "
+                         f"offsets end {offsets[-1] if len(offsets) else None}); re-run python tokenize_data.py sft/classify")
+    return tokens, mask, offsets
+
+
+def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
+    """Inputs x and targets y (int64 arrays, B x T) for the examples at indices, right-padded to the
+    longest of them (T <= block_size): no example attends to another, and padding comes after the
+    real tokens so causal attention never lets a real token see it. y is the next token where the mask
+    says the loss trains on it, else IGNORE_INDEX (prompt, padding). An example longer than
+    block_size+1 tokens is cut to its first block_size+1."""
+    from chat import IGNORE_INDEX
+    seqs = [(np.asarray(tokens[a:min(b, a + block_size + 1)], dtype=np.int64), np.asarray(mask[a:min(b, a + block_size + 1)], dtype=bool))
+            for a, b in ((offsets[i], offsets[i + 1]) for i in indices)]
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    y = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
+    for r, (ids, m) in enumerate(seqs):
+        x[r, :len(ids) - 1] = ids[:-1]
+        y[r, :len(ids) - 1] = np.where(m[1:], ids[1:], IGNORE_INDEX)
+    return x, y
+
+
+# -----------------------------------------------------------------------------
 # readers for train.py / evaluate.py
 
 def load_meta(data_dir):
@@ -362,7 +595,7 @@ def check_token_ids(data_dir, split, vocab_size=None):
 
 
 if __name__ == "__main__":
-    commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize}
+    commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft, "classify": classify}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(f"error: give a subcommand, one of {', '.join(commands)}; "
                          f"e.g. python tokenize_data.py download --source=stdlib")

@@ -110,7 +110,21 @@ class Tokenizer:
 
     def to_meta(self):
         return {"kind": self.kind, "path": self.path, "special_tokens": list(self.special_ids),
-                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "sha256": self.content_hash()}
+
+    def content_hash(self):
+        """sha256 of what the ids mean, not of where the file lives: SentencePiece's serialized model,
+        or the GPT-2 BPE merges in rank order. Two tokenizers with equal hashes encode alike."""
+        import hashlib
+        h = hashlib.sha256()
+        if self.kind == "sentencepiece":
+            h.update(self.backend.serialized_model_proto())
+        else:
+            ranks = self.backend._mergeable_ranks
+            for piece in sorted(ranks, key=ranks.get):
+                h.update(len(piece).to_bytes(2, "little") + piece)
+        return h.hexdigest()
 
 
 # ---- building
@@ -188,6 +202,21 @@ def make_tokenizer(spec, special_tokens=()):
     if os.path.isdir(spec) or spec.endswith((".tiktoken", ".bpe", "encoder.json")):
         return _tiktoken(spec, special_tokens)
     return _sentencepiece(spec, special_tokens)
+
+
+def tokenizer_mismatch(a, b):
+    """None if tokenizer metas a and b (to_meta() dicts, e.g. a checkpoint's and a dataset's) describe
+    the same tokenizer, else a short description of the first difference. The content hash is compared
+    when both record one (metas written before it existed do not)."""
+    for key in ("kind", "vocab_size", "special_tokens", "sha256"):
+        va, vb = a.get(key), b.get(key)
+        if key == "sha256" and (va is None or vb is None):
+            continue
+        if key == "special_tokens":
+            va, vb = list(va or []), list(vb or [])
+        if va != vb:
+            return f"{key} {va if key != 'sha256' else va[:12]} vs {vb if key != 'sha256' else vb[:12]}"
+    return None
 
 
 def load_tokenizer(meta):

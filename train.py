@@ -21,6 +21,9 @@ init_from = "scratch"           # 'scratch', 'resume' (from out_dir/ckpt.pt), or
 eval_interval = 200             # evaluate and checkpoint every this many iterations
 eval_iters = 20                 # validation batches per evaluation (a fixed set, the same every time)
 eval_only = False               # evaluate once and exit
+sample_prompts = ()             # prompts completed after each evaluation and logged as "sample" lines, e.g. ("Once upon a time",)
+sample_max_new_tokens = 64      # length of each of those samples
+sample_temperature = 0.8        # 0 = greedy
 log_interval = 10               # read the loss from the device (a sync) only every this many iterations
 progress = True                 # tqdm progress bar; off for plain log lines
 seed = 1337
@@ -60,6 +63,18 @@ min_lr = 5e-5
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU), 'float32', 'bfloat16', 'float16'
 compile = False                 # torch.compile the model (slow first step, faster after)
+# memory savers (bench.py measures them; BENCHMARKS.md has the arithmetic)
+activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute, activations of one block instead of all
+optimizer_in_backward = False   # step each parameter from a hook as soon as its gradient is ready and free it, so no full set of
+                                # gradients is ever held; needs grad_clip=0, gradient_accumulation_steps=1, no DDP, no float16
+loss_chunk_size = 0             # >0: vocab head + loss over this many tokens at a time, recomputed in backward: no (B,T,V) logits
+memory_cap_gb = 0.0             # >0 on CUDA: cap this process at this many GiB of GPU memory (emulates e.g. a 24 GB card)
+write_checkpoints = True        # False: never write ckpt.pt (benchmarks and smoke runs)
+# LoRA (lora.py): train low-rank adapters on a frozen base given by init_from; ckpt.pt then holds adapters only
+lora_rank = 0                   # rank r of each adapter; 0 = off (train every weight)
+lora_alpha = 16.0               # adapter output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0              # dropout on the adapter's input
+lora_targets = ("wq", "wk", "wv", "wo")  # linear layers to adapt (by name); "w1", "w2", "w3" add the FFN
 # -----------------------------------------------------------------------------
 from configurator import configure, print_config  # noqa: E402
 config = configure(globals(), sys.argv[1:])
@@ -71,8 +86,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat import IGNORE_INDEX  # noqa: E402
 from checkpoint import build_model, clean_state_dict, load_checkpoint, save_checkpoint  # noqa: E402
+from lora import add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report, read_adapter  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from tokenize_data import check_token_ids, load_meta, open_split  # noqa: E402
+from tokenize_data import check_token_ids, load_meta, open_sft, open_split, sft_batch  # noqa: E402
+from tokenizer import tokenizer_mismatch  # noqa: E402
 
 
 def fail(msg):
@@ -87,6 +104,14 @@ if lr_schedule not in ("cosine", "constant", "onecycle"):
 for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
     if globals()[key] < 1:
         fail(f"{key}={globals()[key]} must be >= 1")
+if optimizer_in_backward:  # each parameter is stepped the moment its own gradient is complete, so nothing may need them all
+    if grad_clip > 0:
+        fail(f"optimizer_in_backward=True cannot clip the global grad norm (grad_clip={grad_clip}): no step holds every gradient; set --grad_clip=0")
+    if gradient_accumulation_steps > 1:
+        fail(f"optimizer_in_backward=True steps after every backward, so gradient_accumulation_steps={gradient_accumulation_steps} "
+             f"cannot accumulate; set --gradient_accumulation_steps=1 (raise batch_size instead)")
+    if int(os.environ.get("RANK", -1)) != -1:
+        fail("optimizer_in_backward=True would step on each rank's local gradient before DDP averages it; run without torchrun")
 
 # ---- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain run is a world of one ------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -113,6 +138,13 @@ if dtype == "auto":
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"dtype='{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
 ptdtype = getattr(torch, dtype)
+if optimizer_in_backward and dtype == "float16":
+    fail("optimizer_in_backward=True cannot use float16 loss scaling (it checks every gradient for inf before stepping); use --dtype=bfloat16")
+if memory_cap_gb > 0:
+    if device_type != "cuda":
+        fail(f"memory_cap_gb={memory_cap_gb} needs a CUDA device (device is '{device}'); drop it")
+    # the caching allocator raises OutOfMemoryError past this fraction, as a smaller card would
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
 # autocast keeps master weights in fp32 and runs matmuls in bf16/fp16
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed + rank)
@@ -126,8 +158,17 @@ train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val"
 for split in ("train", "val"):
     check_token_ids(data_dir, split, meta["vocab_size"])
 split_files = {"train": (train_data.filename, train_data.dtype), "val": (val_data.filename, val_data.dtype)}
+# SFT data (tokenize_data.py sft/classify) is whole examples with a loss mask, sampled one example per
+# row; pretraining data is a flat token stream, sampled as random windows
+sft = meta.get("format") == "sft"
+sft_data = {s: open_sft(data_dir, s) for s in ("train", "val")} if sft else {}
+split_sizes = {s: len(sft_data[s][2]) - 1 if sft else len(d) - block_size for s, d in (("train", train_data), ("val", val_data))}
+if sft and master:
+    n_long = {s: int((np.diff(sft_data[s][2]) > block_size + 1).sum()) for s in sft_data}
+    print(f"SFT data: {split_sizes['train']:,} train / {split_sizes['val']:,} val examples, padded per batch; "
+          f"{n_long['train']:,} train / {n_long['val']:,} val examples longer than block_size+1={block_size + 1} tokens are truncated")
 for split, arr in (("train", train_data), ("val", val_data)):
-    if len(arr) < block_size + 1:
+    if len(arr) < block_size + 1 and not sft:
         fail(f"{data_dir}/{split}.bin holds {len(arr)} tokens, fewer than block_size+1={block_size + 1}; "
              f"lower block_size or add data")
 
@@ -135,9 +176,12 @@ for split, arr in (("train", train_data), ("val", val_data)):
 def get_batch(split, positions):
     """Input/target pairs starting at the given token positions; pinned + async copy on CUDA so the
     host-to-device transfer overlaps the GPU's work on the previous step."""
-    data = np.memmap(*split_files[split], mode="r")  # a fresh memmap per batch: a long-lived one leaks memory
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in positions]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in positions]).astype(np.int64))
+    if sft:  # positions are example indices; prompt and padding targets are IGNORE_INDEX
+        x, y = map(torch.from_numpy, sft_batch(*sft_data[split], positions, block_size, meta["eos_id"] or 0))
+    else:
+        data = np.memmap(*split_files[split], mode="r")  # a fresh memmap per batch: a long-lived one leaks memory
+        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in positions]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in positions]).astype(np.int64))
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -148,15 +192,26 @@ sampler = torch.Generator().manual_seed(seed + 1000 * rank)
 
 
 def sample_positions(split_len, n, generator):
-    return torch.randint(split_len - block_size, (n,), generator=generator).tolist()
+    """n random starts in [0, split_len): window starts, or example indices for SFT data."""
+    return torch.randint(split_len, (n,), generator=generator).tolist()
 
 
 # A fixed set of evaluation batches, drawn once: successive evaluations are directly comparable.
 _eval_gen = torch.Generator().manual_seed(seed)
-eval_positions = {s: [sample_positions(len(d), batch_size, _eval_gen) for _ in range(eval_iters)]
-                  for s, d in (("train", train_data), ("val", val_data))}
+eval_positions = {s: [sample_positions(split_sizes[s], batch_size, _eval_gen) for _ in range(eval_iters)]
+                  for s in ("train", "val")}
 
 # ---- model ------------------------------------------------------------------------------------
+def peak_rss():
+    """Peak resident memory of this process in bytes (0 where the resource module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+rss_before_model = peak_rss()
 iter_num, best_val_loss, tokens_seen, resume_ckpt = 0, float("inf"), 0, None
 if init_from == "scratch":
     model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None,
@@ -169,14 +224,18 @@ else:
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; train with init_from='scratch' first or fix out_dir")
-    resume_ckpt = load_checkpoint(ckpt_path)
-    ckpt_tok, data_tok = resume_ckpt.get("tokenizer"), meta["tokenizer"]
-    if ckpt_tok is not None and (ckpt_tok.get("kind"), ckpt_tok.get("vocab_size")) != (data_tok.get("kind"), data_tok.get("vocab_size")):
-        fail(f"tokenizer mismatch: checkpoint {ckpt_path} was trained with {ckpt_tok.get('kind')} "
-             f"vocab {ckpt_tok.get('vocab_size')} but {data_dir} uses {data_tok.get('kind')} vocab "
-             f"{data_tok.get('vocab_size')}; pretokenize the data with the checkpoint's tokenizer")
-    resume_ckpt["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
-    model = build_model(resume_ckpt)
+    # a LoRA run's ckpt.pt holds adapters (+ optimizer etc.) only; its weights come from the base it names
+    resume_ckpt = read_adapter(ckpt_path) if init_from == "resume" and lora_rank else load_checkpoint(ckpt_path)
+    base_ckpt = load_checkpoint(resume_ckpt["base_checkpoint"]) if "adapter" in resume_ckpt else resume_ckpt
+    base_path = os.path.abspath(resume_ckpt.get("base_checkpoint") or ckpt_path)
+    ckpt_tok = base_ckpt.get("tokenizer")
+    diff = ckpt_tok is not None and tokenizer_mismatch(ckpt_tok, meta["tokenizer"])
+    if diff:  # kind, vocab size, chat specials and the vocab file's content hash must all agree
+        fail(f"tokenizer mismatch: checkpoint {ckpt_path} and {data_dir} differ in {diff}; "
+             f"pretokenize the data with --tokenizer={ckpt_tok.get('path') or ckpt_tok.get('kind')}")
+    base_ckpt["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
+    model = build_model(base_ckpt)
+    del base_ckpt
     model_args = model.args
     if block_size > model_args.max_seq_len:
         fail(f"block_size={block_size} exceeds the checkpoint's context {model_args.max_seq_len}; lower block_size")
@@ -186,6 +245,15 @@ else:
     if init_from == "resume":
         iter_num, best_val_loss = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
         tokens_seen = resume_ckpt.get("tokens_seen", 0)
+if lora_rank:
+    if init_from == "scratch":
+        fail("lora_rank > 0 adapts a pretrained model; set init_from to its checkpoint (or lora_rank=0)")
+    lora_info = {"lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(lora_targets)},
+                 "base_checkpoint": base_path, "base_fingerprint": base_fingerprint(model)}
+    if "adapter" in resume_ckpt:
+        apply_adapter(model, resume_ckpt, f"adapter {ckpt_path}")
+    else:
+        add_lora(model, lora_targets, lora_rank, lora_alpha, lora_dropout)  # freezes the base
 model.to(device)
 
 # ---- optimizer: weight decay on matrices and embeddings only; norms (1-D) are left alone ---------
@@ -193,15 +261,42 @@ params = [p for p in model.parameters() if p.requires_grad]
 decay = [p for p in params if p.dim() >= 2]
 no_decay = [p for p in params if p.dim() < 2]
 groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-if optimizer == "adamw":
+
+
+def make_optimizer(groups):
     # fused: one kernel for all parameters instead of a loop of small ones (CUDA only)
-    opt = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+    return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0,
+                           fused=device_type == "cuda")
+
+
+def step_in_backward(o):
+    def hook(p):  # autograd calls this once p.grad holds this backward's full gradient
+        o.step()
+        o.zero_grad(set_to_none=True)  # free it now: only the gradients still being computed are alive
+    return hook
+
+
+if optimizer_in_backward:
+    # one small optimizer per parameter tensor, same math as one optimizer over all of them
+    opt = None
+    opts = [make_optimizer([{**g, "params": [p]}]) for g in groups for p in g["params"]]
+    for o in opts:
+        o.param_groups[0]["params"][0].register_post_accumulate_grad_hook(step_in_backward(o))
 else:
-    opt = torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0)
+    opt = make_optimizer(groups)
+    opts = [opt]
 # fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+if lora_rank and master:
+    print(memory_report(model, optimizer))
 if init_from == "resume":
-    opt.load_state_dict(resume_ckpt["optimizer"])
+    opt_states = resume_ckpt["optimizer"] if optimizer_in_backward else [resume_ckpt["optimizer"]]
+    if not isinstance(opt_states, list) or len(opt_states) != len(opts):
+        fail(f"{ckpt_path} holds optimizer state saved with a different optimizer_in_backward setting; resume with the same setting")
+    for o, state in zip(opts, opt_states):
+        o.load_state_dict(state)
     if "scaler" in resume_ckpt:
         scaler.load_state_dict(resume_ckpt["scaler"])
     states = resume_ckpt.get("sampler", [])
@@ -215,6 +310,7 @@ if init_from == "resume":
 del resume_ckpt  # free the host copy of the weights
 
 raw_model = model
+raw_model.activation_checkpointing = activation_checkpointing
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -279,12 +375,41 @@ def save(sampler_state):
     samplers = gather(sampler_state)
     if not master:
         return
-    ckpt = {"model": clean_state_dict(raw_model.state_dict()), "model_args": model_args.to_dict(),
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+    # a LoRA run saves its adapters only (a small file); the frozen base stays in base_checkpoint
+    weights = {"adapter": lora_state_dict(raw_model), **lora_info} if lora_rank else {"model": clean_state_dict(raw_model.state_dict())}
+    ckpt = {**weights, "model_args": model_args.to_dict(),
+            "optimizer": [o.state_dict() for o in opts] if optimizer_in_backward else opt.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "config": config,
             "tokenizer": meta["tokenizer"], "dataset": data_dir,
             "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers}
-    save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    if write_checkpoints:
+        save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
+
+
+def sample_texts():
+    """Complete each of sample_prompts. A generator seeded afresh each time makes them repeatable and
+    comparable across evaluations, and leaves the global RNG and the data sampler alone: exact resume stays exact."""
+    from tokenizer import load_tokenizer
+    tok, gen, out = load_tokenizer(meta["tokenizer"]), torch.Generator(device=device).manual_seed(seed), []
+    raw_model.eval()
+    for prompt in sample_prompts:
+        ids = tok.encode(prompt, bos=True)[-(block_size - 1):]  # leave room for at least one new token
+        with autocast:
+            y = raw_model.generate(torch.tensor([ids], device=device), sample_max_new_tokens, temperature=sample_temperature,
+                                   eos_id=tok.eos_id, generator=gen)[0].tolist()
+        new = y[len(ids):]
+        new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+        out.append((prompt, tok.decode(ids + new)[len(tok.decode(ids)):]))  # decode whole: keeps the first space
+    raw_model.train()
+    return out
+
+
+def peak_memory():
+    """Bytes: on CUDA the allocator's peak of live tensors (no sync); elsewhere the growth of the process's
+    peak resident memory since just before the model was built (a coarser number: allocator caches count too)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return max(0, peak_rss() - rss_before_model)
 
 
 def log_metrics(record):
@@ -333,7 +458,7 @@ start_iter, t_log, loss_acc, n_acc = iter_num, time.time(), torch.zeros((), devi
 model.train()
 while True:
     lr = get_lr(iter_num)
-    for group in opt.param_groups:
+    for group in (g for o in opts for g in o.param_groups):
         group["lr"] = lr
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
 
@@ -345,6 +470,9 @@ while True:
             say(f"iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                 f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}")
             log_metrics({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **metrics})
+            for prompt, text in sample_texts() if sample_prompts else []:
+                say(f"sample: {prompt}|{text}")
+                log_metrics({"type": "sample", "iter": iter_num, "tokens": tokens_seen, "prompt": prompt, "text": text})
         if eval_only:
             break
         best_val_loss = min(best_val_loss, metrics["val_loss"])
@@ -354,7 +482,7 @@ while True:
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches
-    batches = [get_batch("train", sample_positions(len(train_data), batch_size, sampler))
+    batches = [get_batch("train", sample_positions(split_sizes["train"], batch_size, sampler))
                for _ in range(gradient_accumulation_steps)]
     # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks), not
     # per micro-batch: with masked targets (fine-tuning) micro-batches hold different numbers of
@@ -367,7 +495,7 @@ while True:
         if ddp:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
-            _, loss = model(x, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            _, loss = model(x, y, ignore_index=IGNORE_INDEX, reduction="sum", loss_chunk=loss_chunk_size)
             loss = loss * scale
         scaler.scale(loss).backward()
         loss_acc += loss.detach() / world_size
@@ -376,9 +504,10 @@ while True:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     else:
         grad_norm = torch.zeros(())
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
+    if not optimizer_in_backward:  # otherwise the hooks have already stepped every parameter
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_seen += tokens_per_iter
     n_acc += 1
@@ -394,7 +523,8 @@ while True:
         mfu = raw_model.estimate_mfu(tok_s / world_size, block_size, device)
         if master:
             log_metrics({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
-                         "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": mfu, "ms_per_iter": 1000 * dt / n_acc})
+                         "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": mfu, "ms_per_iter": 1000 * dt / n_acc,
+                         "peak_mem_gb": peak_memory() / 2**30})
             msg = f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else "")
             if bar is not None:
                 bar.set_postfix_str(msg)
