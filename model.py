@@ -95,6 +95,12 @@ class KVCache(nn.Module):
         self.v[:, :, start_pos:start_pos + T] = v
         return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]
 
+    def write(self, pos, k, v):
+        """Static-shape variant for decode_step: write one token at a tensor position, return whole buffers."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -116,6 +122,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if isinstance(start_pos, torch.Tensor):
+            # decode_step: attend over the whole pre-allocated cache with a mask of the filled positions,
+            # so every step has identical shapes (what torch.compile/CUDA graphs need); costs reading
+            # the unfilled part of the cache too
+            k, v = self.cache.write(start_pos, k, v)
+            filled = (torch.arange(k.shape[2], device=x.device) <= start_pos)[None, :]  # (T=1, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=filled, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         # SDPA picks the flash / memory-efficient kernel; enable_gqa lets it read the shared kv heads
@@ -188,16 +202,23 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, start_pos=0, ignore_index=-100, reduction="mean"):
+    def forward(self, tokens, targets=None, start_pos=0, ignore_index=-100, reduction="mean", loss_chunk=0):
         """tokens (B, T) -> logits. With targets: logits (B, T, V) and the cross-entropy over positions
         whose target is not ignore_index (reduction "mean", or "sum" so a trainer can normalise by the
         token count of a whole accumulation step). Without targets: logits of the last position only
-        (B, 1, V), which is all sampling needs and avoids a (B, T, V) tensor."""
+        (B, 1, V), which is all sampling needs and avoids a (B, T, V) tensor.
+        loss_chunk > 0 (training memory saver): the loss is computed loss_chunk tokens at a time and each
+        chunk's logits are recomputed in backward, so the (B, T, V) logits never exist; returns (None, loss).
+        start_pos may be a 1-element long tensor for static-shape decoding (see decode_step)."""
         B, T = tokens.shape
-        if start_pos + T > self.args.max_seq_len:
+        static = isinstance(start_pos, torch.Tensor)  # no bounds check then: it would sync with the GPU
+        if not static and start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        if static:
+            cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]
+        else:
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 h = activation_checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
@@ -206,10 +227,22 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None
+        if loss_chunk > 0:
+            # one extra head matmul per token (~2*dim*vocab FLOPs) buys never holding B*T*V logits,
+            # their fp32 copy and the softmax saved for backward: gigabytes at vocab 32000, seq 1024
+            hf, tf = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+            loss = sum(activation_checkpoint(self._chunk_loss, hf[i:i + loss_chunk], tf[i:i + loss_chunk], ignore_index,
+                                             use_reentrant=False) for i in range(0, hf.size(0), loss_chunk))
+            if reduction == "mean":
+                loss = loss / (tf != ignore_index).sum().clamp(min=1)
+            return None, loss
         logits = self.output(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=ignore_index, reduction=reduction)
         return logits, loss
+
+    def _chunk_loss(self, h, targets, ignore_index):
+        return F.cross_entropy(self.output(h).float(), targets, ignore_index=ignore_index, reduction="sum")
 
     # ---- bookkeeping ----
     def num_params(self, non_embedding=False):
@@ -247,12 +280,27 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def decode_step(self, token, pos):
+        """One new token per row, token (B, 1), at position pos (a 1-element long tensor on the model's
+        device) -> logits (B, 1, V). Every call has the same shapes and no host sync, so
+        torch.compile(mode="reduce-overhead") can replay it as one CUDA graph: at batch 1 decoding is
+        bound by kernel-launch overhead, not by the GPU. Needs setup_cache and a filled prefix."""
+        return self(token, start_pos=pos)[0]
+
+    def compiled_decode_step(self):
+        """decode_step compiled once per model (CUDA graphs on CUDA; plain inductor code on CPU)."""
+        if getattr(self, "_compiled_decode", None) is None:
+            self._compiled_decode = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
+        return self._compiled_decode
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, on_token=None):
+                 generator=None, on_token=None, compile_decode=False):
         """Extend idx (B, T) by up to max_new_tokens. temperature 0 is greedy. Uses the KV cache:
         one forward over the prompt, then one token at a time. Stops early when every row has
-        produced eos_id. on_token(next_ids) is called after each step (for streaming)."""
+        produced eos_id. on_token(next_ids) is called after each step (for streaming).
+        compile_decode: run the per-token steps through compiled_decode_step (worth it on CUDA; the
+        first call compiles for a minute or so; each new batch size compiles again)."""
         check_sampling(temperature, top_k, top_p)
         B, T = idx.shape
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - T)
@@ -263,6 +311,7 @@ class Transformer(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             logits, _ = self(idx, start_pos=0)
             pos = T
+            step, pos_t = (self.compiled_decode_step(), torch.tensor([T], device=idx.device)) if compile_decode else (None, None)
             for _ in range(max_new_tokens):
                 next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 if eos_id is not None:
@@ -275,7 +324,11 @@ class Transformer(nn.Module):
                     break
                 if pos >= self.args.max_seq_len:
                     break
-                logits, _ = self(next_ids[:, None], start_pos=pos)
+                if step is not None:
+                    logits = step(next_ids[:, None], pos_t).clone()  # clone: a CUDA graph reuses its output buffer
+                    pos_t += 1
+                else:
+                    logits, _ = self(next_ids[:, None], start_pos=pos)
                 pos += 1
         finally:
             self.clear_cache()
