@@ -2,6 +2,7 @@
 
     python evaluate.py loss --checkpoint=out/demo --dataset=demo --split=val          # loss, perplexity, accuracy
     python evaluate.py hellaswag --checkpoint=out/demo --hellaswag_file=hellaswag_val.jsonl
+    python evaluate.py classify --checkpoint=out/classify_adamw --dataset=fpb                  # accuracy, F1, confusion
     python evaluate.py plot --runs=out/adamw,out/sgd --out=docs/loss.png              # metrics.jsonl -> PNG
 
 Each subcommand prints a table, then one JSON line with the same numbers (and writes it to json_out if
@@ -33,6 +34,7 @@ batch_size = 8                  # windows per forward pass
 # hellaswag
 hellaswag_file = "hellaswag_val.jsonl"  # official rowanz/hellaswag file, or the cleaned {ctx, endings, label} variant
 max_items = 0                   # score only the first this-many items; 0 = all
+# classify (data from tokenize_data.py classify: data_root/dataset/{split}.classify.jsonl + the label set in meta.json)
 # plot
 runs = ""                       # comma-separated run directories holding metrics.jsonl (train.py's out_dir)
 out = "loss.png"                # where plot writes the PNG
@@ -202,12 +204,13 @@ def encode_item(tok, ctx_text, endings):
     return ctx_ids[:k], [w[k:] for w in wholes]
 
 
-def hellaswag_scores(model, tok, items, device="cpu", ctx=nullcontext()):
+def hellaswag_scores(model, tok, items, device="cpu", ctx=nullcontext(), log_every=0):
     """acc: the ending with the highest summed log-prob is the label. acc_norm: log-prob divided by the
     ending's length in characters, as lm-evaluation-harness does (some scripts divide by tokens, which
     gives different numbers); it stops favouring short endings just for being short."""
     correct = correct_norm = truncated = 0
-    for item in items:
+    t0 = time.time()
+    for k, item in enumerate(items, 1):
         ctx_ids, cont_ids = encode_item(tok, item["ctx"], item["endings"])
         truncated += len(ctx_ids) + max(len(c) for c in cont_ids) - 1 > model.args.max_seq_len
         scores = score_continuations(model, ctx_ids, cont_ids, device, ctx)
@@ -215,6 +218,9 @@ def hellaswag_scores(model, tok, items, device="cpu", ctx=nullcontext()):
         norm = [s / len(e) for s, e in zip(logp, item["endings"])]
         correct += int(np.argmax(logp)) == item["label"]
         correct_norm += int(np.argmax(norm)) == item["label"]
+        if log_every and k % log_every == 0:
+            print(f"{k:,}/{len(items):,} items: acc {correct / k:.4f}, acc_norm {correct_norm / k:.4f}, "
+                  f"{time.time() - t0:.0f} s", file=sys.stderr)
     n = len(items)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n, "truncated": truncated, "chance": 0.25}
 
@@ -224,7 +230,7 @@ def hellaswag():
     tok = get_tokenizer(model, ckpt)
     items = read_hellaswag(hellaswag_file, max_items)
     t0 = time.time()
-    res = hellaswag_scores(model, tok, items, dev, ctx)
+    res = hellaswag_scores(model, tok, items, dev, ctx, log_every=500)
     return {"task": "hellaswag", "checkpoint": checkpoint, "file": hellaswag_file, **res,
             "acc_norm_divides_by": "characters", "seconds": round(time.time() - t0, 2)}
 
@@ -253,6 +259,7 @@ def plot():
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     dirs = [d for d in runs.split(",") if d.strip()]
     if not dirs:
         fail("no runs given; pass --runs=out/adamw,out/sgd (train.py out_dir folders)")
@@ -275,10 +282,15 @@ def plot():
     axes[0].set_title("training curves: thin = train (per log interval), thick = val")
     axes[1].set_ylabel("learning rate")
     axes[2].set_ylabel("grad norm\n(before clipping)")
-    axes[2].set_yscale("log")
+    for ax in axes[1:]:  # log: SGD's and AdamW's learning rates differ by ~100x
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[2].set_xlabel("tokens seen")
     if logx:
         axes[2].set_xscale("log")
+    axes[2].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else (f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}")))
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -308,7 +320,64 @@ def report(results):
             f.write(line + "\n")
 
 
-COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot}
+# ---- classification: constrained to the label set ----------------------------------------------
+
+def classification_metrics(gold, pred, labels):
+    """Accuracy, per-class precision/recall/F1, macro F1 and the confusion matrix (rows gold, cols predicted)."""
+    k = {lab: i for i, lab in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for g, p in zip(gold, pred):
+        cm[k[g], k[p]] += 1
+    res = {"accuracy": float(np.trace(cm) / max(1, cm.sum()))}
+    f1s = []
+    for i, lab in enumerate(labels):
+        tp = cm[i, i]
+        prec = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        rec = tp / cm[i].sum() if cm[i].sum() else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        res.update({f"{lab}_precision": float(prec), f"{lab}_recall": float(rec), f"{lab}_f1": float(f1)})
+        f1s.append(f1)
+    res["macro_f1"] = float(np.mean(f1s))
+    res["confusion_matrix"] = cm.tolist()
+    return res
+
+
+def classify():
+    """Each held-out text is rendered with chat.py's classification prompt; every label's answer
+    (its tokens + <|end_of_turn|>, exactly as training rendered it) is scored by its summed log-prob,
+    and the best one is the prediction: the model can only ever answer with a label."""
+    from chat import classification_messages, render_chat
+    from tokenize_data import load_meta
+    model, ckpt, dev, ctx = setup()
+    tok = get_tokenizer(model, ckpt)
+    data_dir = os.path.join(data_root, dataset)
+    meta = load_meta(data_dir)
+    if meta.get("task") != "classify":
+        fail(f"{data_dir} was not made by python tokenize_data.py classify (meta.json has no label set); make it so")
+    labels = meta["labels"]
+    path = os.path.join(data_dir, f"{split}.classify.jsonl")
+    if not os.path.isfile(path):
+        fail(f"{path} not found; re-run python tokenize_data.py classify (splits: train, val)")
+    rows = [json.loads(ln) for ln in open(path, encoding="utf-8") if ln.strip()][:max_items or None]
+    if not rows:
+        fail(f"{path} holds no examples; re-run python tokenize_data.py classify with more data")
+    t0, pred = time.time(), []
+    for r in rows:
+        prompt = render_chat(tok, classification_messages(r["text"], labels), add_generation_prompt=True)[0]
+        answers = [render_chat(tok, classification_messages(r["text"], labels, lab))[0][len(prompt):] for lab in labels]
+        scores = score_continuations(model, prompt, answers, dev, ctx)
+        pred.append(labels[max(range(len(labels)), key=lambda i: scores[i][0])])
+    gold = [r["label"] for r in rows]
+    train_path = os.path.join(data_dir, "train.classify.jsonl")  # the majority class is the train split's
+    train_labels = [json.loads(ln)["label"] for ln in open(train_path, encoding="utf-8")] if os.path.isfile(train_path) else gold
+    majority = max(labels, key=train_labels.count)
+    return {"task": "classify", "checkpoint": checkpoint, "dataset": data_dir, "split": split, "examples": len(rows),
+            "labels": ",".join(labels), **classification_metrics(gold, pred, labels),
+            "majority_label": majority, "majority_accuracy": gold.count(majority) / len(gold),
+            "seconds": round(time.time() - t0, 2)}
+
+
+COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": classify}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
