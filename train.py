@@ -471,7 +471,7 @@ while True:
                 f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}")
             log_metrics({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **metrics})
             for prompt, text in sample_texts() if sample_prompts else []:
-                say(f"sample: {prompt}|{text}")
+                say(f"sample: {prompt!r} -> {text!r}")
                 log_metrics({"type": "sample", "iter": iter_num, "tokens": tokens_seen, "prompt": prompt, "text": text})
         if eval_only:
             break
