@@ -129,6 +129,7 @@ def chat_reply(model, tok, history, gen, ctx, dev):
     while len(ids) + max_new_tokens > model.args.max_seq_len and len(history) > 1:
         del history[:2]
         ids = render_chat(tok, history, add_generation_prompt=True)[0]
+        print(f"(dropped the oldest turn to fit the {model.args.max_seq_len}-token context)", file=sys.stderr)
     if len(ids) >= model.args.max_seq_len:
         fail(f"the message is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; shorten it")
     printer = StreamPrinter(tok, []) if stream else None  # the answer only, not the rendered prompt

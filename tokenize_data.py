@@ -346,7 +346,7 @@ def read_records(path):
         return [(n, r) for n, r in enumerate(data, 1)]  # "line" = record number in a JSON array
     if path.endswith(".jsonl"):
         out = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also cuts at \x85, \u2028...
             if line.strip():
                 try:
                     out.append((n, json.loads(line)))
@@ -358,7 +358,7 @@ def read_records(path):
         return [(reader.line_num, r) for r in reader]
     # .txt: Financial PhraseBank's "sentence@label" lines
     return [(n, dict(zip((text_field, label_field), line.rsplit("@", 1))))
-            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def tinystories_entries(text):
