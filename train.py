@@ -164,9 +164,11 @@ sft = meta.get("format") == "sft"
 sft_data = {s: open_sft(data_dir, s) for s in ("train", "val")} if sft else {}
 split_sizes = {s: len(sft_data[s][2]) - 1 if sft else len(d) - block_size for s, d in (("train", train_data), ("val", val_data))}
 if sft and master:
-    n_long = {s: int((np.diff(sft_data[s][2]) > block_size + 1).sum()) for s in sft_data}
-    print(f"SFT data: {split_sizes['train']:,} train / {split_sizes['val']:,} val examples, padded per batch; "
-          f"{n_long['train']:,} train / {n_long['val']:,} val examples longer than block_size+1={block_size + 1} tokens are truncated")
+    for s, (_, mask, offs) in sft_data.items():
+        cut = np.minimum(offs[1:], offs[:-1] + block_size + 1)
+        trained = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # answer tokens left after truncation
+        print(f"SFT {s}: {split_sizes[s]:,} examples, padded per batch; {int((cut < offs[1:]).sum()):,} longer than "
+              f"block_size+1={block_size + 1} tokens are truncated, {int((trained[cut] == trained[offs[:-1]]).sum()):,} of them lose every answer token")
 for split, arr in (("train", train_data), ("val", val_data)):
     if len(arr) < block_size + 1 and not sft:
         fail(f"{data_dir}/{split}.bin holds {len(arr)} tokens, fewer than block_size+1={block_size + 1}; "
