@@ -55,8 +55,10 @@ def test_trained_sentencepiece_round_trip_and_specials(trained):
 
 def test_trained_to_meta_load_round_trip(trained):
     meta = trained.to_meta()
+    import hashlib
+    digest = hashlib.sha256(trained.backend.serialized_model_proto()).hexdigest()
     assert meta == {"kind": "sentencepiece", "path": trained.path, "special_tokens": SPECIAL_TOKENS,
-                    "vocab_size": 400, "bos_id": 1, "eos_id": 2}
+                    "vocab_size": 400, "bos_id": 1, "eos_id": 2, "sha256": digest}
     again = load_tokenizer(meta)
     assert again.encode(TEXT) == trained.encode(TEXT) and again.special_ids == trained.special_ids
 
