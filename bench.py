@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 # -----------------------------------------------------------------------------
 sizes = "tiny"                      # comma-separated names from SIZES below

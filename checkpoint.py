@@ -89,3 +89,20 @@ def load_model(path, device="cpu"):
     model = build_model(ckpt, device)
     model.eval()
     return model, ckpt
+
+
+def tokenizer_for(ckpt, override="", model_vocab=None):
+    """The tokenizer to use with a checkpoint: override (a .model, 'gpt2', a GPT-2 BPE folder or a
+    llama2.c tokenizer .bin) if given, else the one the checkpoint records (llama2.c files record none)."""
+    from tokenizer import load_tokenizer, make_tokenizer
+    if override:
+        tok = make_tokenizer(override)
+    elif ckpt.get("tokenizer"):
+        tok = load_tokenizer(ckpt["tokenizer"])
+    else:
+        raise SystemExit("error: the checkpoint records no tokenizer (llama2.c files carry none); "
+                         "pass --tokenizer=PATH (a SentencePiece .model, gpt2, or a llama2.c tokenizer .bin)")
+    if model_vocab is not None and tok.vocab_size > model_vocab:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}; "
+                         f"pass the model's own tokenizer")
+    return tok

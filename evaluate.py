@@ -52,30 +52,16 @@ def fail(msg):
 def setup():
     """(model, checkpoint dict, device, autocast context) from the config globals."""
     from checkpoint import load_model
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
-    if dev_type == "cuda" and not torch.cuda.is_available():
-        fail(f"device='{dev}' but no CUDA GPU is visible; use --device=cpu")
-    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    if dt not in ("float32", "bfloat16", "float16"):
-        fail(f"dtype='{dt}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
+    from model import inference_device
+    dev, ctx = inference_device(device, dtype)
     model, ckpt = load_model(checkpoint, dev)
     return model, ckpt, dev, ctx
 
 
 def get_tokenizer(model, ckpt):
     """The tokenizer key if set, else the checkpoint's own (llama2.c and some HF imports record none)."""
-    from tokenizer import load_tokenizer, make_tokenizer
-    if tokenizer:
-        tok = make_tokenizer(tokenizer)
-    elif ckpt.get("tokenizer"):
-        tok = load_tokenizer(ckpt["tokenizer"])
-    else:
-        fail(f"checkpoint '{checkpoint}' records no tokenizer; pass --tokenizer=PATH_TO.model (or gpt2)")
-    if tok.vocab_size > model.args.vocab_size:
-        fail(f"tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; pass the model's own tokenizer")
-    return tok
+    from checkpoint import tokenizer_for
+    return tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
 
 
 # ---- loss, perplexity, next-token accuracy over a split ---------------------------------------

@@ -24,13 +24,11 @@ adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --chec
 from configurator import configure  # noqa: E402
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
-from contextlib import nullcontext  # noqa: E402
 
 import torch  # noqa: E402
 
-from checkpoint import load_model  # noqa: E402
-from model import check_sampling  # noqa: E402
-from tokenizer import load_tokenizer, make_tokenizer  # noqa: E402
+from checkpoint import load_model, tokenizer_for  # noqa: E402
+from model import check_sampling, inference_device  # noqa: E402
 
 
 def fail(msg):
@@ -64,29 +62,13 @@ def main():
         fail(f"{e}")
     if num_samples < 1 or max_new_tokens < 1:
         fail(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must both be >= 1")
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
-    if dev_type == "cuda" and not torch.cuda.is_available():
-        fail(f"device='{dev}' but no CUDA GPU is visible; use --device=cpu")
-    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
-
+    dev, ctx = inference_device(device, dtype)
     if adapter:
         from lora import load_with_adapter
         model, ckpt, _ = load_with_adapter(checkpoint, adapter, dev)
     else:
         model, ckpt = load_model(checkpoint, dev)
-    if tokenizer.endswith(".bin"):  # a llama2.c tokenizer file (what run.c -z reads)
-        from formats import Llama2cTokenizer
-        tok = Llama2cTokenizer(tokenizer)
-    elif tokenizer:
-        tok = make_tokenizer(tokenizer)
-    elif ckpt.get("tokenizer"):
-        tok = load_tokenizer(ckpt["tokenizer"])
-    else:
-        fail(f"checkpoint '{checkpoint}' records no tokenizer; pass --tokenizer=PATH_TO.model (or gpt2)")
-    if tok.vocab_size > model.args.vocab_size:
-        fail(f"tokenizer has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; pass the model's own tokenizer")
+    tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     if chat or interactive:

@@ -379,3 +379,18 @@ def peak_flops(device=None):
         if key in name:
             return PEAK_BF16_FLOPS[key]
     return None
+
+
+def inference_device(device="auto", dtype="auto"):
+    """(device string, autocast context) for sampling and evaluation: CUDA if asked for or available,
+    bf16 autocast on GPUs that support it, plain fp32 elsewhere."""
+    from contextlib import nullcontext
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device='{dev}' but no CUDA GPU is visible; use --device=cpu")
+    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    if dt not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: dtype='{dt}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
+    return dev, ctx

@@ -194,9 +194,13 @@ def _tiktoken(path, special_tokens):
 
 
 def make_tokenizer(spec, special_tokens=()):
-    """spec: a SentencePiece .model path, "gpt2" (tiktoken's cache), or a folder/file with GPT-2 BPE files.
+    """spec: a SentencePiece .model path, "gpt2" (tiktoken's cache), a folder/file with GPT-2 BPE files,
+    or a llama2.c tokenizer .bin.
     special_tokens (e.g. SPECIAL_TOKENS) get single ids: their own if the vocab has them, else appended."""
     spec = os.fspath(spec)
+    if spec.endswith(".bin"):  # a llama2.c tokenizer file (what run.c -z reads): decode/encode only
+        from formats import Llama2cTokenizer
+        return Llama2cTokenizer(spec)
     if spec == "gpt2":
         return _tiktoken(None, special_tokens)
     if os.path.isdir(spec) or spec.endswith((".tiktoken", ".bpe", "encoder.json")):

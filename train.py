@@ -437,7 +437,7 @@ tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"config:")
+    print("config:")
     print_config(config)
     print(f"device {device}, dtype {dtype}, {world_size} process(es); model {raw_model.num_params() / 1e6:.2f}M params; "
           f"{tokens_per_iter:,} tokens per iteration; train {len(train_data):,} tokens, val {len(val_data):,} tokens")

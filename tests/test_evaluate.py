@@ -2,7 +2,6 @@
 HellaSwag acc and acc_norm, the plot, train.py's sample_prompts, and the CLI end to end."""
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 import export  # noqa: E402
-from checkpoint import build_model, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from checkpoint import build_model, load_checkpoint, load_model  # noqa: E402
 from formats import Llama2cTokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
