@@ -49,6 +49,10 @@ def load_checkpoint(path, map_location="cpu"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error: cannot read checkpoint '{path}' ({first[:200]}); it is truncated, corrupt "
                          f"or not a llamaforge checkpoint: re-train or re-export it")
+    if isinstance(ckpt, dict) and "adapter" in ckpt and "model" not in ckpt:
+        rank = ckpt.get("lora", {}).get("rank", "R")
+        raise SystemExit(f"error: '{path}' is a LoRA adapter, not a full model; resume its run with --lora_rank={rank}, "
+                         f"sample with generate.py --checkpoint=BASE --adapter={path}, or merge it with python lora.py merge")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise SystemExit(f"error: '{path}' is not a llamaforge checkpoint (no model/model_args entries); "
                          f"pass a ckpt.pt written by train.py")

@@ -95,6 +95,8 @@ def test_adapter_generates_like_its_merge_and_refuses_another_base(env):
     assert last.startswith("error:") and "different base model" in last and str(base) in last
     proc = run_script("lora.py", "merge", f"--base={other}", "--adapter=ad/ckpt.pt", "--out=x.pt", cwd=root, check=False)
     assert "different base model" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("generate.py", "--checkpoint=ad/ckpt.pt", cwd=root, check=False)  # an adapter is not a model
+    assert "is a LoRA adapter, not a full model" in proc.stderr.strip().splitlines()[-1] and "--adapter=" in proc.stderr
 
 
 def test_lora_errors(env):
