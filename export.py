@@ -390,8 +390,11 @@ def main():
     args, state = model.args, {k: v.detach().float() for k, v in model.state_dict().items()}
     if format == "ours":
         if tok is not None:
+            if not hasattr(tok, "to_meta"):
+                raise SystemExit("error: a llama2.c tokenizer .bin cannot be attached to a checkpoint (it lacks the "
+                                 "SentencePiece model); pass the .model it was exported from, e.g. --tokenizer=tok512.model")
             check_vocab(tok, args, "the checkpoint")
-            ckpt["tokenizer"] = tok.to_meta()
+            ckpt["tokenizer"] = tok.to_meta(embed=True)
         save_checkpoint(ckpt, out)
     elif format.startswith("llama2c"):
         gs = write_llama2c(state, args, out, {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}[format], group_size)

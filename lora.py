@@ -168,7 +168,7 @@ def merge():
     model, base_ckpt, ad = load_with_adapter(base, adapter)
     merge_lora(model)
     ckpt = {"model": clean_state_dict(model.state_dict()), "model_args": model.args.to_dict(),
-            "config": ad.get("config", {}), "tokenizer": ad.get("tokenizer") or base_ckpt.get("tokenizer"),
+            "config": ad.get("config", {}), "tokenizer": base_ckpt.get("tokenizer") or ad.get("tokenizer"),
             "iter_num": ad.get("iter_num", 0), "best_val_loss": ad.get("best_val_loss"),
             "merged_from": {"base": base or ad.get("base_checkpoint"), "adapter": os.path.abspath(adapter), "lora": ad["lora"]}}
     save_checkpoint(ckpt, out)

@@ -108,10 +108,16 @@ class Tokenizer:
             self._utf8.reset()
         return self._utf8.decode(self.token_bytes(prev_id, id))
 
-    def to_meta(self):
-        return {"kind": self.kind, "path": self.path, "special_tokens": list(self.special_ids),
+    def to_meta(self, embed=False):
+        """A small description to rebuild this tokenizer from. embed=True (for checkpoints) also carries
+        a SentencePiece model's own bytes, so the checkpoint decodes on a machine without the .model
+        file, and keeps decoding right after the file is overwritten by a new train_vocab."""
+        meta = {"kind": self.kind, "path": self.path, "special_tokens": list(self.special_ids),
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "sha256": self.content_hash()}
+        if embed and self.kind == "sentencepiece":
+            meta["model_proto"] = self.backend.serialized_model_proto()
+        return meta
 
     def content_hash(self):
         """sha256 of what the ids mean, not of where the file lives: SentencePiece's serialized model,
@@ -129,13 +135,14 @@ class Tokenizer:
 
 # ---- building
 
-def _sentencepiece(path, special_tokens):
+def _sentencepiece(path, special_tokens, model_proto=None):
     import sentencepiece as spm
-    if not os.path.isfile(path):
+    if model_proto is None and not os.path.isfile(path):
         raise SystemExit(f"error: tokenizer model {path} not found; train one with "
                          f"python tokenize_data.py train_vocab, or pass --tokenizer=path/to/tokenizer.model")
     try:
-        sp = spm.SentencePieceProcessor(model_file=path)
+        sp = spm.SentencePieceProcessor(model_proto=model_proto) if model_proto is not None else \
+            spm.SentencePieceProcessor(model_file=path)
     except Exception as e:  # the C++ error is a multi-line RuntimeError; keep its gist
         raise SystemExit(f"error: {path} is not a SentencePiece model ({str(e).splitlines()[0]}); "
                          f"pass a .model file written by SentencePiece")
@@ -150,7 +157,7 @@ def _sentencepiece(path, special_tokens):
         elif s in special_tokens:
             special_ids[s], next_id = next_id, next_id + 1
     pad = sp.pad_id() if sp.pad_id() >= 0 else None
-    return Tokenizer("sentencepiece", os.path.abspath(path), sp, base, sp.bos_id(), sp.eos_id(), pad, special_ids)
+    return Tokenizer("sentencepiece", os.path.abspath(path) if path else None, sp, base, sp.bos_id(), sp.eos_id(), pad, special_ids)
 
 
 def _gpt2_base(path):
@@ -229,7 +236,14 @@ def load_tokenizer(meta):
         raise SystemExit(f"error: unknown tokenizer kind {meta.get('kind')!r} in metadata; "
                          f"re-run python tokenize_data.py pretokenize")
     spec = meta["path"] or "gpt2"
-    tok = make_tokenizer(spec, meta.get("special_tokens", ()))
+    if meta.get("model_proto") is not None:  # a checkpoint carries its SentencePiece model: no file needed
+        tok = _sentencepiece(meta["path"], meta.get("special_tokens", ()), model_proto=bytes(meta["model_proto"]))
+    else:
+        tok = make_tokenizer(spec, meta.get("special_tokens", ()))
+    if meta.get("sha256") and tok.content_hash() != meta["sha256"]:
+        raise SystemExit(f"error: tokenizer {spec} is not the one the data/checkpoint was made with (its content "
+                         f"changed, e.g. by a new train_vocab); re-run python tokenize_data.py pretokenize with it, "
+                         f"or restore the original file")
     if tok.vocab_size != meta["vocab_size"]:
         raise SystemExit(f"error: tokenizer {spec} has {tok.vocab_size} ids but the metadata says "
                          f"{meta['vocab_size']}; the file changed since pretokenize, re-run python tokenize_data.py pretokenize")

@@ -89,7 +89,7 @@ from checkpoint import build_model, clean_state_dict, load_checkpoint, save_chec
 from lora import add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report, read_adapter  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenize_data import check_token_ids, load_meta, open_sft, open_split, sft_batch  # noqa: E402
-from tokenizer import tokenizer_mismatch  # noqa: E402
+from tokenizer import load_tokenizer, tokenizer_mismatch  # noqa: E402
 
 
 def fail(msg):
@@ -158,6 +158,11 @@ train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val"
 for split in ("train", "val"):
     check_token_ids(data_dir, split, meta["vocab_size"])
 split_files = {"train": (train_data.filename, train_data.dtype), "val": (val_data.filename, val_data.dtype)}
+# Checkpoints carry the tokenizer itself (a SentencePiece model is a few hundred KB), not only its path,
+# so they decode on another machine; loading it here also checks the file still matches the data.
+tokenizer_record = meta["tokenizer"]
+if tokenizer_record.get("kind") == "sentencepiece" and tokenizer_record.get("path"):
+    tokenizer_record = load_tokenizer(tokenizer_record).to_meta(embed=True)
 # SFT data (tokenize_data.py sft/classify) is whole examples with a loss mask, sampled one example per
 # row; pretraining data is a flat token stream, sampled as random windows
 sft = meta.get("format") == "sft"
@@ -382,7 +387,8 @@ def save(sampler_state):
     ckpt = {**weights, "model_args": model_args.to_dict(),
             "optimizer": [o.state_dict() for o in opts] if optimizer_in_backward else opt.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "config": config,
-            "tokenizer": meta["tokenizer"], "dataset": data_dir,
+            "tokenizer": meta["tokenizer"] if lora_rank else tokenizer_record,  # an adapter's base carries the model
+            "dataset": data_dir,
             "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers}
     if write_checkpoints:
         save_checkpoint(ckpt, os.path.join(out_dir, "ckpt.pt"))
@@ -391,8 +397,7 @@ def save(sampler_state):
 def sample_texts():
     """Complete each of sample_prompts. A generator seeded afresh each time makes them repeatable and
     comparable across evaluations, and leaves the global RNG and the data sampler alone: exact resume stays exact."""
-    from tokenizer import load_tokenizer
-    tok, gen, out = load_tokenizer(meta["tokenizer"]), torch.Generator(device=device).manual_seed(seed), []
+    tok, gen, out = load_tokenizer(tokenizer_record), torch.Generator(device=device).manual_seed(seed), []
     raw_model.eval()
     for prompt in sample_prompts:
         ids = tok.encode(prompt, bos=True)[-(block_size - 1):]  # leave room for at least one new token

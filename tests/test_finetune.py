@@ -226,7 +226,7 @@ def test_continued_pretraining_from_a_checkpoint_with_constant_lr(env, opt):
 
 def test_a_different_tokenizer_is_refused(env):
     root, base, tok, _ = env
-    other = dict(tok.to_meta(), sha256="0" * 64)  # same kind, size and specials; other pieces
+    other = dict(tok.to_meta(), sha256="0" * 64, path=None)  # same kind, size and specials; other pieces
     make_dataset(root / "data", name="otherTok", vocab_size=tok.vocab_size, tokenizer=other)
     one_line_error(train(root, "--dataset=otherTok", f"--init_from={base}", "--out_dir=x", check=False),
                    "tokenizer mismatch", "sha256")

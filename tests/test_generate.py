@@ -42,6 +42,17 @@ def test_greedy_top_k_top_p_and_prompt_file(trained):
     assert gen(trained, "--prompt=import ", "--top_p=0.9", "--top_k=0", "--max_new_tokens=10").returncode == 0
 
 
+def test_checkpoint_carries_its_tokenizer(trained):
+    """The checkpoint embeds the SentencePiece model: it decodes after the .model file is gone."""
+    model_file = trained / "data" / "demo" / "tok400.model"
+    before = gen(trained, "--prompt=import ", "--temperature=0", "--max_new_tokens=20").stdout
+    model_file.rename(model_file.with_suffix(".moved"))
+    try:
+        assert gen(trained, "--prompt=import ", "--temperature=0", "--max_new_tokens=20").stdout == before
+    finally:
+        model_file.with_suffix(".moved").rename(model_file)
+
+
 def one_line_error(proc, fragment):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

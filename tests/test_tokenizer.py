@@ -133,3 +133,12 @@ def test_errors_are_one_line(tmp_path, trained):
     with pytest.raises(SystemExit, match="unknown tokenizer kind"):
         load_tokenizer(dict(meta, kind="bert"))
     assert "\n" not in str(pytest.raises(SystemExit, make_tokenizer, os.fspath(tmp_path / "x.model")).value)
+
+
+def test_changed_tokenizer_file_is_refused_and_embedded_model_needs_no_file(trained, tmp_path):
+    meta = trained.to_meta()
+    with pytest.raises(SystemExit, match="not the one the data/checkpoint was made with"):
+        load_tokenizer({**meta, "sha256": "0" * 64})  # as if train_vocab had rewritten the file
+    embedded = {**trained.to_meta(embed=True), "path": str(tmp_path / "gone.model")}
+    again = load_tokenizer(embedded)
+    assert again.encode(TEXT) == trained.encode(TEXT) and again.special_ids == trained.special_ids
