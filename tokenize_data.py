@@ -363,17 +363,24 @@ def read_records(path):
 
 def tinystories_entries(text):
     """TinyStories-Instruct text: entries separated by <|endoftext|>, each a few 'Key: value' lines
-    (Features, Words, Summary, Random sentence) and a 'Story:' whose value runs to the entry's end."""
+    (Features, Words, Summary, Random sentence) and a 'Story:' whose paragraphs follow it. The keys come
+    in no fixed order, so a key line after the story ends it and is read as metadata."""
+    keys = ("Features", "Words", "Summary", "Random sentence")
     entries = []
     for chunk in text.split("<|endoftext|>"):
-        entry, lines = {}, chunk.strip().splitlines()
-        for i, line in enumerate(lines):
+        entry, story = {}, None  # story: the Story's lines while we are inside it
+        for line in chunk.strip().splitlines():
             key, sep, value = line.partition(":")
-            if key == "Story" and sep:
-                entry["Story"] = "\n".join([value.strip()] + lines[i + 1:]).strip()
-                break
-            if sep and key in ("Features", "Words", "Summary", "Random sentence"):
+            if sep and key in keys:
+                if story is not None:  # a key line after the story ends it
+                    entry["Story"], story = "\n".join(story).strip(), None
                 entry[key] = value.strip()
+            elif sep and key == "Story":
+                story = [value.strip()]
+            elif story is not None:
+                story.append(line)
+        if story is not None:
+            entry["Story"] = "\n".join(story).strip()
         if entry.get("Story"):
             entries.append(entry)
     return entries

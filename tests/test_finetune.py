@@ -185,7 +185,8 @@ def test_tinystories_instruct_entries_become_story_prompts(env):
     text = ("Features: Dialogue\nWords: climb, ring, messy\nSummary: A girl finds a ring.\nStory: \n\n"
             "Lily liked to climb. She found a messy ring.\n\n\"Look!\" she said.\n<|endoftext|>\n"
             "Words: run, ball, red\nFeatures: BadEnding, Twist\nRandom sentence: The sun was hot.\nStory: \n"
-            "Tom had a red ball. He ran.\n<|endoftext|>\n")
+            "Tom had a red ball. He ran.\n<|endoftext|>\n"
+            "Story: \n\nAnna sang.\n\nShe was glad.\nSummary: Anna sings.\nWords: sing\n<|endoftext|>\n")  # keys after the story
     (root / "ts_instruct.txt").write_text(text)
     proc = sft(root, f"--source={root / 'ts_instruct.txt'}", "--dataset=ts", f"--tokenizer={base}", "--show=2")
     assert story_prompt(["climb", "ring", "messy"], ["Dialogue"]).startswith(
@@ -193,9 +194,10 @@ def test_tinystories_instruct_entries_become_story_prompts(env):
     assert "Possible story:" in story_prompt(["run"]) and "bad ending" in story_prompt([], ["BadEnding"])
     from tokenize_data import tinystories_entries
     entries = tinystories_entries(text)
-    assert [e["Words"] for e in entries] == ["climb, ring, messy", "run, ball, red"]
+    assert [e["Words"] for e in entries] == ["climb, ring, messy", "run, ball, red", "sing"]
+    assert entries[2]["Story"] == "Anna sang.\n\nShe was glad." and entries[2]["Summary"] == "Anna sings."
     assert entries[0]["Story"] == "Lily liked to climb. She found a messy ring.\n\n\"Look!\" she said."
-    assert "2 conversations" in proc.stdout and "'<|end_of_turn|>'" in proc.stdout  # the --show debug view
+    assert "3 conversations" in proc.stdout and "'<|end_of_turn|>'" in proc.stdout  # the --show debug view
 
 
 def test_sft_errors(env):
