@@ -269,12 +269,19 @@ class Transformer(nn.Module):
         return self.flops_per_token(seq_len) * tokens_per_second / peak
 
     # ---- decoding ----
-    def setup_cache(self, batch_size, dtype=None, device=None):
+    def setup_cache(self, batch_size, dtype=None, device=None, reuse=False):
+        """Attach a KV cache to every attention layer. reuse=True keeps the previous call's buffers when
+        batch, dtype and device match: CUDA-graph replay of a compiled decode step treats module buffers
+        as fixed addresses, and new buffers on every generate() call would make it re-record the graph."""
         a = self.args
         dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device)
+        device = torch.device(device) if device is not None else self.tok_embeddings.weight.device
+        pool = getattr(self, "_kv_pool", None) if reuse else None
+        if pool is None or (pool[0].k.shape[0], pool[0].k.dtype, pool[0].k.device) != (batch_size, dtype, device):
+            pool = [KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device) for _ in self.layers]
+        self._kv_pool = pool if reuse else None  # kept only when asked: it holds B*context*layers of keys and values
+        for layer, cache in zip(self.layers, pool):
+            layer.attention.cache = cache
 
     def clear_cache(self):
         for layer in self.layers:
@@ -306,7 +313,8 @@ class Transformer(nn.Module):
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - T)
         if max_new_tokens < 0:
             raise ValueError(f"prompt of {T} tokens is longer than the model's context of {self.args.max_seq_len}")
-        self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None)
+        self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None,
+                         reuse=compile_decode)
         try:
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             logits, _ = self(idx, start_pos=0)

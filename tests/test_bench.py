@@ -92,6 +92,14 @@ def test_static_decode_step_and_its_compiled_graph_pick_the_same_tokens():
     torch._dynamo.reset()
     model._compiled_decode = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True)
     assert torch.equal(model.generate(prompt, 30, temperature=0, compile_decode=True), eager)
+    # later calls decode into the same cache buffers (a CUDA graph keeps their addresses; new ones would
+    # make it re-record), and the result is still right; without compile_decode no buffers are kept
+    ptrs = [c.k.data_ptr() for c in model._kv_pool]
+    again = model.generate(prompt[:, :3], 20, temperature=0, compile_decode=True)
+    assert [c.k.data_ptr() for c in model._kv_pool] == ptrs
+    assert torch.equal(again, model.generate(prompt[:, :3], 20, temperature=0))
+    model.generate(prompt, 5, temperature=0)
+    assert model._kv_pool is None
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="inductor compile takes ~30 s on 2 cores; set LLAMAFORGE_SLOW=1")
