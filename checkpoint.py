@@ -5,6 +5,7 @@ A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_a
 "rng": ..., "sampler": ...}. It is written atomically and read with torch.load(weights_only=True),
 which refuses pickled code: opening a checkpoint from a stranger cannot run their code.
 """
+import contextlib
 import os
 import tempfile
 
@@ -14,22 +15,35 @@ from formats import read_foreign
 from model import ModelArgs, Transformer
 
 
-def save_checkpoint(ckpt, path):
-    """Write to a temporary file in the same directory, fsync, then rename over the target: a crash or
-    a full disk mid-save leaves the previous checkpoint intact (rename is atomic on POSIX)."""
+def current_umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yields a temporary path beside `path`; renamed onto it only if the body finishes, removed if it
+    fails. Rename is atomic on POSIX: a crash or a full disk mid-write leaves the previous file intact."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode of a new file
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def save_checkpoint(ckpt, path):
+    """Atomically, and fsynced before the rename so a power cut cannot leave a renamed empty file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 import torch
 
-from checkpoint import build_model, load_checkpoint, save_checkpoint
+from checkpoint import atomic_file, build_model, current_umask, load_checkpoint, save_checkpoint
 from configurator import configure, print_config
 from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, HF_NAMES, hf_key,
                      layer_keys, llama2c_order, permute_to_hf, rope_tables)
@@ -40,26 +40,12 @@ FORMATS = ("llama2c", "llama2c_v1", "llama2c_q8", "llama2c_tokenizer", "hf", "gg
 
 
 @contextlib.contextmanager
-def atomic_file(path):
-    """Yields a temporary path beside `path`; renamed onto it only if the body finishes."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
 def atomic_dir(path):
     """Same for a folder: filled under a temporary name, then swapped in (the old one removed after)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual mode of a new one
     try:
         yield tmp
         old = None

@@ -23,6 +23,12 @@ def test_round_trip_and_compile_ddp_prefixes(tmp_path):
     x = torch.randint(0, 40, (1, 8))
     torch.testing.assert_close(loaded(x, x)[0], m.eval()(x, x)[0])
     assert c["iter_num"] == 3 and not loaded.training
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(ckpt, tmp_path / "perm.pt")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "perm.pt").stat().st_mode & 0o777 == 0o644  # readable like any new file, not 0600
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):

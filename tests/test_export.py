@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 import export  # noqa: E402
-from checkpoint import build_model, load_checkpoint, load_model  # noqa: E402
+from checkpoint import build_model, current_umask, load_checkpoint, load_model  # noqa: E402
 from formats import Llama2cTokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -189,6 +189,9 @@ def test_hf_export_loads_in_transformers_and_matches(tmp_path, tie, n_kv):
     transformers = pytest.importorskip("transformers")
     m = tiny(tie=tie, n_kv_heads=n_kv)
     export.export_hf(state(m), m.args, None, tmp_path / "hf")
+    umask = current_umask()  # exported like any new folder and file, not mkdtemp's private 0700
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "hf" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     x = torch.randint(0, 96, (2, 24))
