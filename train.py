@@ -485,7 +485,7 @@ while True:
         best_val_loss = min(best_val_loss, metrics["val_loss"])
         if iter_num > start_iter or init_from != "resume":
             save(sampler_state)
-    if iter_num >= max_iters or stop_requested:
+    if iter_num >= max_iters:  # (a stop signal is handled after the step below, where it saves)
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches
@@ -505,7 +505,7 @@ while True:
             _, loss = model(x, y, ignore_index=IGNORE_INDEX, reduction="sum", loss_chunk=loss_chunk_size)
             loss = loss * scale
         scaler.scale(loss).backward()
-        loss_acc += loss.detach() / world_size
+        loss_acc += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
     if grad_clip > 0:
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -550,4 +550,7 @@ while True:
 if bar is not None:
     bar.close()
 if ddp:
+    # wait for every rank (the master may still be writing the checkpoint): a rank that tears down
+    # gloo while a peer is mid-collective or still connected can abort at exit
+    dist.barrier()
     dist.destroy_process_group()

@@ -98,6 +98,8 @@ def test_ddp_two_cpu_processes(tmp_path, data):
     assert "2 process(es)" in proc.stdout
     tr = read_metrics(tmp_path / "ddp", "train")
     assert [r["iter"] for r in tr] == list(range(1, 7))  # one log, from the master rank only
+    first_eval = read_metrics(tmp_path / "ddp", "eval")[0]
+    assert abs(tr[0]["loss"] - first_eval["train_loss"]) < 0.3  # the logged loss is a mean, not a per-rank share
     assert tr[-1]["tokens"] == 6 * 2 * 4 * 32  # grad accum 2 split over 2 ranks: 1 micro-batch each
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 6 and len(ckpt["sampler"]) == 2 and all(math.isfinite(r["loss"]) for r in tr)
