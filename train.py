@@ -6,6 +6,7 @@
 
 Settings are the globals below; a config file and --key=value flags override them (configurator.py).
 """
+import gc
 import json
 import math
 import os
@@ -550,7 +551,10 @@ while True:
 if bar is not None:
     bar.close()
 if ddp:
-    # wait for every rank (the master may still be writing the checkpoint): a rank that tears down
-    # gloo while a peer is mid-collective or still connected can abort at exit
+    # Tear down in order: wait for every rank (the master may still be writing the checkpoint), then
+    # drop the DDP wrapper, whose reducer holds the process group; left for interpreter finalization,
+    # gloo's threads free tensors after Python is gone and the process aborts ("terminate called ...").
     dist.barrier()
+    del model
+    gc.collect()
     dist.destroy_process_group()
