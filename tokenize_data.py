@@ -522,6 +522,9 @@ def open_sft(data_dir, split):
     d = Path(data_dir)
     info = load_meta(d)["splits"][split]
     tokens = open_split(d, split)
+    for key in ("mask", "offsets"):
+        if not (d / info[key]).is_file():
+            raise SystemExit(f"error: {d / info[key]} not found; re-run python tokenize_data.py sft/classify --dataset={d.name}")
     mask = np.memmap(d / info["mask"], dtype=np.uint8, mode="r")
     offsets = np.fromfile(d / info["offsets"], dtype=np.int64)
     if len(mask) != len(tokens) or len(offsets) < 2 or offsets[-1] != len(tokens):

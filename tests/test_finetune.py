@@ -208,6 +208,10 @@ def test_sft_errors(env):
     one_line_error(sft(root, f"--source={root / 'empty.jsonl'}", f"--tokenizer={base}", check=False), "no examples")
     (root / "odd.jsonl").write_text('{"prompt": "a"}\n')
     one_line_error(sft(root, f"--source={root / 'odd.jsonl'}", f"--tokenizer={base}", check=False), "line 1", "instruction")
+    (root / "ok.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n' * 6)
+    sft(root, f"--source={root / 'ok.jsonl'}", f"--tokenizer={base}", "--dataset=nomask")
+    (root / "data" / "nomask" / "train.mask.bin").unlink()  # a half-copied dataset
+    one_line_error(train(root, "--dataset=nomask", f"--init_from={base}", "--max_iters=1", check=False), "train.mask.bin not found")
 
 
 # ---- continued pretraining from a checkpoint ---------------------------------------------------
