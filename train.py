@@ -66,6 +66,8 @@ dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp1
 compile = False                 # torch.compile the model (slow first step, faster after)
 # memory savers (bench.py measures them; BENCHMARKS.md has the arithmetic)
 activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute, activations of one block instead of all
+checkpoint_blocks = 0            # with activation_checkpointing: recompute only the first N blocks (0 = all); the rest
+                                 # keep their activations, so where memory allows a partial N trains faster than all
 optimizer_in_backward = False   # step each parameter from a hook as soon as its gradient is ready and free it, so no full set of
                                 # gradients is ever held; needs grad_clip=0, gradient_accumulation_steps=1, no DDP, no float16
 loss_chunk_size = 0             # >0: vocab head + loss over this many tokens at a time, recomputed in backward: no (B,T,V) logits
@@ -105,6 +107,8 @@ if lr_schedule not in ("cosine", "constant", "onecycle"):
 for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
     if globals()[key] < 1:
         fail(f"{key}={globals()[key]} must be >= 1")
+if checkpoint_blocks < 0:
+    fail(f"checkpoint_blocks={checkpoint_blocks} must be >= 0 (0 = every block when activation_checkpointing=True)")
 if optimizer_in_backward:  # each parameter is stepped the moment its own gradient is complete, so nothing may need them all
     if grad_clip > 0:
         fail(f"optimizer_in_backward=True cannot clip the global grad norm (grad_clip={grad_clip}): no step holds every gradient; set --grad_clip=0")
@@ -118,6 +122,8 @@ if optimizer_in_backward:  # each parameter is stepped the moment its own gradie
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    if backend == "nccl":  # else every rank's collectives (all_gather_object, barrier) land on cuda:0
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend)
     rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if gradient_accumulation_steps % world_size:
@@ -135,7 +141,7 @@ device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"device='{device}' but no CUDA GPU is visible; use --device=cpu")
 if dtype == "auto":
-    dtype = "float32" if device_type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = "float32" if device_type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"dtype='{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
 ptdtype = getattr(torch, dtype)
@@ -145,7 +151,8 @@ if memory_cap_gb > 0:
     if device_type != "cuda":
         fail(f"memory_cap_gb={memory_cap_gb} needs a CUDA device (device is '{device}'); drop it")
     # the caching allocator raises OutOfMemoryError past this fraction, as a smaller card would
-    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
+    cap_index = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(cap_index).total_memory), cap_index)
 # autocast keeps master weights in fp32 and runs matmuls in bf16/fp16
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed + rank)
@@ -275,8 +282,10 @@ def make_optimizer(groups):
     # fused: one kernel for all parameters instead of a loop of small ones (CUDA only)
     if optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+    # not fused under float16: fused SGD creates its momentum buffers even on a step the scaler skips for
+    # inf/nan gradients, leaving them uninitialised memory that later steps then use as momentum
     return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0,
-                           fused=device_type == "cuda")
+                           fused=device_type == "cuda" and dtype != "float16")
 
 
 def step_in_backward(o):
@@ -305,7 +314,7 @@ if init_from == "resume":
         fail(f"{ckpt_path} holds optimizer state saved with a different optimizer_in_backward setting; resume with the same setting")
     for o, state in zip(opts, opt_states):
         o.load_state_dict(state)
-    if "scaler" in resume_ckpt:
+    if resume_ckpt.get("scaler") and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(resume_ckpt["scaler"])
     states = resume_ckpt.get("sampler", [])
     if rank < len(states):
@@ -318,8 +327,13 @@ if init_from == "resume":
 del resume_ckpt  # free the host copy of the weights
 
 raw_model = model
-raw_model.activation_checkpointing = activation_checkpointing
-if compile:
+raw_model.checkpoint_blocks = (checkpoint_blocks or raw_model.args.n_layers) if activation_checkpointing else 0
+if compile and optimizer_in_backward:
+    # one graph per block: a whole-model graph hands back every gradient at once when its backward ends, so
+    # the hooks would step only once all gradients exist and this mode's memory saving would be lost
+    for block in raw_model.layers:
+        block.compile()
+elif compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -539,6 +553,8 @@ while True:
             else:
                 print(f"iter {iter_num}: {msg}")
         t_log, loss_acc, n_acc = time.time(), torch.zeros((), device=device), 0
+        if device_type == "cuda":  # peak_mem_gb is per log window: the next one must not inherit compile/eval peaks
+            torch.cuda.reset_peak_memory_stats(device)
     if bar is not None:
         bar.update(1)
     if stop_requested:

@@ -27,8 +27,10 @@ def test_bench_runs_on_cpu_and_writes_sane_json(tmp_path):
 def test_bench_errors(tmp_path):
     proc = run_script("bench.py", "--sizes=huge", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "error: sizes: 'huge' is not one of" in proc.stderr
-    proc = run_script("bench.py", "--find_max=True", "--device=cpu", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "needs a CUDA device and memory_cap_gb" in proc.stderr
+    proc = run_script("bench.py", "--find_max=True", "--device=cpu", "--memory_cap_gb=24", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "a CUDA device, or --train_runs=False --trace_memory=True" in proc.stderr
+    proc = run_script("bench.py", "--train_runs=False", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "measures nothing unless trace_memory=True" in proc.stderr
 
 
 def losses(tmp_path, name, *extra):
@@ -108,3 +110,107 @@ def test_inductor_compiled_decode_picks_the_same_tokens():
     prompt = torch.randint(64, (2, 5))
     torch._dynamo.reset()
     assert torch.equal(model.generate(prompt, 30, temperature=0, compile_decode=True), model.generate(prompt, 30, temperature=0))
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench.py"])  # bench.py reads its --key=value flags at import
+    import bench
+    return bench
+
+
+def test_live_bytes_counts_storages_once_and_frees_them(bench):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for fake in (False, True):  # real CPU tensors, and fake ones (no memory behind them)
+        with (FakeTensorMode() if fake else torch.no_grad()), bench.LiveBytes() as live:
+            a = torch.empty(1000)                       # 4000 bytes
+            view = a[10:].view(10, 99)                  # shares a's storage: nothing new
+            b = torch.ones(250, dtype=torch.bfloat16)   # 500 bytes
+            assert live.now == 4500
+            del a
+            assert live.now == 4500                     # the view keeps the storage alive
+            del view
+            assert live.now == 500
+            c = b * 2                                   # a new 500-byte result
+            del b, c
+            assert (live.now, live.peak) == (0, 4500)
+
+
+def trace(tmp_path, *flags):
+    out = tmp_path / "trace.json"
+    run_script("bench.py", "--sizes=110M", "--optimizers=adamw,sgd", "--train_runs=False", "--trace_memory=True",
+               *flags, f"--out_json={out}", cwd=tmp_path)
+    rows = json.loads(out.read_text())["train"]
+    assert all(r["status"] == "traced" and "tok_per_s" not in r for r in rows)  # traced only: nothing was run
+    return rows, {(r["optimizer"], r["activation_checkpointing"], r["checkpoint_blocks"], r["optimizer_in_backward"]):
+                  r["traced_gb"] for r in rows}
+
+
+def test_traced_memory_of_a_training_step(tmp_path):
+    """The memory savers, traced on fake tensors (no memory behind them), save what they should."""
+    # activations dominate (4 x 256 tokens): recomputing blocks in backward is what saves
+    rows, traced = trace(tmp_path, "--seq_len=256", "--batch_size=4", "--activation_checkpointing=False,True",
+                         "--checkpoint_blocks=0,6")
+    assert len(traced) == 6
+    for opt in ("adamw", "sgd"):
+        none, half, full = traced[opt, False, 0, False], traced[opt, True, 6, False], traced[opt, True, 0, False]
+        assert full < half < none  # recomputing 6 of the 12 blocks saves roughly half of what all 12 save
+        assert 0.3 < (none - half) / (none - full) < 0.7
+    # states dominate (1 x 64 tokens): the peak is at the end of backward, when every gradient exists,
+    # unless each is stepped and freed the moment it is complete
+    rows, traced = trace(tmp_path, "--seq_len=64", "--batch_size=1", "--activation_checkpointing=True,",
+                         "--optimizer_in_backward=False,True")
+    n_bytes = rows[0]["params"] * 4 / 2**30  # one fp32 copy of the weights
+    for opt, state in (("adamw", 2), ("sgd", 1)):  # AdamW keeps two fp32 moments, SGD one momentum
+        together, in_backward = traced[opt, True, 0, False], traced[opt, True, 0, True]
+        # at least weights + grads + state; above that by little more than autocast's bf16 weight copies
+        assert (2 + state) * n_bytes < together < (2.5 + state) * n_bytes + 0.1
+        assert (1 + state) * n_bytes < in_backward < together - 0.5 * n_bytes
+    assert traced["adamw", True, 0, False] - traced["sgd", True, 0, False] == pytest.approx(n_bytes, rel=0.02)
+
+
+def test_tracing_1_3b_takes_no_real_memory(tmp_path):
+    """The whole point of tracing on fake tensors: a 1.3B step (15 GiB traced) on a laptop. An op with no fake
+    kernel would silently run on real zeros (fused SGD did: 15 GB of RSS)."""
+    import resource
+    out = tmp_path / "big.json"
+    run_script("bench.py", "--sizes=1.3B", "--optimizers=sgd,adamw", "--train_runs=False", "--trace_memory=True",
+               "--activation_checkpointing=True,", f"--out_json={out}", cwd=tmp_path)
+    assert [round(r["traced_gb"]) for r in json.loads(out.read_text())["train"]] == [15, 20]  # see BENCHMARKS.md
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20  # KiB: no child of this worker went past 3 GiB
+
+
+def test_find_max_on_traces_returns_the_boundary(tmp_path):
+    out = tmp_path / "max.json"
+    proc = run_script("bench.py", "--find_max=True", "--train_runs=False", "--trace_memory=True", "--memory_cap_gb=8",
+                      "--optimizers=sgd", "--activation_checkpointing=True,", f"--out_json={out}", cwd=tmp_path)
+    res = json.loads(out.read_text())
+    found, rows = res["find_max"][0], {r["size"]: r for r in res["train"]}
+    ladder = ["110M", "350M", "760M", "1.3B", "1.5B", "1.7B", "1.9B", "2.1B", "2.3B", "2.7B"]
+    i = ladder.index(found["largest"])
+    assert rows[ladder[i]]["traced_gb"] <= 6 < rows[ladder[i + 1]]["traced_gb"]  # fits, and the next size does not
+    assert all(r["seq_len"] == 1024 and r["batch_size"] == 4 for r in rows.values())
+    assert f"with sgd (by traces): {found['largest']}" in proc.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA2C_DIR"),
+                    reason="set LLAMA2C_DIR to a llama2.c checkout (github.com/karpathy/llama2.c) to time its train.py")
+def test_llama2c_baseline_runs_its_train_py_on_our_tiny_shape(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # its train.py runs in a child process; 2 shared cores thrash with more
+    checkout = os.environ["LLAMA2C_DIR"]
+    before = sorted(os.listdir(checkout))
+    r = bench.run_llama2c(checkout, bench.SIZES["tiny"], batch=4, seq=64, iters=5, compile=False, device="cpu",
+                          dtype="float32", tmp=str(tmp_path))
+    assert r["status"] == "ok", r
+    assert r["tok_per_s"] > 0 and r["ms_per_iter"] > 0
+    assert "--dim=64" in r["command"] and "--max_seq_len=64" in r["command"] and "--vocab_size=512" in r["command"]
+    assert sorted(os.listdir(checkout)) == before  # data and out/ went to the copy, never the user's checkout
+
+
+def test_llama2c_baseline_without_a_checkout_is_a_one_line_error(bench, tmp_path):
+    (tmp_path / "model.py").write_text("")  # some of the files, not train.py
+    with pytest.raises(SystemExit) as e:
+        bench.run_llama2c(str(tmp_path), bench.SIZES["tiny"], 4, 64, 5, False, "cpu", "float32", str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "no train.py" in msg and "pass --llama2c_dir=<a llama2.c checkout>" in msg
