@@ -4,6 +4,8 @@
     python bench.py --sizes=15M,110M --optimizers=adamw,sgd --compile=False,True
     python bench.py --sizes=1.3B --memory_cap_gb=24 --activation_checkpointing=True, --optimizer_in_backward=True,
     python bench.py --find_max=True --memory_cap_gb=24 --optimizers=adamw,sgd   # largest ladder size that trains in 24 GiB
+    python bench.py --sizes=1.3B --train_runs=False --trace_memory=True          # its memory, traced, on any machine
+    python bench.py --sizes=110M --compile=True, --llama2c_dir=../llama2.c       # and llama2.c's train.py, same shape
 
 Training is timed by running train.py itself (a subprocess per setting, on a random-token dataset,
 checkpoints off), so the step measured is exactly the step users train with: same autocast, fused
@@ -12,6 +14,8 @@ out-of-memory in one setting cannot poison the next. train.py logs tokens/s, MFU
 log window; the first window (compile, allocator and cuDNN warm-up) is thrown away.
 Decoding is timed here, in-process, with model.generate (greedy, random weights).
 Sweep keys with True/False values are tuples: --compile=False,True or --compile=True, (trailing comma).
+trace_memory runs the same step on fake tensors (no memory, no arithmetic) and reports the peak bytes of live
+tensors: what the step needs before the allocator's overheads, so a 24 GB plan can be checked on a laptop.
 Prints a table and writes every result to out_json.
 """
 import glob
@@ -45,7 +49,8 @@ decode_tokens = 128                 # new tokens per decode run (fewer if the co
 compile_decode = False              # time decoding through model.compiled_decode_step (CUDA graphs on CUDA)
 memory_cap_gb = 0.0                 # >0 (CUDA): cap training runs at this many GiB, as train.py does
 trace_memory = False                # also trace one training step on fake tensors: its peak of live tensor bytes
-train_runs = True                   # run train.py per setting; False (with trace_memory): estimates only, any machine
+train_runs = True                   # run train.py per setting; False: with trace_memory, estimates only (any machine);
+                                    # without, decoding only
 llama2c_dir = ""                    # a llama2.c checkout: also time its own train.py on each size (same batch, seq, device,
                                     # dtype, compile) in this call, and report our AdamW tokens/s over its
 find_max = False                    # search LADDER for the largest size that trains under memory_cap_gb
@@ -302,6 +307,20 @@ def run_llama2c(llama2c_dir, size_args, batch, seq, iters, compile, device, dtyp
     return dict(status="ok", ms_per_iter=ms, tok_per_s=batch * seq * 1000 / ms, mfu_llama2c=mfu, command=" ".join(cmd))
 
 
+def compare_llama2c(size, comp, ours, dev, dt, peak, tmp):
+    """llama2.c's train.py on size's shape, with our plain AdamW run of the same shape for the ratio."""
+    s = setting(size, "adamw", comp)
+    r = dict(size=size, compile=comp, batch_size=s["batch_size"], seq_len=s["seq_len"],
+             **run_llama2c(llama2c_dir, SIZES[size], s["batch_size"], s["seq_len"], train_iters, comp, dev.type, dt, tmp))
+    same = [o for o in ours if (o["size"], o["compile"], o["optimizer"], o["status"]) == (size, comp, "adamw", "ok")
+            and not o["activation_checkpointing"] and not o["optimizer_in_backward"]]
+    if r["status"] == "ok":
+        r["mfu"] = r["tok_per_s"] * flops_per_token(size, s["seq_len"]) / peak if peak else None  # against our peak
+        r["ours_over_llama2c"] = same[0]["tok_per_s"] / r["tok_per_s"] if same else None
+    print(f"  llama2.c train.py {size} compile={comp}: {r['status']}", flush=True)
+    return r
+
+
 def time_decode(size, dev, ptdtype, batch, compiled):
     """Greedy decoding tokens/s (all rows together) after one untimed warm-up run; includes a 16-token prefill."""
     args = model_args(size)
@@ -373,8 +392,8 @@ def main():
     dt = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32")
     size_list = names(sizes, SIZES, "sizes")
     opt_list = names(optimizers, ("adamw", "sgd"), "optimizers")
-    if not (train_runs or trace_memory):
-        fail("train_runs=False measures nothing unless trace_memory=True")
+    if not (train_runs or trace_memory or decode):
+        fail("train_runs=False measures nothing unless trace_memory=True or decode=True")
     if find_max and (memory_cap_gb <= 0 or (train_runs and dev.type != "cuda")):
         fail("find_max=True needs memory_cap_gb > 0 (the cap it searches under) and a CUDA device, "
              "or --train_runs=False --trace_memory=True to search on traced estimates")
@@ -395,7 +414,7 @@ def main():
                 found, rows = find_largest(opt, tmp)
                 results["find_max"].append(found)
                 results["train"] += rows
-        else:
+        elif train_runs or trace_memory:
             for size, opt, comp, ckpt, blocks, inback in itertools.product(
                     size_list, opt_list, compile, activation_checkpointing, checkpoint_blocks, optimizer_in_backward):
                 if blocks and not ckpt:
@@ -404,17 +423,8 @@ def main():
                 print(f"  {size} {opt} compile={comp} ckpt={ckpt} blocks={blocks} in_backward={inback}: {r['status']}", flush=True)
                 results["train"].append(r)
             for size, comp in itertools.product(size_list, compile) if llama2c_dir and train_runs else ():
-                ours = [r for r in results["train"] if (r["size"], r["compile"], r["optimizer"], r["status"]) == (size, comp, "adamw", "ok")
-                        and not r["activation_checkpointing"] and not r["optimizer_in_backward"]]
-                s = setting(size, "adamw", comp)
-                r = dict(size=size, compile=comp, batch_size=s["batch_size"], seq_len=s["seq_len"],
-                         **run_llama2c(llama2c_dir, SIZES[size], s["batch_size"], s["seq_len"], train_iters, comp, dev.type, dt, tmp))
-                if r["status"] == "ok":
-                    r["mfu"] = r["tok_per_s"] * flops_per_token(size, s["seq_len"]) / peak if peak else None
-                    r["ours_over_llama2c"] = ours[0]["tok_per_s"] / r["tok_per_s"] if ours else None
-                print(f"  llama2.c train.py {size} compile={comp}: {r['status']}", flush=True)
-                results["llama2c"].append(r)
-    if decode and train_runs and not find_max:
+                results["llama2c"].append(compare_llama2c(size, comp, results["train"], dev, dt, peak, tmp))
+    if decode and not find_max and (train_runs or not trace_memory):  # a trace-only call runs nothing real
         for size in size_list:
             for batch in (1, decode_batch):
                 tok_s = time_decode(size, dev, getattr(torch, dt), batch, compile_decode)
