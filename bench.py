@@ -88,6 +88,12 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from model import ModelArgs, Transformer, peak_flops  # noqa: E402
 
 
+dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+# auto: bf16 on GPUs that have it, fp32 on CPU, but bf16 for a trace-only call: it plans a GPU run
+gpu_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+dt = dtype if dtype != "auto" else ("bfloat16" if gpu_bf16 or (trace_memory and not train_runs) else "float32")
+
+
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
@@ -154,7 +160,7 @@ def run_train(s, tmp):
 
 def setting(size, opt, comp=False, ckpt=False, blocks=0, inback=False, seq=0, batch=0):
     arch = SIZES[size]
-    return dict(size=size, optimizer=opt, compile=comp, activation_checkpointing=ckpt, checkpoint_blocks=blocks if ckpt else 0,
+    return dict(size=size, dtype=dt, optimizer=opt, compile=comp, activation_checkpointing=ckpt, checkpoint_blocks=blocks if ckpt else 0,
                 optimizer_in_backward=inback, batch_size=batch or batch_size or arch["batch"], seq_len=seq or seq_len or arch["seq"],
                 params=param_count(model_args(size)))
 
@@ -206,9 +212,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def traced_peak_gb(s):
-    """Peak GiB of live tensors in train.py's step for this setting, traced on fake tensors (CPU autocast to bf16,
-    fused optimizer, two steps so the optimizer state exists). A lower bound for a GPU: the caching allocator's
-    fragmentation and cuBLAS/attention workspaces come on top."""
+    """Peak GiB of live tensors in train.py's step for this setting, traced on fake tensors (autocast to the
+    setting's dtype over fp32 weights, fused AdamW, two steps so the optimizer state exists). A lower bound for
+    a GPU: the caching allocator's fragmentation and cuBLAS/attention workspaces come on top."""
     batch, seq, opt, inback = s["batch_size"], s["seq_len"], s["optimizer"], s["optimizer_in_backward"]
     args = model_args(s["size"])
     args.max_seq_len = seq
@@ -238,7 +244,7 @@ def traced_peak_gb(s):
             optim = make(groups)
         for _ in range(2):
             x, y = torch.randint(args.vocab_size, (batch, seq)), torch.randint(args.vocab_size, (batch, seq))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=getattr(torch, s["dtype"]), enabled=s["dtype"] != "float32"):
                 _, loss = model(x, y, reduction="sum", loss_chunk=loss_chunk_size)
             (loss / (batch * seq)).backward()
             del loss
@@ -388,8 +394,6 @@ def find_largest(opt, tmp):
 
 
 def main():
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32")
     size_list = names(sizes, SIZES, "sizes")
     opt_list = names(optimizers, ("adamw", "sgd"), "optimizers")
     if not (train_runs or trace_memory or decode):
