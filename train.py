@@ -107,8 +107,9 @@ if lr_schedule not in ("cosine", "constant", "onecycle"):
 for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
     if globals()[key] < 1:
         fail(f"{key}={globals()[key]} must be >= 1")
-if checkpoint_blocks < 0:
-    fail(f"checkpoint_blocks={checkpoint_blocks} must be >= 0 (0 = every block when activation_checkpointing=True)")
+if checkpoint_blocks < 0 or (checkpoint_blocks and not activation_checkpointing):
+    fail(f"checkpoint_blocks={checkpoint_blocks} needs activation_checkpointing=True and a value >= 0 (0 = every block); "
+         f"add --activation_checkpointing=True")
 if optimizer_in_backward:  # each parameter is stepped the moment its own gradient is complete, so nothing may need them all
     if grad_clip > 0:
         fail(f"optimizer_in_backward=True cannot clip the global grad norm (grad_clip={grad_clip}): no step holds every gradient; set --grad_clip=0")

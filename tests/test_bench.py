@@ -53,6 +53,11 @@ def test_memory_savers_keep_the_loss_trajectory(tmp_path, opt, variants):
         assert losses(tmp_path, f"v{i}", f"--optimizer={opt}", v) == pytest.approx(base, rel=1e-5, abs=1e-6), v
 
 
+def test_checkpoint_blocks_without_checkpointing_is_a_config_error(tmp_path):
+    proc = run_script("train.py", "--checkpoint_blocks=4", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "add --activation_checkpointing=True" in proc.stderr
+
+
 def test_optimizer_in_backward_bad_combinations_are_config_errors(tmp_path):
     for extra, msg in (([], "set --grad_clip=0"),
                        (["--grad_clip=0", "--gradient_accumulation_steps=2"], "set --gradient_accumulation_steps=1")):
