@@ -230,6 +230,7 @@ def traced_peak_gb(s):
             # fused SGD has no fake-tensor kernel: fake mode would run it on real zeros, gigabytes of them. The
             # per-tensor loop allocates like fused SGD but for one tensor's weight-decayed gradient at a time
             return torch.optim.SGD(groups, lr=1e-4, momentum=0.9, weight_decay=0.1, foreach=False)
+
         def step_and_free(o):
             def hook(p):
                 o.step()
