@@ -269,3 +269,30 @@ def test_train_py_compiled_with_optimizer_in_backward_keeps_the_trajectory(tmp_p
     flags = ["--optimizer_in_backward=True", "--activation_checkpointing=True", "--checkpoint_blocks=1"]
     base = losses(tmp_path, "eager", *flags)
     assert losses(tmp_path, "compiled", *flags, "--compile=True") == pytest.approx(base, rel=1e-4)
+
+
+@pytest.mark.parametrize("real_largest,expected_runs", [
+    ("1.5B", ["1.7B", "1.5B"]),          # the trace was optimistic: step down
+    ("1.9B", ["1.7B", "1.9B", "2.1B"]),  # the trace was pessimistic: step up until a run fails
+    (None, ["1.7B", "1.5B", "1.3B", "760M", "350M", "110M"]),  # nothing fits
+])
+def test_find_max_on_a_gpu_walks_from_the_traced_guess(bench, monkeypatch, tmp_path, real_largest, expected_runs):
+    """The GPU search (no GPU here: train.py runs are faked by a memory threshold) must end on the real boundary
+    whatever the trace guessed, with as few real runs as the walk needs."""
+    ladder = bench.LADDER
+    traced = dict(zip(ladder, [1, 5, 10, 15, 20, 23, 26, 29, 32, 35]))  # by trace, 1.7B is the largest under 24
+    runs = []
+
+    def fake_train_run(s, tmp):
+        runs.append(s["size"])
+        fits = real_largest is not None and ladder.index(s["size"]) <= ladder.index(real_largest)
+        return {"status": "ok" if fits else "oom"}
+    for key, value in (("trace_memory", True), ("train_runs", True), ("memory_cap_gb", 24.0),
+                       ("traced_peak_gb", lambda s: traced[s["size"]]), ("run_train", fake_train_run)):
+        monkeypatch.setattr(bench, key, value)
+    found, rows = bench.find_largest("adamw", str(tmp_path))
+    assert found["largest"] == real_largest and runs == expected_runs
+    assert [r["size"] for r in rows] == sorted(expected_runs, key=ladder.index)
+    monkeypatch.setattr(bench, "trace_memory", False)  # runs only: a plain binary search finds the same boundary
+    runs.clear()
+    assert bench.find_largest("adamw", str(tmp_path))[0]["largest"] == real_largest and len(runs) <= 4
