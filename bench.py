@@ -162,7 +162,7 @@ def setting(size, opt, comp=False, ckpt=False, blocks=0, inback=False, seq=0, ba
     arch = SIZES[size]
     return dict(size=size, dtype=dt, optimizer=opt, compile=comp, activation_checkpointing=ckpt, checkpoint_blocks=blocks if ckpt else 0,
                 optimizer_in_backward=inback, batch_size=batch or batch_size or arch["batch"], seq_len=seq or seq_len or arch["seq"],
-                params=param_count(model_args(size)))
+                params=meta_model(size).num_params())
 
 
 def measure(s, tmp):
@@ -177,14 +177,9 @@ def measure(s, tmp):
     return r
 
 
-def param_count(args):
+def meta_model(size):
     with torch.device("meta"):  # shapes only: no memory, even for billions of parameters
-        return Transformer(args).num_params()
-
-
-def flops_per_token(size, seq):
-    with torch.device("meta"):
-        return Transformer(model_args(size)).flops_per_token(seq)
+        return Transformer(model_args(size))
 
 
 class LiveBytes(TorchDispatchMode):
@@ -322,7 +317,7 @@ def compare_llama2c(size, comp, ours, dev, dt, peak, tmp):
     same = [o for o in ours if (o["size"], o["compile"], o["optimizer"], o["status"]) == (size, comp, "adamw", "ok")
             and not o["activation_checkpointing"] and not o["optimizer_in_backward"]]
     if r["status"] == "ok":
-        r["mfu"] = r["tok_per_s"] * flops_per_token(size, s["seq_len"]) / peak if peak else None  # against our peak
+        r["mfu"] = r["tok_per_s"] * meta_model(size).flops_per_token(s["seq_len"]) / peak if peak else None  # against our peak
         r["ours_over_llama2c"] = same[0]["tok_per_s"] / r["tok_per_s"] if same else None
     print(f"  llama2.c train.py {size} compile={comp}: {r['status']}", flush=True)
     return r
