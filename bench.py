@@ -142,7 +142,7 @@ def run_train(s, tmp):
             f"--compile={s['compile']}", f"--activation_checkpointing={s['activation_checkpointing']}",
             f"--checkpoint_blocks={s['checkpoint_blocks']}", f"--optimizer_in_backward={s['optimizer_in_backward']}",
             f"--grad_clip={0.0 if s['optimizer_in_backward'] else grad_clip}", f"--loss_chunk_size={loss_chunk_size}",
-            f"--memory_cap_gb={memory_cap_gb}", f"--device={device}", f"--dtype={dtype}",
+            f"--memory_cap_gb={memory_cap_gb}", f"--device={device}", f"--dtype={s['dtype']}",
             # two log windows of train_iters: the first is warm-up; evaluation only at the ends, 1 batch
             f"--max_iters={2 * train_iters}", f"--log_interval={train_iters}", f"--eval_interval={2 * train_iters}",
             "--eval_iters=1", "--warmup_iters=0", "--learning_rate=1e-4", "--write_checkpoints=False", "--progress=False"]
