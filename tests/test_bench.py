@@ -181,7 +181,10 @@ def test_tracing_1_3b_takes_no_real_memory(tmp_path):
     out = tmp_path / "big.json"
     run_script("bench.py", "--sizes=1.3B", "--optimizers=sgd,adamw", "--train_runs=False", "--trace_memory=True",
                "--activation_checkpointing=True,", f"--out_json={out}", cwd=tmp_path)
-    assert [round(r["traced_gb"]) for r in json.loads(out.read_text())["train"]] == [15, 20]  # see BENCHMARKS.md
+    rows = json.loads(out.read_text())["train"]
+    n_bytes = rows[0]["params"] * 4 / 2**30  # one fp32 copy of 1.3B weights: 4.84 GiB
+    for r, copies in zip(rows, (3, 4)):  # weights + grads + momentum (SGD), + two moments (AdamW)
+        assert copies * n_bytes < r["traced_gb"] < copies * n_bytes + 1.5  # + checkpointed activations, logits
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20  # KiB: no child of this worker went past 3 GiB
 
 
