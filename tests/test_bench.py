@@ -31,6 +31,8 @@ def test_bench_errors(tmp_path):
     assert proc.returncode != 0 and "a CUDA device, or --train_runs=False --trace_memory=True" in proc.stderr
     proc = run_script("bench.py", "--train_runs=False", "--decode=False", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "measures nothing unless trace_memory=True or decode=True" in proc.stderr
+    proc = run_script("bench.py", "--activation_checkpointing=True,", "--checkpoint_blocks=-1,", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "checkpoint_blocks=(-1,) must all be >= 0" in proc.stderr
 
 
 def losses(tmp_path, name, *extra):

@@ -53,6 +53,14 @@ def test_resume_continues_the_exact_loss_sequence(tmp_path, data, opt):
     assert ckpt["iter_num"] == 12 and ckpt["tokenizer"]["vocab_size"] == 64 and ckpt["config"]["optimizer"] == opt
 
 
+def test_resume_in_float16_from_a_float32_checkpoint(tmp_path, data):
+    """A float32/bf16 run saves an empty loss-scaler state; a float16 resume starts a fresh scaler from it."""
+    train(tmp_path, "--max_iters=2", "--eval_interval=2")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["scaler"] == {}
+    train(tmp_path, "--max_iters=4", "--eval_interval=2", "--init_from=resume", "--dtype=float16")
+    assert read_metrics(tmp_path / "out", "eval")[-1]["iter"] == 4
+
+
 def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "train.py"), f"--data_root={tmp_path / 'data'}", "--dataset=tiny",
