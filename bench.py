@@ -46,7 +46,7 @@ grad_clip = 1.0                     # as train.py's default (llama2.c clips at 1
 decode = True                       # also time batch-1 and batch-N greedy decoding
 decode_batch = 8                    # N of batch-N decoding
 decode_tokens = 128                 # new tokens per decode run (fewer if the context is shorter)
-compile_decode = False              # time decoding through model.compiled_decode_step (CUDA graphs on CUDA)
+compile_decode = False              # time decoding through a compiled model.decode_step (CUDA graphs on CUDA)
 memory_cap_gb = 0.0                 # >0 (CUDA): cap training runs at this many GiB, as train.py does
 trace_memory = False                # also trace one training step on fake tensors: its peak of live tensor bytes
 train_runs = True                   # run train.py per setting; False: with trace_memory, estimates only (any machine);
@@ -77,7 +77,10 @@ for _layers, _name in ((28, "1.5B"), (32, "1.7B"), (36, "1.9B"), (40, "2.1B"), (
 LADDER = ["110M", "350M", "760M", "1.3B", "1.5B", "1.7B", "1.9B", "2.1B", "2.3B", "2.7B"]  # smallest to largest
 REPO = os.path.dirname(os.path.abspath(__file__))
 
-from configurator import configure, print_config  # noqa: E402
+from runtime import handle_errors  # noqa: E402
+if __name__ == "__main__":
+    handle_errors()
+from configurator import configure, print_config, script_settings  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -85,24 +88,23 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from model import ModelArgs, Transformer, peak_flops  # noqa: E402
+import optim  # noqa: E402
+from data import write_token_dataset  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from runtime import UsageError, device_and_dtype, peak_flops  # noqa: E402
 
-
-dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-# auto: bf16 on GPUs that have it, fp32 on CPU, but bf16 for a trace-only call: it plans a GPU run
-gpu_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-dt = dtype if dtype != "auto" else ("bfloat16" if gpu_bf16 or (trace_memory and not train_runs) else "float32")
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
+# the one device/dtype rule, except that a trace-only call plans a GPU run, so it traces in bf16
+_device, _, dt = device_and_dtype(device, "bfloat16" if dtype == "auto" and trace_memory and not train_runs else dtype)
+dev = torch.device(_device)
+# the optimizer settings the trace builds its optimizers with: train.py's own defaults
+TRAIN_DEFAULTS = {k: v for k, (v, _) in script_settings(os.path.join(REPO, "train.py")).items()}
 
 
 def names(text, allowed, key):
     out = [s.strip() for s in text.split(",") if s.strip()]
     for n in out:
         if n not in allowed:
-            fail(f"{key}: '{n}' is not one of {', '.join(allowed)}")
+            raise UsageError(f"{key}: '{n}' is not one of {', '.join(allowed)}")
     return out
 
 
@@ -113,20 +115,14 @@ def model_args(size):
 
 
 def make_dataset(root, vocab):
-    """Random tokens in tokenize_data.py's on-disk format: speed does not depend on what the tokens say."""
+    """Random tokens in the on-disk format (data.py): speed does not depend on what the tokens say."""
     d = os.path.join(root, f"random{vocab}")
     if os.path.exists(os.path.join(d, "meta.json")):
         return d
-    os.makedirs(d)
     rng = np.random.default_rng(0)
-    for split, n in (("train", 1 << 20), ("val", 1 << 14)):
-        rng.integers(0, vocab, n, dtype=np.uint16).tofile(os.path.join(d, f"{split}.bin"))
-    meta = {"tokenizer": {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": vocab, "bos_id": 1, "eos_id": 2},
-            "vocab_size": vocab, "dtype": "uint16", "bos_id": 1, "eos_id": 2,
-            "splits": {"train": {"file": "train.bin", "documents": 1, "tokens": 1 << 20},
-                       "val": {"file": "val.bin", "documents": 1, "tokens": 1 << 14}}}
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    splits = {split: rng.integers(0, vocab, n) for split, n in (("train", 1 << 20), ("val", 1 << 14))}
+    tok = {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": vocab, "bos_id": 1, "eos_id": 2}
+    write_token_dataset(d, splits, tok, vocab)
     return d
 
 
@@ -208,36 +204,20 @@ class LiveBytes(TorchDispatchMode):
 
 def traced_peak_gb(s):
     """Peak GiB of live tensors in train.py's step for this setting, traced on fake tensors (autocast to the
-    setting's dtype over fp32 weights, fused AdamW, two steps so the optimizer state exists). A lower bound for
-    a GPU: the caching allocator's fragmentation and cuBLAS/attention workspaces come on top."""
+    setting's dtype over fp32 weights, train.py's optimizer as optim.py builds it for CUDA, two steps so the
+    optimizer state exists). A lower bound for a GPU: the caching allocator's fragmentation and cuBLAS/attention
+    workspaces come on top."""
     batch, seq, opt, inback = s["batch_size"], s["seq_len"], s["optimizer"], s["optimizer_in_backward"]
     args = model_args(s["size"])
     args.max_seq_len = seq
+    # fused SGD has no fake-tensor kernel: fake mode would run it on real zeros, gigabytes of them. The per-tensor
+    # loop allocates like fused SGD but for one tensor's weight-decayed gradient at a time
+    fused = optim.use_fused(opt, "cuda", s["dtype"]) and opt != "sgd"
     with FakeTensorMode(), LiveBytes() as live:
         model = Transformer(args).train()
         model.checkpoint_blocks = (s["checkpoint_blocks"] or args.n_layers) if s["activation_checkpointing"] else 0
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        groups = [{"params": decay, "weight_decay": 0.1}, {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-
-        def make(groups):
-            if opt == "adamw":
-                return torch.optim.AdamW(groups, lr=1e-4, fused=True)
-            # fused SGD has no fake-tensor kernel: fake mode would run it on real zeros, gigabytes of them. The
-            # per-tensor loop allocates like fused SGD but for one tensor's weight-decayed gradient at a time
-            return torch.optim.SGD(groups, lr=1e-4, momentum=0.9, weight_decay=0.1, foreach=False)
-
-        def step_and_free(o):
-            def hook(p):
-                o.step()
-                o.zero_grad(set_to_none=True)
-            return hook
-        if inback:  # as train.py: a small optimizer per tensor, stepped from its gradient hook
-            for g in groups:
-                for p in g["params"]:
-                    o = make([{**g, "params": [p]}])
-                    p.register_post_accumulate_grad_hook(step_and_free(o))
-        else:
-            optim = make(groups)
+        opts = optim.make_optimizers(model.parameters(), opt, TRAIN_DEFAULTS, fused=fused, in_backward=inback,
+                                     foreach=None if fused else False)
         for _ in range(2):
             x, y = torch.randint(args.vocab_size, (batch, seq)), torch.randint(args.vocab_size, (batch, seq))
             with torch.autocast("cpu", dtype=getattr(torch, s["dtype"]), enabled=s["dtype"] != "float32"):
@@ -247,8 +227,9 @@ def traced_peak_gb(s):
             if not inback:
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optim.step()
-                optim.zero_grad(set_to_none=True)
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
     return live.peak / 2**30
 
 
@@ -260,7 +241,7 @@ def run_llama2c(llama2c_dir, size_args, batch, seq, iters, compile, device, dtyp
     need = ("train.py", "model.py", "tinystories.py", "configurator.py", "export.py", "tokenizer.py")  # train.py loads all
     missing = [f for f in need if not os.path.isfile(os.path.join(llama2c_dir, f))]
     if missing:
-        fail(f"{llama2c_dir} has no {', '.join(missing)}; pass --llama2c_dir=<a llama2.c checkout>")
+        raise UsageError(f"{llama2c_dir} has no {', '.join(missing)}; pass --llama2c_dir=<a llama2.c checkout>")
     run = os.path.join(tmp, f"llama2c-{time.time_ns()}")
     os.makedirs(run)
     for f in glob.glob(os.path.join(llama2c_dir, "*.py")):
@@ -335,10 +316,11 @@ def time_decode(size, dev, ptdtype, batch, compiled):
     prompt = torch.randint(args.vocab_size, (batch, 16), device=dev)
     n_new = min(decode_tokens, args.max_seq_len - 16)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model.generate(prompt, n_new, temperature=0, compile_decode=compiled)  # warm-up (and compilation)
+    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True) if compiled else None
+    model.generate(prompt, n_new, temperature=0, decode_step=step)  # warm-up (and compilation)
     sync()
     t = time.perf_counter()
-    model.generate(prompt, n_new, temperature=0, compile_decode=compiled)
+    model.generate(prompt, n_new, temperature=0, decode_step=step)
     sync()
     return batch * n_new / (time.perf_counter() - t)
 
@@ -369,7 +351,7 @@ def find_largest(opt, tmp):
             rows[i] = measure(at(i), tmp)
             print(f"  find_max {opt}: {LADDER[i]} -> {rows[i]['status']}", flush=True)
             if rows[i]["status"] == "error":
-                fail(f"{LADDER[i]} failed for a reason other than memory: {rows[i]['error']}")
+                raise UsageError(f"{LADDER[i]} failed for a reason other than memory: {rows[i]['error']}")
         return "oom" not in rows[i]["status"]
     if trace_memory and train_runs:
         traced = {}
@@ -393,12 +375,12 @@ def main():
     size_list = names(sizes, SIZES, "sizes")
     opt_list = names(optimizers, ("adamw", "sgd"), "optimizers")
     if not (train_runs or trace_memory or decode):
-        fail("train_runs=False measures nothing unless trace_memory=True or decode=True")
+        raise UsageError("train_runs=False measures nothing unless trace_memory=True or decode=True")
     if find_max and (memory_cap_gb <= 0 or (train_runs and dev.type != "cuda")):
-        fail("find_max=True needs memory_cap_gb > 0 (the cap it searches under) and a CUDA device, "
+        raise UsageError("find_max=True needs memory_cap_gb > 0 (the cap it searches under) and a CUDA device, "
              "or --train_runs=False --trace_memory=True to search on traced estimates")
     if any(b < 0 for b in checkpoint_blocks):
-        fail(f"checkpoint_blocks={checkpoint_blocks} must all be >= 0 (0 = every block)")
+        raise UsageError(f"checkpoint_blocks={checkpoint_blocks} must all be >= 0 (0 = every block)")
     peak = peak_flops(dev)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     mem_kind = "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS growth of the train.py process (resource.ru_maxrss)"

@@ -10,15 +10,16 @@ message by message, we know exactly which positions hold an answer: the labels a
 message boundaries as they are rendered, not by searching the text for "<|assistant|>" afterwards.
 The answer's closing <|end_of_turn|> is a label too, so a tuned model learns to stop by itself.
 """
-IGNORE_INDEX = -100  # the label of positions the loss skips; train.py passes this same constant to the loss
-USER, ASSISTANT, END_OF_TURN = "<|user|>", "<|assistant|>", "<|end_of_turn|>"
+from model import IGNORE_INDEX  # the label of positions the loss skips: the model's own default
+from runtime import UsageError
+from tokenizer import ASSISTANT, END_OF_TURN, USER
 
 
 def chat_ids(tok):
     """(user, assistant, end_of_turn) ids; a clear error if the tokenizer was built without them."""
     missing = [s for s in (USER, ASSISTANT, END_OF_TURN) if s not in tok.special_ids]
     if missing:
-        raise SystemExit(f"error: tokenizer {tok.path or tok.kind} has no chat tokens {missing}; re-run "
+        raise UsageError(f"tokenizer {tok.path or tok.kind} has no chat tokens {missing}; re-run "
                          f"python tokenize_data.py train_vocab/pretokenize with --chat_specials=True")
     return tok.special_ids[USER], tok.special_ids[ASSISTANT], tok.special_ids[END_OF_TURN]
 
@@ -35,7 +36,7 @@ def render_chat(tok, messages, add_generation_prompt=False):
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ("user", "assistant", "system") or not isinstance(content, str):
-            raise ValueError(f"message {i} needs a role of user/assistant/system and a string content, got {m!r}")
+            raise UsageError(f"message {i} needs a role of user/assistant/system and a string content, got {m!r}")
         if role == "system":
             system = content + "\n\n"
             continue

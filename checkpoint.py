@@ -1,4 +1,4 @@
-"""The one checkpoint writer and loader.
+"""The one checkpoint writer and loader, and the one atomic writer of files and folders.
 
 A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_args": dict,
 "config": dict, "tokenizer": dict, "iter_num": int, "best_val_loss": float, "optimizer": ...,
@@ -7,12 +7,18 @@ which refuses pickled code: opening a checkpoint from a stranger cannot run thei
 """
 import contextlib
 import os
+import shutil
 import tempfile
 
 import torch
 
 from formats import read_foreign
+from lora import apply_adapter
 from model import ModelArgs, Transformer
+from runtime import UsageError
+from tokenizer import load_tokenizer, make_tokenizer, tokenizer_mismatch
+
+TMP_PREFIX = ".tmp-"  # what atomic writes name their files and folders until they are complete
 
 
 def current_umask():
@@ -21,29 +27,81 @@ def current_umask():
     return mask
 
 
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path):
-    """Yields a temporary path beside `path`; renamed onto it only if the body finishes, removed if it
-    fails. Rename is atomic on POSIX: a crash or a full disk mid-write leaves the previous file intact."""
+    """Yields a temporary path beside `path`; when the body finishes it is fsynced and renamed onto `path`,
+    and if the body fails it is removed. Rename is atomic on POSIX and the data reaches the disk before
+    it: a crash, a power cut or a full disk mid-write leaves the previous file intact, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder; pass a file path to write to")
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode of a new file
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(directory)  # the rename itself
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+    """The same for a folder: filled under a temporary name, fsynced, then swapped in whole (an old folder
+    of that name is removed only after the new one is in place)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isfile(path):
+        raise UsageError(f"{path} is a file; pass a folder path to write to")
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual mode of a new one
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())  # some writers make 0600 files
+            _fsync(os.path.join(tmp, name))
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        _fsync(parent)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def remove_stale_temps(folder):
+    """Delete what atomic writes of a killed process left behind in folder (it never reached its real
+    name, so nothing refers to it); returns the names removed."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(TMP_PREFIX):
+                p = os.path.join(folder, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+                removed.append(name)
+    return removed
+
+
 def save_checkpoint(ckpt, path):
-    """Atomically, and fsynced before the rename so a power cut cannot leave a renamed empty file."""
+    """Atomically (see atomic_file): the previous checkpoint survives any failure to write this one."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -55,20 +113,20 @@ def load_checkpoint(path, map_location="cpu"):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint '{path}' not found; pass the ckpt.pt written by train.py "
+        raise UsageError(f"checkpoint '{path}' not found; pass the ckpt.pt written by train.py "
                          f"(e.g. out/ckpt.pt) or its run directory")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: cannot read checkpoint '{path}' ({first[:200]}); it is truncated, corrupt "
+        raise UsageError(f"cannot read checkpoint '{path}' ({first[:200]}); it is truncated, corrupt "
                          f"or not a llamaforge checkpoint: re-train or re-export it")
     if isinstance(ckpt, dict) and "adapter" in ckpt and "model" not in ckpt:
         rank = ckpt.get("lora", {}).get("rank", "R")
-        raise SystemExit(f"error: '{path}' is a LoRA adapter, not a full model; resume its run with --lora_rank={rank}, "
+        raise UsageError(f"'{path}' is a LoRA adapter, not a full model; resume its run with --lora_rank={rank}, "
                          f"sample with generate.py --checkpoint=BASE --adapter={path}, or merge it with python lora.py merge")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise SystemExit(f"error: '{path}' is not a llamaforge checkpoint (no model/model_args entries); "
+        raise UsageError(f"'{path}' is not a llamaforge checkpoint (no model/model_args entries); "
                          f"pass a ckpt.pt written by train.py")
     return ckpt
 
@@ -89,14 +147,14 @@ def build_model(ckpt, device="cpu"):
     try:
         args = ModelArgs.from_dict(ckpt["model_args"])
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: checkpoint has invalid model_args ({e}); re-train or re-export it")
+        raise UsageError(f"checkpoint has invalid model_args ({e}); re-train or re-export it")
     model = Transformer(args)
     state = clean_state_dict(ckpt["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head shares the embedding tensor: its absence from the file is expected
     missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
     if missing or unexpected:
-        raise SystemExit(f"error: checkpoint weights do not match its model_args (missing {missing[:3]}, "
+        raise UsageError(f"checkpoint weights do not match its model_args (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); the file is from another model or corrupt")
     return model.to(device)
 
@@ -112,15 +170,59 @@ def load_model(path, device="cpu"):
 def tokenizer_for(ckpt, override="", model_vocab=None):
     """The tokenizer to use with a checkpoint: override (a .model, 'gpt2', a GPT-2 BPE folder or a
     llama2.c tokenizer .bin) if given, else the one the checkpoint records (llama2.c files record none)."""
-    from tokenizer import load_tokenizer, make_tokenizer
     if override:
         tok = make_tokenizer(override)
     elif ckpt.get("tokenizer"):
         tok = load_tokenizer(ckpt["tokenizer"])
     else:
-        raise SystemExit("error: the checkpoint records no tokenizer (llama2.c files carry none); "
+        raise UsageError("the checkpoint records no tokenizer (llama2.c files carry none); "
                          "pass --tokenizer=PATH (a SentencePiece .model, gpt2, or a llama2.c tokenizer .bin)")
     if model_vocab is not None and tok.vocab_size > model_vocab:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}; "
+        raise UsageError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}; "
                          f"pass the model's own tokenizer")
     return tok
+
+
+def read_adapter(path):
+    """A LoRA run's checkpoint (adapters, settings, base path and fingerprint), refusing anything else."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"adapter '{path}' not found; pass the ckpt.pt of a LoRA run (train.py with lora_rank > 0)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read adapter '{path}' ({first}); re-train it")
+    if not isinstance(ckpt, dict) or "adapter" not in ckpt or "lora" not in ckpt:
+        raise UsageError(f"'{path}' is not a LoRA adapter (no adapter/lora entries); pass the ckpt.pt of a run with lora_rank > 0")
+    return ckpt
+
+
+def check_tokenizers(ckpt_tok, other_tok, what, fix):
+    """Refuse to pair a checkpoint with data or an adapter made with another tokenizer: kind, vocab size,
+    chat specials and the vocab's content hash must all agree."""
+    diff = ckpt_tok is not None and other_tok is not None and tokenizer_mismatch(ckpt_tok, other_tok)
+    if diff:
+        raise UsageError(f"tokenizer mismatch: {what} differ in {diff}; {fix}")
+
+
+def load_with_adapter(base_path, adapter_path, device="cpu"):
+    """(model in eval mode with the adapter attached, base checkpoint dict, adapter checkpoint dict).
+    base_path "" means the base the adapter recorded when it was trained."""
+    ad = read_adapter(adapter_path)
+    base_path = base_path or ad.get("base_checkpoint")
+    base = load_checkpoint(base_path)
+    check_tokenizers(base.get("tokenizer"), ad.get("tokenizer"), f"adapter {adapter_path} and {base_path}",
+                     f"pass the base it was made from: {ad.get('base_checkpoint')}")
+    model = apply_adapter(build_model(base), ad, f"adapter {adapter_path}")
+    return model.to(device).eval(), base, ad
+
+
+def load_any(path, adapter="", device="cpu"):
+    """(model in eval mode, checkpoint dict) for generate/evaluate/export: a checkpoint, or a base plus a
+    LoRA adapter on top of it."""
+    if adapter:
+        model, base, _ = load_with_adapter(path, adapter, device)
+        return model, base
+    return load_model(path, device)

@@ -13,6 +13,8 @@ import difflib
 import os
 import sys
 
+from runtime import UsageError
+
 
 def config_keys(namespace):
     """The names a script exposes as config: public globals holding plain values."""
@@ -25,7 +27,7 @@ def _check(key, value, namespace, keys, source):
     if key not in keys:
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see the config keys in the README"
-        raise SystemExit(f"error: unknown config key '{key}' in {source}{hint}")
+        raise UsageError(f"unknown config key '{key}' in {source}{hint}")
     default = namespace[key]
     if default is None or value is None:  # None means "unset / auto": any type may replace it
         return value
@@ -42,7 +44,7 @@ def _check(key, value, namespace, keys, source):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise SystemExit(f"error: config key '{key}' in {source} expects {type(default).__name__} "
+        raise UsageError(f"config key '{key}' in {source} expects {type(default).__name__} "
                          f"(default {default!r}), got {type(value).__name__} {value!r}")
     return value
 
@@ -60,15 +62,18 @@ def configure(namespace, argv):
     keys = config_keys(namespace)
     for arg in argv:
         if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise UsageError(f"config file '{arg}' is not a .py file; config files are Python (key = value lines), "
+                                 f"settings on the command line are --key=value")
             if not os.path.isfile(arg):
-                raise SystemExit(f"error: config file '{arg}' not found; pass a path such as config/demo.py "
+                raise UsageError(f"config file '{arg}' not found; pass a path such as config/demo.py "
                                  f"(or settings as --key=value)")
             file_ns = {}
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, "exec"), file_ns)
             except Exception as e:  # a config file is Python: report its error in one line
-                raise SystemExit(f"error: config file '{arg}' failed: {type(e).__name__}: {e}")
+                raise UsageError(f"config file '{arg}' failed: {type(e).__name__}: {e}")
             for key, value in file_ns.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue
@@ -79,7 +84,7 @@ def configure(namespace, argv):
                 if isinstance(namespace.get(key), bool):
                     text = "True"
                 else:
-                    raise SystemExit(f"error: flag '{arg}' has no value; write --{key}=VALUE")
+                    raise UsageError(f"flag '{arg}' has no value; write --{key}=VALUE")
             key = key.replace("-", "_")
             namespace[key] = _check(key, parse_value(text), namespace, keys, f"flag --{key}")
     return {k: namespace[k] for k in keys}
@@ -89,3 +94,37 @@ def print_config(config, file=sys.stdout):
     width = max(len(k) for k in config) if config else 0
     for k, v in config.items():
         print(f"  {k:<{width}} = {v!r}", file=file)
+
+
+def script_settings(path):
+    """{key: (default, comment)} of a script's config globals, read from its source without running it:
+    the one place where a setting's default and meaning are written is the line that defines it. --help
+    prints these, and bench.py takes train.py's defaults from here."""
+    import io
+    import tokenize
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {}  # line number -> (continues the comment above it, text): an indented comment-only line does
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            alone = tok.line[:tok.start[1]].strip() == "" and tok.start[1] > 0
+            comments[tok.start[0]] = (alone, tok.string.lstrip("#").strip())
+    out = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        key = node.targets[0].id
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if key.startswith("_") or key.isupper() or key not in config_keys({key: value}):
+            continue
+        text, line = [], node.end_lineno
+        if line in comments and not comments[line][0]:
+            text.append(comments[line][1])
+            while line + 1 in comments and comments[line + 1][0] and text:
+                line += 1
+                text.append(comments[line][1])
+        out[key] = (value, " ".join(text))
+    return out

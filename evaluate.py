@@ -10,7 +10,6 @@ set) so scripts can read results without parsing the table. A subcommand is a fu
 dict of results; adding one is one entry in COMMANDS at the bottom.
 """
 import json
-import math
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from contextlib import nullcontext
 # -----------------------------------------------------------------------------
 # every subcommand
 checkpoint = "out/ckpt.pt"      # our ckpt.pt or its run directory, a llama2.c .bin, or a Hugging Face folder
+adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base)
 tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model path or 'gpt2'
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', ...
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
@@ -42,25 +42,23 @@ logx = False                    # log-scale the tokens axis (shows early trainin
 # -----------------------------------------------------------------------------
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
+from chat import classification_messages, render_chat  # noqa: E402
+from checkpoint import load_any, tokenizer_for  # noqa: E402
+from data import check_token_ids, load_meta, open_split  # noqa: E402
+from model import IGNORE_INDEX, loss_metrics, score_batch, token_logprobs  # noqa: E402
+from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
 
 
 def setup():
     """(model, checkpoint dict, device, autocast context) from the config globals."""
-    from checkpoint import load_model
-    from model import inference_device
-    dev, ctx = inference_device(device, dtype)
-    model, ckpt = load_model(checkpoint, dev)
-    return model, ckpt, dev, ctx
+    dev, dev_type, dt = device_and_dtype(device, dtype)
+    model, ckpt = load_any(checkpoint, adapter, dev)
+    return model, ckpt, dev, autocast(dev_type, dt)
 
 
 def get_tokenizer(model, ckpt):
     """The tokenizer key if set, else the checkpoint's own (llama2.c and some HF imports record none)."""
-    from checkpoint import tokenizer_for
     return tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
 
 
@@ -75,9 +73,9 @@ def split_metrics(model, data, n_max=0, window=0, batch=8, device="cpu", ctx=nul
     window = window or model.args.max_seq_len
     n = len(data) - 1 if not n_max else min(n_max, len(data) - 1)  # tokens to score; the first has no target
     if n < 1:
-        fail(f"the split holds {len(data)} token(s); at least 2 are needed to score one next-token prediction")
+        raise UsageError(f"the split holds {len(data)} token(s); at least 2 are needed to score one next-token prediction")
     starts = list(range(0, n, window))
-    loss_sum, correct = 0.0, 0
+    sums = [0.0, 0, 0]
     for k in range(0, len(starts), batch):
         group = starts[k:k + batch]
         # a short last window goes in a batch of its own so nothing needs padding
@@ -88,21 +86,17 @@ def split_metrics(model, data, n_max=0, window=0, batch=8, device="cpu", ctx=nul
             chunk = np.stack([data[s:s + T + 1] for s in rows]).astype(np.int64)
             x, y = torch.from_numpy(chunk[:, :-1]).to(device), torch.from_numpy(chunk[:, 1:]).to(device)
             with ctx:
-                logits, loss = model(x, y, reduction="sum")
-            loss_sum += loss.item()
-            correct += (logits.argmax(-1) == y).sum().item()
-    loss = loss_sum / n
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / n, "tokens_scored": n, "window": window}
+                sums = [a + b for a, b in zip(sums, score_batch(model, x, y))]
+    return {**loss_metrics(*sums), "tokens_scored": n, "window": window}
 
 
 def loss():
-    from tokenize_data import check_token_ids, open_split
     model, _, dev, ctx = setup()  # scoring token ids needs no tokenizer
     data_dir = os.path.join(data_root, dataset)
     data = open_split(data_dir, split)  # stops with a one-line error on a missing, damaged or empty split
     top = check_token_ids(data_dir, split, model.args.vocab_size)
     if block_size > model.args.max_seq_len:
-        fail(f"block_size={block_size} exceeds the model's context {model.args.max_seq_len}; lower it or use 0")
+        raise UsageError(f"block_size={block_size} exceeds the model's context {model.args.max_seq_len}; lower it or use 0")
     t0 = time.time()
     res = split_metrics(model, data, max_tokens, block_size, batch_size, dev, ctx)
     return {"task": "loss", "checkpoint": checkpoint, "dataset": data_dir, "split": split, **res,
@@ -128,15 +122,14 @@ def score_continuations(model, context_ids, continuation_ids_list, device="cpu",
     rows = [context_ids + c for c in conts]
     T = max(len(r) for r in rows) - 1
     x = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal attention never looks at it
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
     for i, (r, c) in enumerate(zip(rows, conts)):
         x[i, :len(r) - 1] = torch.tensor(r[:-1])
         y[i, len(context_ids) - 1:len(r) - 1] = torch.tensor(c)  # targets only where a continuation token is predicted
     x, y = x.to(device), y.to(device)
     with ctx:
         logits, _ = model(x, y, reduction="sum")
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-    logp = torch.where(y == -100, torch.zeros_like(logp), logp).double()
+    logp = token_logprobs(logits, y).double()
     return [(float(s), len(c)) for s, c in zip(logp.sum(-1).tolist(), conts)]
 
 
@@ -151,7 +144,7 @@ def clean_hellaswag(text):
 def read_hellaswag(path, n_max=0):
     """Items {ctx, endings (4), label} from a JSONL file; a bad line stops with its line number."""
     if not os.path.isfile(path):
-        fail(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+        raise UsageError(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from github.com/rowanz/hellaswag "
              f"(data/) and pass --hellaswag_file=PATH")
     items = []
     with open(path, encoding="utf-8") as f:
@@ -166,7 +159,7 @@ def read_hellaswag(path, n_max=0):
                         and all(isinstance(e, str) and e.strip() for e in endings) and 0 <= label < 4):
                     raise ValueError("needs a string ctx, 4 non-empty string endings and a label 0-3")
             except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-                fail(f"{path} line {lineno} is not a HellaSwag item ({type(e).__name__}: {str(e)[:120]}); "
+                raise UsageError(f"{path} line {lineno} is not a HellaSwag item ({type(e).__name__}: {str(e)[:120]}); "
                      f"expected JSON with ctx, endings (4 strings) and label 0-3")
             if official:
                 ctx_text, endings = clean_hellaswag(ctx_text), [clean_hellaswag(e) for e in endings]
@@ -174,7 +167,7 @@ def read_hellaswag(path, n_max=0):
             if n_max and len(items) == n_max:
                 break
     if not items:
-        fail(f"{path} holds no HellaSwag items; pass the hellaswag_val.jsonl file")
+        raise UsageError(f"{path} holds no HellaSwag items; pass the hellaswag_val.jsonl file")
     return items
 
 
@@ -226,7 +219,7 @@ def hellaswag():
 def read_run(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        fail(f"{path} not found; pass --runs=DIR,DIR with train.py out_dir folders that hold metrics.jsonl")
+        raise UsageError(f"{path} not found; pass --runs=DIR,DIR with train.py out_dir folders that hold metrics.jsonl")
     recs = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -235,9 +228,9 @@ def read_run(run_dir):
             try:
                 recs.append(json.loads(line))
             except json.JSONDecodeError:
-                fail(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): delete that line")
+                raise UsageError(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): delete that line")
     if not any(r.get("type") in ("train", "eval") for r in recs):
-        fail(f"{path} holds no train or eval records yet; let the run log at least log_interval iterations")
+        raise UsageError(f"{path} holds no train or eval records yet; let the run log at least log_interval iterations")
     return recs
 
 
@@ -248,7 +241,7 @@ def plot():
     import matplotlib.ticker
     dirs = [d for d in runs.split(",") if d.strip()]
     if not dirs:
-        fail("no runs given; pass --runs=out/adamw,out/sgd (train.py out_dir folders)")
+        raise UsageError("no runs given; pass --runs=out/adamw,out/sgd (train.py out_dir folders)")
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=[3, 1, 1])
     results = {"task": "plot", "out": out, "runs": {}}
     for k, d in enumerate(dirs):
@@ -332,21 +325,19 @@ def classify():
     """Each held-out text is rendered with chat.py's classification prompt; every label's answer
     (its tokens + <|end_of_turn|>, exactly as training rendered it) is scored by its summed log-prob,
     and the best one is the prediction: the model can only ever answer with a label."""
-    from chat import classification_messages, render_chat
-    from tokenize_data import load_meta
     model, ckpt, dev, ctx = setup()
     tok = get_tokenizer(model, ckpt)
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
     if meta.get("task") != "classify":
-        fail(f"{data_dir} was not made by python tokenize_data.py classify (meta.json has no label set); make it so")
+        raise UsageError(f"{data_dir} was not made by python tokenize_data.py classify (meta.json has no label set); make it so")
     labels = meta["labels"]
     path = os.path.join(data_dir, f"{split}.classify.jsonl")
     if not os.path.isfile(path):
-        fail(f"{path} not found; re-run python tokenize_data.py classify (splits: train, val)")
+        raise UsageError(f"{path} not found; re-run python tokenize_data.py classify (splits: train, val)")
     rows = [json.loads(ln) for ln in open(path, encoding="utf-8") if ln.strip()][:max_items or None]
     if not rows:
-        fail(f"{path} holds no examples; re-run python tokenize_data.py classify with more data")
+        raise UsageError(f"{path} holds no examples; re-run python tokenize_data.py classify with more data")
     t0, pred = time.time(), []
     for r in rows:
         prompt = render_chat(tok, classification_messages(r["text"], labels), add_generation_prompt=True)[0]
@@ -366,8 +357,9 @@ def classify():
 COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": classify}
 
 if __name__ == "__main__":
+    handle_errors()
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        fail(f"give a subcommand, one of {', '.join(COMMANDS)}; e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
+        raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
     from configurator import configure
     configure(globals(), sys.argv[2:])
     report(COMMANDS[sys.argv[1]]())

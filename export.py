@@ -6,59 +6,41 @@
     python export.py --checkpoint=out/ckpt.pt --format=hf --out=hf_model/               # transformers
     python export.py --checkpoint=out/ckpt.pt --format=gguf_q8 --out=model.gguf         # llama.cpp
     python export.py --checkpoint=hf_model/ --format=ours --out=out/imported/ckpt.pt    # import (also a .bin)
+    python export.py --adapter=out/lora/ckpt.pt --format=ours --out=merged.pt            # LoRA merged into its base
+
+Each format is one writer and one EXPORTS entry at the bottom.
 
 Every output is written under a temporary name and renamed into place, so a refused or failed export
 leaves nothing behind. Inputs are read by checkpoint.load_checkpoint, the one loader, which already
 understands llama2.c files and Hugging Face folders (formats.py).
 """
-import contextlib
 import json
 import os
 import shutil
 import struct
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
-from checkpoint import atomic_file, build_model, current_umask, load_checkpoint, save_checkpoint
+from checkpoint import (atomic_dir, atomic_file, build_model, clean_state_dict, load_checkpoint, load_with_adapter,
+                        save_checkpoint)
 from configurator import configure, print_config
-from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, HF_NAMES, hf_key,
-                     layer_keys, llama2c_order, permute_to_hf, rope_tables)
+from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, HF_NAMES, gguf_name, hf_key,
+                     llama2c_order, permute_to_hf, rope_tables)
+from lora import merge_lora
+from runtime import UsageError, handle_errors
+from tokenizer import load_tokenizer, make_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 checkpoint = ""      # input: our ckpt.pt or run dir, a llama2.c .bin, or a Hugging Face Llama folder
+adapter = ""         # a LoRA run's ckpt.pt: export its base (checkpoint, or "" = the base it recorded) with it merged in
 format = "llama2c"   # llama2c | llama2c_v1 | llama2c_q8 | llama2c_tokenizer | hf | gguf_f16 | gguf_q8 | ours
 out = ""             # output file (folder for hf)
 tokenizer = ""       # tokenizer .model / "gpt2" / GPT-2 BPE folder; "" = the one recorded in the checkpoint
 group_size = 0       # llama2c_q8: int8 group size; 0 = the largest of 64, 32, ... dividing dim and hidden_dim
 dtype = "float32"    # hf: float32 | float16 | bfloat16
 # ----------------------------------------------------------------------------------------------------
-
-FORMATS = ("llama2c", "llama2c_v1", "llama2c_q8", "llama2c_tokenizer", "hf", "gguf_f16", "gguf_q8", "ours")
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Same for a folder: filled under a temporary name, then swapped in (the old one removed after)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual mode of a new one
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
 
 def f32_bytes(t):
     return t.detach().float().cpu().numpy().astype("<f4").tobytes()
@@ -72,7 +54,7 @@ def pick_group_size(args, requested=0):
     for gs in sizes:
         if gs > 0 and args.dim % gs == 0 and args.hidden_dim % gs == 0:
             return gs
-    raise SystemExit(f"error: group_size={requested} does not divide dim={args.dim} and hidden_dim="
+    raise UsageError(f"group_size={requested} does not divide dim={args.dim} and hidden_dim="
                      f"{args.hidden_dim}; pass a divisor of both or group_size=0 to pick one")
 
 
@@ -87,7 +69,7 @@ def quantize_q8(w, gs):
 def write_llama2c(state, args, path, version=0, group_size=0):
     """version 0: legacy fp32 (run.c); 1: fp32 with a 256-byte header; 2: Q8_0 (runq.c)."""
     if abs(args.norm_eps - RUNC_NORM_EPS) > 1e-12 or args.rope_theta != RUNC_ROPE_THETA:
-        raise SystemExit(f"error: llama2.c files cannot store norm_eps={args.norm_eps} or rope_theta={args.rope_theta} "
+        raise UsageError(f"llama2.c files cannot store norm_eps={args.norm_eps} or rope_theta={args.rope_theta} "
                          f"(run.c hard-codes 1e-5 and 10000); export to --format=hf or gguf_* instead")
     gs = pick_group_size(args, group_size) if version == 2 else None
     h = dict(dim=args.dim, hidden_dim=args.hidden_dim, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -121,7 +103,7 @@ def write_llama2c(state, args, path, version=0, group_size=0):
 def write_llama2c_tokenizer(tok, path):
     """run.c's tokenizer file from a SentencePiece vocab, byte-identical to llama2.c's tokenizer.py."""
     if tok is None or tok.kind != "sentencepiece":
-        raise SystemExit(f"error: the llama2.c tokenizer file holds SentencePiece vocabularies only, not "
+        raise UsageError(f"the llama2.c tokenizer file holds SentencePiece vocabularies only, not "
                          f"{getattr(tok, 'kind', 'no tokenizer')}; pass --tokenizer=path/to/tokenizer.model")
     sp = tok.backend
     pieces, scores = [], []
@@ -175,7 +157,7 @@ def gpt2_files(tok):
     folder = tok.path if tok.path and os.path.isdir(tok.path) else os.path.dirname(tok.path or "")
     enc, bpe = os.path.join(folder, "encoder.json"), os.path.join(folder, "vocab.bpe")
     if not (tok.path and os.path.isfile(enc) and os.path.isfile(bpe)):
-        raise SystemExit("error: exporting a GPT-2 tokenizer needs its BPE files; pass --tokenizer=path/to/folder "
+        raise UsageError("exporting a GPT-2 tokenizer needs its BPE files; pass --tokenizer=path/to/folder "
                          "holding encoder.json + vocab.bpe (e.g. shared/data/gpt2_bpe)")
     return enc, bpe
 
@@ -208,7 +190,7 @@ def export_hf(state, args, tok, folder, dtype_name="float32"):
     from safetensors.torch import save_file
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype_name)
     if torch_dtype is None:
-        raise SystemExit(f"error: dtype={dtype_name!r} is not one of float32, float16, bfloat16")
+        raise UsageError(f"dtype={dtype_name!r} is not one of float32, float16, bfloat16")
     check_vocab(tok, args, "hf")
     with atomic_dir(folder) as tmp:
         save_file(hf_state_dict(state, args, torch_dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -233,7 +215,7 @@ def export_peft_adapter(out_dir, adapters, rank, alpha, target_modules, base_hf_
     for name, (A, B) in adapters.items():
         kind = name.split(".")[-1]
         if A.shape[0] != rank or B.shape[1] != rank:
-            raise SystemExit(f"error: adapter {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, not rank {rank}")
+            raise UsageError(f"adapter {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, not rank {rank}")
         if kind in heads:
             B = permute_to_hf(B, heads[kind])
         prefix = "base_model.model." + hf_key(name + ".weight")[:-len(".weight")]
@@ -253,23 +235,9 @@ def export_peft_adapter(out_dir, adapters, rank, alpha, target_modules, base_hf_
 
 # ---- GGUF (llama.cpp) --------------------------------------------------------------------------------
 
-GGUF_NAMES = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-              "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
-
-
-def gguf_name(ours):
-    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-           "output.weight": "output.weight"}
-    if ours in top:
-        return top[ours]
-    i = ours.split(".")[1]
-    kind = {v: k for k, v in layer_keys(i).items()}[ours]
-    return f"blk.{i}.{GGUF_NAMES[kind]}.weight"
-
-
 def check_vocab(tok, args, fmt):
     if tok is not None and tok.vocab_size > args.vocab_size:
-        raise SystemExit(f"error: the tokenizer has {tok.vocab_size} ids but the model only {args.vocab_size} "
+        raise UsageError(f"the tokenizer has {tok.vocab_size} ids but the model only {args.vocab_size} "
                          f"rows; {fmt} cannot pair them: pass the tokenizer the model was trained with")
 
 
@@ -317,7 +285,7 @@ def gguf_vocab(writer, tok, args):
 def export_gguf(state, args, tok, path, qtype="f16"):
     import gguf
     if tok is None:
-        raise SystemExit("error: a GGUF file must carry its tokenizer and this checkpoint records none; "
+        raise UsageError("a GGUF file must carry its tokenizer and this checkpoint records none; "
                          "pass --tokenizer=path/to/tokenizer.model (or gpt2 BPE folder)")
     Q = gguf.GGMLQuantizationType
     with atomic_file(path) as tmp:
@@ -355,45 +323,69 @@ def export_gguf(state, args, tok, path, qtype="f16"):
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
+def tensors(ckpt):
+    model = build_model(ckpt)
+    return {k: v.detach().float() for k, v in model.state_dict().items()}, model.args
+
+
+def export_ours(ckpt, tok, path):
+    if tok is not None:
+        if not hasattr(tok, "to_meta"):
+            raise UsageError("a llama2.c tokenizer .bin cannot be attached to a checkpoint (it lacks the "
+                             "SentencePiece model); pass the .model it was exported from, e.g. --tokenizer=tok512.model")
+        check_vocab(tok, build_model(ckpt).args, "the checkpoint")
+        ckpt["tokenizer"] = tok.to_meta(embed=True)
+    save_checkpoint(ckpt, path)
+
+
+def export_llama2c(version):
+    def write(ckpt, tok, path):
+        gs = write_llama2c(*tensors(ckpt), path, version, group_size)
+        if gs:
+            print(f"quantized to int8 in groups of {gs}")
+    return write
+
+
+# format -> writer(checkpoint dict, tokenizer or None, output path)
+EXPORTS = {
+    "llama2c": export_llama2c(0), "llama2c_v1": export_llama2c(1), "llama2c_q8": export_llama2c(2),
+    "llama2c_tokenizer": lambda ckpt, tok, path: write_llama2c_tokenizer(tok, path),
+    "hf": lambda ckpt, tok, path: export_hf(*tensors(ckpt), tok, path, dtype),
+    "gguf_f16": lambda ckpt, tok, path: export_gguf(*tensors(ckpt), tok, path, "f16"),
+    "gguf_q8": lambda ckpt, tok, path: export_gguf(*tensors(ckpt), tok, path, "q8_0"),
+    "ours": export_ours,
+}
+
+
+def merged_checkpoint(base_path, adapter_path):
+    """An ordinary checkpoint of the base with the LoRA adapter folded into its weights."""
+    model, base, ad = load_with_adapter(base_path, adapter_path)
+    merge_lora(model)
+    return {"model": clean_state_dict(model.state_dict()), "model_args": model.args.to_dict(),
+            "config": ad.get("config", {}), "tokenizer": base.get("tokenizer") or ad.get("tokenizer"),
+            "iter_num": ad.get("iter_num", 0), "best_val_loss": ad.get("best_val_loss"),
+            "merged_from": {"base": base_path or ad.get("base_checkpoint"), "adapter": os.path.abspath(adapter_path),
+                            "lora": ad["lora"]}}
+
+
 def main():
     config = configure(globals(), sys.argv[1:])
     print_config(config)
-    if format not in FORMATS:
-        raise SystemExit(f"error: format={format!r} is not one of {', '.join(FORMATS)}")
+    if format not in EXPORTS:
+        raise UsageError(f"format={format!r} is not one of {', '.join(EXPORTS)}")
     if not out:
-        raise SystemExit("error: no --out given; pass the file (or folder, for hf) to write")
-    from tokenizer import load_tokenizer, make_tokenizer
-    ckpt = load_checkpoint(checkpoint) if checkpoint else None
+        raise UsageError("no --out given; pass the file (or folder, for hf) to write")
+    ckpt = merged_checkpoint(checkpoint, adapter) if adapter else load_checkpoint(checkpoint) if checkpoint else None
     tok = make_tokenizer(tokenizer) if tokenizer else (
         load_tokenizer(ckpt["tokenizer"]) if ckpt and ckpt.get("tokenizer") else None)
-    if format == "llama2c_tokenizer":
-        write_llama2c_tokenizer(tok, out)
-        print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
-        return
-    if ckpt is None:
-        raise SystemExit("error: no --checkpoint given; pass a ckpt.pt, run directory, llama2.c .bin or HF folder")
-    model = build_model(ckpt)
-    args, state = model.args, {k: v.detach().float() for k, v in model.state_dict().items()}
-    if format == "ours":
-        if tok is not None:
-            if not hasattr(tok, "to_meta"):
-                raise SystemExit("error: a llama2.c tokenizer .bin cannot be attached to a checkpoint (it lacks the "
-                                 "SentencePiece model); pass the .model it was exported from, e.g. --tokenizer=tok512.model")
-            check_vocab(tok, args, "the checkpoint")
-            ckpt["tokenizer"] = tok.to_meta(embed=True)
-        save_checkpoint(ckpt, out)
-    elif format.startswith("llama2c"):
-        gs = write_llama2c(state, args, out, {"llama2c": 0, "llama2c_v1": 1, "llama2c_q8": 2}[format], group_size)
-        if gs:
-            print(f"quantized to int8 in groups of {gs}")
-    elif format == "hf":
-        export_hf(state, args, tok, out, dtype)
-    else:
-        export_gguf(state, args, tok, out, {"gguf_f16": "f16", "gguf_q8": "q8_0"}[format])
+    if ckpt is None and format != "llama2c_tokenizer":
+        raise UsageError("no --checkpoint given; pass a ckpt.pt, run directory, llama2.c .bin or HF folder")
+    EXPORTS[format](ckpt, tok, out)
     size = os.path.getsize(out) if os.path.isfile(out) else sum(
         os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"wrote {out} ({size:,} bytes, format {format})")
+    print(f"wrote {out} ({size:,} bytes, format {format})" + (f", {adapter} merged in" if adapter else ""))
 
 
 if __name__ == "__main__":
+    handle_errors()
     main()

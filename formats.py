@@ -1,4 +1,4 @@
-"""Readers for other tools' model files, and the layout facts export.py shares with them.
+"""Readers for other tools' model files, and the name tables export.py shares with them.
 
 load_checkpoint (checkpoint.py) calls read_foreign(path) first, so every script that takes a checkpoint
 also takes a llama2.c model file (.bin: legacy, version 1 or version 2 / Q8_0) or a Hugging Face Llama
@@ -6,7 +6,7 @@ folder (config.json + model.safetensors, or shards listed in model.safetensors.i
 the same checkpoint dict train.py writes. Sizes and header fields are checked before a single weight
 is read, so a truncated download is one line of error, not a reshape crash deep inside numpy.
 
-This file imports only model.py (and tokenizer.py lazily), never checkpoint.py: no import cycle.
+Tensor names: ours (llama2.c's) <-> Hugging Face (hf_key) <-> GGUF (gguf_name), one table each.
 """
 import json
 import os
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from model import ModelArgs, precompute_rope
+from runtime import UsageError
+from tokenizer import make_tokenizer
 
 LLAMA2C_MAGIC = 0x616b3432  # "ak42" as a little-endian uint32: llama2.c's versioned files start with it
 LLAMA2C_HEADER = 256        # versioned files pad their header to 256 bytes
@@ -62,13 +64,13 @@ def llama2c_header(path):
     with open(path, "rb") as f:
         head = f.read(LLAMA2C_HEADER)
     if len(head) < 28:
-        raise SystemExit(f"error: {path} holds {len(head)} bytes, too few for a llama2.c header (28); "
+        raise UsageError(f"{path} holds {len(head)} bytes, too few for a llama2.c header (28); "
                          f"the file is truncated or not a llama2.c model")
     magic = struct.unpack_from("<I", head, 0)[0]
     if magic == LLAMA2C_MAGIC:
         version = struct.unpack_from("<i", head, 4)[0]
         if version not in (1, 2) or len(head) < LLAMA2C_HEADER:
-            raise SystemExit(f"error: {path} is a llama2.c file of version {version} with a {len(head)}-byte "
+            raise UsageError(f"{path} is a llama2.c file of version {version} with a {len(head)}-byte "
                              f"header; only versions 1 and 2 (256-byte header) are known")
         fields, offset = struct.unpack_from("<7i", head, 8), LLAMA2C_HEADER
         shared = head[36] == 1
@@ -84,7 +86,7 @@ def llama2c_header(path):
             and (dim // n_heads) % 2 == 0 and 0 < abs(vocab) <= 1 << 22 and 0 < seq <= 1 << 22
             and (group_size is None or (0 < group_size and dim % group_size == 0)))
     if not sane:
-        raise SystemExit(f"error: {path} has an impossible llama2.c header {h} (version {version}); "
+        raise UsageError(f"{path} has an impossible llama2.c header {h} (version {version}); "
                          f"the file is corrupt or not a llama2.c model")
     return version, h, offset
 
@@ -131,7 +133,7 @@ def read_llama2c(path, tokenizer=None):
     order = llama2c_order(version, h)
     expected, actual = offset + llama2c_nbytes(order, h["group_size"]), os.path.getsize(path)
     if expected != actual:
-        raise SystemExit(f"error: {path} should hold {expected:,} bytes for its llama2.c header "
+        raise UsageError(f"{path} should hold {expected:,} bytes for its llama2.c header "
                          f"(version {version}, {h}) but holds {actual:,}; the file is truncated or corrupt")
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     state, pos = {}, offset
@@ -157,68 +159,6 @@ def rope_tables(args):
     """The freq_cis_real / freq_cis_imag tables legacy files carry (run.c skips them; we write them
     so the file is byte-for-byte what llama2.c's own exporter would write)."""
     return precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
-
-
-# ---------------------------------------------------------------------------------------------------
-# llama2.c tokenizer files (what run.c -z reads): uint32 max_token_length, then per token
-# float32 score, int32 byte length, UTF-8 bytes. The vocab size is not stored; run.c takes it from the model.
-
-class Llama2cTokenizer:
-    """Enough of the Tokenizer interface (encode, decode, bos_id, eos_id, vocab_size) to use a .bin
-    tokenizer file on its own. encode is run.c's: greedy merge of the best-scoring adjacent pair."""
-    kind = "llama2c"
-
-    def __init__(self, path):
-        data = open(path, "rb").read()
-        if len(data) < 4:
-            raise SystemExit(f"error: {path} holds {len(data)} bytes, too few for a llama2.c tokenizer file")
-        self.path, self.max_token_length = os.path.abspath(path), struct.unpack_from("<I", data, 0)[0]
-        self.pieces, self.scores, pos = [], [], 4
-        while pos < len(data):
-            if pos + 8 > len(data):
-                raise SystemExit(f"error: {path} ends inside token {len(self.pieces)}'s header; the file is truncated")
-            score, n = struct.unpack_from("<fi", data, pos)
-            if n < 0 or n > self.max_token_length or pos + 8 + n > len(data):
-                raise SystemExit(f"error: {path}: token {len(self.pieces)} claims {n} bytes (max "
-                                 f"{self.max_token_length}, {len(data) - pos - 8} left); truncated or corrupt")
-            self.pieces.append(data[pos + 8:pos + 8 + n])
-            self.scores.append(score)
-            pos += 8 + n
-        self.vocab_size, self.bos_id, self.eos_id = len(self.pieces), 1, 2  # llama2.c's fixed ids
-        self.lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}
-
-    def token_bytes(self, prev_id, id):
-        if id in (self.bos_id, self.eos_id) or not 0 <= id < self.vocab_size:
-            return b""
-        piece = self.pieces[id]
-        if prev_id == self.bos_id and piece[:1] == b" ":  # as run.c: SentencePiece drops the dummy-prefix space
-            piece = piece[1:]
-        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
-            return bytes([int(piece[3:5], 16)])
-        return piece
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        out = b"".join(self.token_bytes(ids[k - 1] if k else None, i) for k, i in enumerate(ids))
-        return out.decode("utf-8", errors="replace")
-
-    def encode(self, text, bos=False, eos=False):
-        ids = []
-        for ch in (" " + text if text else ""):  # the dummy prefix SentencePiece adds
-            b = ch.encode()
-            if b in self.lookup:
-                ids.append(self.lookup[b])
-            else:  # byte fallback: <0x00> sits at id 3 in SentencePiece vocabularies
-                ids.extend(x + 3 for x in b)
-        while True:
-            best = max(((self.scores[self.lookup[self.pieces[a] + self.pieces[b]]], k)
-                        for k, (a, b) in enumerate(zip(ids, ids[1:])) if self.pieces[a] + self.pieces[b] in self.lookup),
-                       default=None, key=lambda t: (t[0], -t[1]))
-            if best is None:
-                break
-            k = best[1]
-            ids[k:k + 2] = [self.lookup[self.pieces[ids[k]] + self.pieces[ids[k + 1]]]]
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,50 +194,47 @@ def hf_key(ours):
 
 def read_hf(folder, tokenizer=None):
     from safetensors.torch import load_file
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{folder}/config.json is not a Hugging Face config ({type(e).__name__}: {str(e)[:120]}); "
+                         f"re-download or re-export the folder")
     if cfg.get("model_type") != "llama":
-        raise SystemExit(f"error: {folder}/config.json has model_type {cfg.get('model_type')!r}; only Llama "
+        raise UsageError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; only Llama "
                          f"(model_type 'llama') folders can be imported")
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    unsupported = {"rope type": rope_type != "default", "attention/mlp bias": cfg.get("attention_bias") or cfg.get("mlp_bias"),
-                   "activation": cfg.get("hidden_act", "silu") != "silu",
-                   "head_dim": head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]}
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise SystemExit(f"error: {folder} uses {', '.join(bad)} that llamaforge's model does not have; "
-                         f"only plain Llama (default rope, no biases, silu) can be imported")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 2048),
-                     tie_embeddings=tied, rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    try:
+        args, tied = hf_model_args(folder, cfg)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise UsageError(f"{folder}/config.json does not describe a Llama model ({type(e).__name__}: {str(e)[:120]}); "
+                         f"re-download or re-export the folder")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{index} is damaged ({type(e).__name__}: {str(e)[:120]}); re-download the folder")
     else:
         files = ["model.safetensors"]
     hf = {}
     for name in files:
         p = os.path.join(folder, name)
         if not os.path.isfile(p):
-            raise SystemExit(f"error: {p} not found; a Hugging Face import needs safetensors weights "
+            raise UsageError(f"{p} not found; a Hugging Face import needs safetensors weights "
                              f"(convert .bin weights with transformers' save_pretrained(safe_serialization=True))")
         try:
             hf.update(load_file(p))
         except Exception as e:
-            raise SystemExit(f"error: cannot read {p} ({str(e).splitlines()[0][:200]}); it is truncated or corrupt")
+            raise UsageError(f"cannot read {p} ({str(e).splitlines()[0][:200]}); it is truncated or corrupt")
     names = ["tok_embeddings.weight", "norm.weight"] + [k for i in range(args.n_layers) for k in layer_keys(i).values()]
     if not tied:
         names.append("output.weight")
     missing = [hf_key(n) for n in names if hf_key(n) not in hf]
     if missing:
-        raise SystemExit(f"error: {folder} lacks {len(missing)} tensors its config.json promises (e.g. "
+        raise UsageError(f"{folder} lacks {len(missing)} tensors its config.json promises (e.g. "
                          f"{missing[:2]}); the download is incomplete")
     state, kv = {}, args.n_kv_heads
     for n in names:
@@ -312,11 +249,49 @@ def read_hf(folder, tokenizer=None):
     return imported_ckpt(state, args, folder, "hf", tokenizer)
 
 
+def hf_model_args(folder, cfg):
+    """(ModelArgs, tied) from a Hugging Face config dict; UsageError for what our model cannot be."""
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    unsupported = {"rope type": rope_type != "default", "attention/mlp bias": cfg.get("attention_bias") or cfg.get("mlp_bias"),
+                   "activation": cfg.get("hidden_act", "silu") != "silu",
+                   "head_dim": head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise UsageError(f"{folder} uses {', '.join(bad)} that llamaforge's model does not have; "
+                         f"only plain Llama (default rope, no biases, silu) can be imported")
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 2048),
+                     tie_embeddings=tied, rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    return args, tied
+
+
 def hf_tokenizer_meta(folder):
     """Our tokenizer meta for the tokenizer files a HF folder carries, or None if it has none we read."""
-    from tokenizer import make_tokenizer
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         return make_tokenizer(os.path.join(folder, "tokenizer.model")).to_meta()
     if all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.bpe", "encoder.json")):
         return make_tokenizer(folder).to_meta()  # GPT-2 BPE files our HF export writes beside vocab.json
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp) tensor names
+
+GGUF_NAMES = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+              "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
+
+
+def gguf_name(ours):
+    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+           "output.weight": "output.weight"}
+    if ours in top:
+        return top[ours]
+    i = ours.split(".")[1]
+    kind = {v: k for k, v in layer_keys(i).items()}[ours]
+    return f"blk.{i}.{GGUF_NAMES[kind]}.weight"

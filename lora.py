@@ -10,20 +10,22 @@ their names (layers.0.attention.wq.weight) and model.py needs no LoRA code.
 
     python train.py config/lora_sft.py                       # train: out_dir/ckpt.pt holds adapters only
     python generate.py --checkpoint=BASE --adapter=out/lora_sft/ckpt.pt --chat=True --prompt="..."
-    python lora.py merge --base=BASE --adapter=out/lora_sft/ckpt.pt --out=out/merged.pt   # a full checkpoint
+    python export.py --format=merged --adapter=out/lora_sft/ckpt.pt --out=out/merged.pt   # a full checkpoint
 
 An adapter checkpoint (train.py's ckpt.pt of a LoRA run) is a dict: "adapter" {"<layer>.lora_A"/"lora_B": tensor},
 "lora" {rank, alpha, dropout, targets}, "base_checkpoint" (path), "base_fingerprint", plus the usual
-optimizer/RNG/sampler state for an exact resume. export.py's export_peft_adapter takes adapter_pairs(ckpt).
+optimizer/RNG/sampler state for an exact resume; checkpoint.py reads and loads it. export.py's PEFT
+writer takes adapter_pairs(ckpt).
 """
 import hashlib
 import math
-import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from optim import OPTIMIZERS
+from runtime import UsageError
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections; add "w1", "w2", "w3" for the FFN
 
@@ -40,7 +42,7 @@ def add_lora(model, targets=DEFAULT_TARGETS, rank=8, alpha=16.0, dropout=0.0):
     matches layers.*.attention.wq) a trainable lora_A/lora_B pair. Returns the adapted layer names."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     if not names:
-        raise SystemExit(f"error: lora_targets={tuple(targets)} match no linear layer; use names among "
+        raise UsageError(f"lora_targets={tuple(targets)} match no linear layer; use names among "
                          f"wq, wk, wv, wo (attention), w1, w2, w3 (FFN), output")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -80,26 +82,11 @@ def memory_report(model, optimizer):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bytes_per = next(model.parameters()).element_size()
-    states = 2 if optimizer == "adamw" else 1  # AdamW keeps exp_avg + exp_avg_sq, SGD a momentum buffer
+    states = OPTIMIZERS[optimizer].states  # full-size state tensors per parameter (AdamW 2, SGD 1)
     saved = (total - trainable) * bytes_per * (1 + states)  # the grads and states frozen weights do not need
     return (f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
             f"gradients + {optimizer} state {(trainable * bytes_per * (1 + states)) / 2**20:.2f} MiB "
             f"instead of {(total * bytes_per * (1 + states)) / 2**20:.2f} MiB (saves {saved / 2**20:.2f} MiB)")
-
-
-def read_adapter(path):
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: adapter '{path}' not found; pass the ckpt.pt of a LoRA run (train.py with lora_rank > 0)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read adapter '{path}' ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); "
-                         f"re-train it")
-    if not isinstance(ckpt, dict) or "adapter" not in ckpt or "lora" not in ckpt:
-        raise SystemExit(f"error: '{path}' is not a LoRA adapter (no adapter/lora entries); pass the ckpt.pt of a run with lora_rank > 0")
-    return ckpt
 
 
 def apply_adapter(model, ckpt, where="adapter"):
@@ -107,7 +94,7 @@ def apply_adapter(model, ckpt, where="adapter"):
     and load its tensors; refuses an adapter trained on other base weights."""
     fp = base_fingerprint(model)
     if fp != ckpt["base_fingerprint"]:
-        raise SystemExit(f"error: {where} was trained on a different base model (base fingerprint "
+        raise UsageError(f"{where} was trained on a different base model (base fingerprint "
                          f"{ckpt['base_fingerprint'][:12]}, this base {fp[:12]}); pass the base it was made from: "
                          f"{ckpt.get('base_checkpoint')}")
     cfg = ckpt["lora"]
@@ -115,7 +102,7 @@ def apply_adapter(model, ckpt, where="adapter"):
     missing, unexpected = model.load_state_dict(ckpt["adapter"], strict=False)
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
     if missing or unexpected:
-        raise SystemExit(f"error: {where} does not fit this model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
+        raise UsageError(f"{where} does not fit this model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
                          f"it is corrupt or from another architecture")
     return model
 
@@ -137,47 +124,3 @@ def adapter_pairs(ckpt):
     """{"layers.0.attention.wq": (A (r, in), B (out, r)), ...}: what export.export_peft_adapter takes."""
     a = ckpt["adapter"]
     return {k[:-len(".lora_A")]: (a[k], a[k[:-1] + "B"]) for k in a if k.endswith(".lora_A")}
-
-
-def load_with_adapter(base_path, adapter_path, device="cpu"):
-    """(model in eval mode with the adapter attached, base checkpoint dict, adapter checkpoint dict)."""
-    from checkpoint import build_model, load_checkpoint
-    from tokenizer import tokenizer_mismatch
-    ad = read_adapter(adapter_path)
-    base_path = base_path or ad.get("base_checkpoint")
-    base = load_checkpoint(base_path)
-    diff = base.get("tokenizer") and ad.get("tokenizer") and tokenizer_mismatch(base["tokenizer"], ad["tokenizer"])
-    if diff:
-        raise SystemExit(f"error: adapter {adapter_path} was trained with another tokenizer than {base_path} ({diff}); "
-                         f"pass the base it was made from: {ad.get('base_checkpoint')}")
-    model = apply_adapter(build_model(base), ad, f"adapter {adapter_path}")
-    return model.to(device).eval(), base, ad
-
-
-# -----------------------------------------------------------------------------
-# python lora.py merge --adapter=out/lora/ckpt.pt [--base=BASE] --out=merged.pt
-base = ""          # the base checkpoint; "" = the path the adapter recorded when it was trained
-adapter = ""       # a LoRA run's ckpt.pt
-out = ""           # where to write the merged, ordinary checkpoint
-
-
-def merge():
-    from checkpoint import clean_state_dict, save_checkpoint
-    if not adapter or not out:
-        raise SystemExit("error: merge needs --adapter=out/<lora run>/ckpt.pt and --out=merged.pt")
-    model, base_ckpt, ad = load_with_adapter(base, adapter)
-    merge_lora(model)
-    ckpt = {"model": clean_state_dict(model.state_dict()), "model_args": model.args.to_dict(),
-            "config": ad.get("config", {}), "tokenizer": base_ckpt.get("tokenizer") or ad.get("tokenizer"),
-            "iter_num": ad.get("iter_num", 0), "best_val_loss": ad.get("best_val_loss"),
-            "merged_from": {"base": base or ad.get("base_checkpoint"), "adapter": os.path.abspath(adapter), "lora": ad["lora"]}}
-    save_checkpoint(ckpt, out)
-    print(f"merged {len(adapter_pairs(ad))} adapted layers of {adapter} into {out}")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "merge":
-        raise SystemExit("error: give a subcommand: merge; e.g. python lora.py merge --adapter=out/lora/ckpt.pt --out=merged.pt")
-    from configurator import configure
-    configure(globals(), sys.argv[2:])
-    merge()

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+IGNORE_INDEX = -100  # the target of positions the loss skips (prompt and padding in fine-tuning data)
+
 
 @dataclass
 class ModelArgs:
@@ -204,7 +206,7 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, start_pos=0, ignore_index=-100, reduction="mean", loss_chunk=0):
+    def forward(self, tokens, targets=None, start_pos=0, ignore_index=IGNORE_INDEX, reduction="mean", loss_chunk=0):
         """tokens (B, T) -> logits. With targets: logits (B, T, V) and the cross-entropy over positions
         whose target is not ignore_index (reduction "mean", or "sum" so a trainer can normalise by the
         token count of a whole accumulation step). Without targets: logits of the last position only
@@ -263,13 +265,6 @@ class Transformer(nn.Module):
         a = self.args
         return 6 * self.num_params(non_embedding=True) + 12 * a.n_layers * a.dim * seq_len
 
-    def estimate_mfu(self, tokens_per_second, seq_len, device=None):
-        """Model FLOPs utilisation against the device's dense bf16 peak; None where the peak is unknown."""
-        peak = peak_flops(device)
-        if peak is None:
-            return None
-        return self.flops_per_token(seq_len) * tokens_per_second / peak
-
     # ---- decoding ----
     def setup_cache(self, batch_size, dtype=None, device=None, reuse=False):
         """Attach a KV cache to every attention layer. reuse=True keeps the previous call's buffers when
@@ -296,41 +291,38 @@ class Transformer(nn.Module):
         bound by kernel-launch overhead, not by the GPU. Needs setup_cache and a filled prefix."""
         return self(token, start_pos=pos)[0]
 
-    def compiled_decode_step(self):
-        """decode_step compiled once per model (CUDA graphs on CUDA; plain inductor code on CPU)."""
-        if getattr(self, "_compiled_decode", None) is None:
-            self._compiled_decode = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
-        return self._compiled_decode
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, on_token=None, compile_decode=False):
+                 generator=None, on_token=None, decode_step=None):
         """Extend idx (B, T) by up to max_new_tokens. temperature 0 is greedy. Uses the KV cache:
         one forward over the prompt, then one token at a time. Stops early when every row has
-        produced eos_id. on_token(next_ids) is called after each step (for streaming).
-        compile_decode: run the per-token steps through compiled_decode_step (worth it on CUDA; the
-        first call compiles for a minute or so; each new batch size compiles again)."""
+        produced one of eos_id (an id or a collection of ids). on_token(next_ids) is called after each
+        step (for streaming). decode_step: a compiled model.decode_step (the caller compiles it, e.g.
+        torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)) to run each new token
+        through; the KV buffers are then kept between calls, as a replayed CUDA graph needs."""
         check_sampling(temperature, top_k, top_p)
         B, T = idx.shape
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - T)
         if max_new_tokens < 0:
             raise ValueError(f"prompt of {T} tokens is longer than the model's context of {self.args.max_seq_len}")
         self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None,
-                         reuse=compile_decode)
+                         reuse=decode_step is not None)
+        stops = None if eos_id is None else torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)),
+                                                         device=idx.device)
         try:
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             logits, _ = self(idx, start_pos=0)
             pos = T
-            step, pos_t = (self.compiled_decode_step(), torch.tensor([T], device=idx.device)) if compile_decode else (None, None)
+            step, pos_t = decode_step, (torch.tensor([T], device=idx.device) if decode_step is not None else None)
             for _ in range(max_new_tokens):
                 next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
-                    done |= next_ids == eos_id
+                if stops is not None:  # a finished row repeats its stop token
+                    next_ids = torch.where(done, idx[:, -1], next_ids)
+                    done |= torch.isin(next_ids, stops)
                 idx = torch.cat([idx, next_ids[:, None]], dim=1)
                 if on_token is not None:
                     on_token(next_ids)
-                if eos_id is not None and bool(done.all()):
+                if stops is not None and bool(done.all()):
                     break
                 if pos >= self.args.max_seq_len:
                     break
@@ -372,35 +364,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' datasheets.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "L40S": 362e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+# ---- scoring: what evaluation, training logs and preference training share --------------------------
+
+def token_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
+    """log p(target) at each position (B, T), in fp32, and 0 where the target is ignore_index."""
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(targets == ignore_index, torch.zeros_like(logp), logp)
 
 
-def peak_flops(device=None):
-    """Peak dense bf16 FLOP/s of a CUDA device, matched on its name; None for CPU or unknown GPUs."""
-    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest first: "GH200" before "H200"
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+@torch.no_grad()
+def score_batch(model, x, y, ignore_index=IGNORE_INDEX):
+    """(summed loss, correct next-token guesses, scored positions) of one batch, as Python numbers; the
+    sums of several batches make a loss, perplexity and accuracy over all of them (loss_metrics)."""
+    logits, loss = model(x, y, ignore_index=ignore_index, reduction="sum")
+    valid = y != ignore_index
+    return loss.item(), ((logits.argmax(-1) == y) & valid).sum().item(), valid.sum().item()
 
 
-def inference_device(device="auto", dtype="auto"):
-    """(device string, autocast context) for sampling and evaluation: CUDA if asked for or available,
-    bf16 autocast on GPUs that support it, plain fp32 elsewhere."""
-    from contextlib import nullcontext
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
-    if dev_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: device='{dev}' but no CUDA GPU is visible; use --device=cpu")
-    dt = dtype if dtype != "auto" else ("bfloat16" if dev_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32")
-    if dt not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: dtype='{dt}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=getattr(torch, dt))
-    return dev, ctx
+def loss_metrics(loss_sum, correct, count):
+    """Mean loss per scored token, its perplexity (capped so a diverged model does not overflow) and accuracy."""
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "ppl": math.exp(min(loss_sum / count, 50.0)), "acc": correct / count}

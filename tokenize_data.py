@@ -11,8 +11,7 @@ Offline demo (the Python standard library as a corpus, one document per .py file
     python tokenize_data.py train_vocab --dataset=demo --vocab_size=512
     python tokenize_data.py pretokenize --dataset=demo
 
-train.py / evaluate.py import load_meta, open_split and check_token_ids from here; importing this
-module does no work.
+The format it writes (and train.py/evaluate.py read) lives in data.py; importing this module does no work.
 """
 import glob
 import json
@@ -22,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
+from checkpoint import atomic_file, load_checkpoint
+from data import dataset_meta, split_documents, token_dtype, write_meta, write_sft_split, write_tokens
+from runtime import UsageError, handle_errors
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -64,14 +67,6 @@ def dataset_dir():
     return Path(data_root) / name
 
 
-def write_atomic(path, write):
-    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under the real name."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def read_jsonl_texts(path, field="text"):
     """Yield field of each line of a JSONL file; a bad line stops with its line number."""
     with open(path, encoding="utf-8") as f:
@@ -81,19 +76,26 @@ def read_jsonl_texts(path, field="text"):
             try:
                 yield json.loads(line)[field]
             except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise SystemExit(f"error: {path} line {n} is not a JSON object with a '{field}' field "
+                raise UsageError(f"{path} line {n} is not a JSON object with a '{field}' field "
                                  f"({type(e).__name__}: {e}); fix or delete that line")
 
 
 def read_docs(d):
     path = Path(d) / DOCS
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; run python tokenize_data.py download first "
+        raise UsageError(f"{path} not found; run python tokenize_data.py download first "
                          f"(offline demo: --source=stdlib)")
     docs = list(read_jsonl_texts(path))
     if not docs:
-        raise SystemExit(f"error: {path} holds no documents; re-run python tokenize_data.py download on a non-empty source")
+        raise UsageError(f"{path} holds no documents; re-run python tokenize_data.py download on a non-empty source")
     return docs
+
+
+def write_docs(path, records):
+    """JSONL, one record (a str becomes {"text": ...}) per line, atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"text": r} if isinstance(r, str) else r, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -143,11 +145,11 @@ def load_source():
     if local:
         files = sorted(glob.glob(source))
         if not files:
-            raise SystemExit(f"error: no files match {source}; check the path (local sources end in "
+            raise UsageError(f"no files match {source}; check the path (local sources end in "
                              f"{', '.join(LOCAL_LOADERS)})")
         exts = {Path(f).suffix for f in files}
         if len(exts) != 1 or not exts <= set(LOCAL_LOADERS):
-            raise SystemExit(f"error: {source} matches files of types {sorted(exts)}; use one type of "
+            raise UsageError(f"{source} matches files of types {sorted(exts)}; use one type of "
                              f"{', '.join(LOCAL_LOADERS)} per download")
         loader = LOCAL_LOADERS[exts.pop()]
         kwargs = {"sample_by": txt_split} if loader == "text" else {}
@@ -156,16 +158,16 @@ def load_source():
         except Exception as e:
             bad = first_bad_json_line(files)
             where = f"{bad}" if bad else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise SystemExit(f"error: could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
+            raise UsageError(f"could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
     else:
         try:
             ds = datasets.load_dataset(source, hf_config or None, split=hf_split)
         except Exception as e:
             msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise SystemExit(f"error: could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
+            raise UsageError(f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
                              f"check the name and your internet connection, or pass local files with --source=path/*.jsonl")
     if text_field not in ds.column_names:
-        raise SystemExit(f"error: {source} has no column '{text_field}' (it has {ds.column_names}); "
+        raise UsageError(f"{source} has no column '{text_field}' (it has {ds.column_names}); "
                          f"pass --text_field=<one of those>")
     texts = list(ds[text_field])
     if local and loader == "text":  # paragraphs split on "\n\n" keep the rest of a longer blank run
@@ -180,11 +182,9 @@ def download():
         texts = texts[:max_docs]
     docs = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs would be bare BOS/EOS pairs
     if not docs:
-        raise SystemExit(f"error: {source} gave no non-empty documents in column '{text_field}'; "
+        raise UsageError(f"{source} gave no non-empty documents in column '{text_field}'; "
                          f"check --source and --text_field")
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / DOCS, lambda f: f.writelines(
-        (json.dumps({"text": t}, ensure_ascii=False) + "\n").encode() for t in docs))
+    write_docs(out / DOCS, docs)
     nbytes = sum(len(t.encode()) for t in docs)
     print(f"wrote {len(docs):,} documents ({nbytes / 1e6:.1f} MB) from {source} to {out / DOCS}")
 
@@ -220,7 +220,7 @@ def train_vocab():
             user_defined_symbols=SPECIAL_TOKENS,  # chat specials become real single pieces
             minloglevel=2)  # SentencePiece's INFO log is hundreds of lines
     except RuntimeError as e:
-        raise SystemExit(f"error: SentencePiece could not train a {vocab_size}-token vocab on {d / DOCS} "
+        raise UsageError(f"SentencePiece could not train a {vocab_size}-token vocab on {d / DOCS} "
                          f"({str(e).splitlines()[0]}); try a larger --vocab_size or more text")
     finally:
         sample_path.unlink(missing_ok=True)
@@ -231,28 +231,6 @@ def train_vocab():
 
 # -----------------------------------------------------------------------------
 # pretokenize
-
-def token_dtype(n_vocab, name="auto"):
-    """uint16 halves disk and memory and holds ids < 65536 (our vocabs, Llama 2's 32000, GPT-2's 50260)."""
-    if name == "auto":
-        return np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
-    if name not in ("uint16", "uint32"):
-        raise SystemExit(f"error: dtype '{name}' is not one of auto, uint16, uint32; pass --dtype=auto")
-    if name == "uint16" and n_vocab > 65536:
-        raise SystemExit(f"error: a vocab of {n_vocab:,} ids does not fit in uint16; pass --dtype=uint32 or --dtype=auto")
-    return np.dtype(name)
-
-
-def split_documents(n, frac, seed):
-    """Indices of train and val documents. The split is by whole document (a seeded permutation), so
-    no text the model trains on is evaluated as val; each split keeps the corpus order."""
-    if n < 2:
-        raise SystemExit(f"error: {n} document(s) cannot be split into train and val; add more text "
-                         f"(for one big .txt, use --txt_split=paragraph)")
-    n_val = min(n - 1, max(1, round(n * frac)))
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
 
 _worker_tok = None
 
@@ -269,29 +247,17 @@ def _encode_chunk(texts):
     return ids
 
 
-def encode_split(tok, texts, path, dt, workers):
-    """Encode texts in order (BOS doc EOS BOS doc EOS ...) straight into path; returns the token count."""
+def encoded(tok, texts, workers):
+    """Token ids of texts in order (BOS doc EOS BOS doc EOS ...), in chunks, from `workers` processes."""
+    global _worker_tok
     chunks = [texts[i:i + 64] for i in range(0, len(texts), 64)]
-    count = 0
-
-    def write(f):
-        nonlocal count
-        if workers > 1 and len(chunks) > 1:
-            from multiprocessing import Pool
-            with Pool(workers, _init_worker, (tok.to_meta(),)) as pool:
-                results = pool.imap(_encode_chunk, chunks)  # imap, not imap_unordered: order is the corpus order
-                for ids in results:
-                    f.write(np.array(ids, dtype=dt).tobytes())
-                    count += len(ids)
-        else:
-            global _worker_tok
-            _worker_tok = tok
-            for c in chunks:
-                ids = _encode_chunk(c)
-                f.write(np.array(ids, dtype=dt).tobytes())
-                count += len(ids)
-    write_atomic(path, write)
-    return count
+    if workers > 1 and len(chunks) > 1:
+        from multiprocessing import Pool
+        with Pool(workers, _init_worker, (tok.to_meta(),)) as pool:
+            yield from pool.imap(_encode_chunk, chunks)  # imap, not imap_unordered: order is the corpus order
+    else:
+        _worker_tok = tok
+        yield from map(_encode_chunk, chunks)
 
 
 def pretokenize():
@@ -305,14 +271,12 @@ def pretokenize():
     print(f"tokenizing {len(docs):,} documents with {tok} into {dt.name} using {workers} processes")
     splits = {}
     for name, idx in (("train", train_idx), ("val", val_idx)):
-        n_tok = encode_split(tok, [docs[i] for i in idx], d / f"{name}.bin", dt, workers)
+        n_tok = write_tokens(d / f"{name}.bin", encoded(tok, [docs[i] for i in idx], workers), dt)
         splits[name] = {"file": f"{name}.bin", "documents": len(idx), "tokens": n_tok}
         print(f"  {name}: {len(idx):,} documents, {n_tok:,} tokens -> {d / name}.bin")
-    meta = {"tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": dt.name,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits,
-            "val_fraction": val_fraction, "seed": seed}
     # meta.json last: it only exists next to .bin files it describes
-    write_atomic(d / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_meta(d, dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits,
+                               val_fraction=val_fraction, seed=seed))
     print(f"wrote {d / 'meta.json'}")
 
 
@@ -321,7 +285,7 @@ def pretokenize():
 
 def read_text(path):
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; pass --source=path/to/file (.json, .jsonl, .csv or .txt)")
+        raise UsageError(f"{path} not found; pass --source=path/to/file (.json, .jsonl, .csv or .txt)")
     raw = Path(path).read_bytes()
     if encoding != "auto":
         return raw.decode(encoding)
@@ -340,9 +304,9 @@ def read_records(path):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
+            raise UsageError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
         if not isinstance(data, list):
-            raise SystemExit(f"error: {path} holds a JSON {type(data).__name__}, not a list of records; use a list or .jsonl")
+            raise UsageError(f"{path} holds a JSON {type(data).__name__}, not a list of records; use a list or .jsonl")
         return [(n, r) for n, r in enumerate(data, 1)]  # "line" = record number in a JSON array
     if path.endswith(".jsonl"):
         out = []
@@ -351,7 +315,7 @@ def read_records(path):
                 try:
                     out.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path} line {n} is not valid JSON ({e.msg}); fix or delete that line")
+                    raise UsageError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line")
         return out
     if path.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -388,20 +352,19 @@ def tinystories_entries(text):
 
 def sft_conversations(path):
     """[(line number, messages)] from Alpaca records, chat records ({"messages": [...]}) or TinyStories-Instruct."""
-    from chat import alpaca_messages, tinystories_messages
     fmt = sft_format
     if fmt == "tinystories" or (fmt == "auto" and path.endswith(".txt")):
         return list(enumerate((tinystories_messages(e) for e in tinystories_entries(read_text(path))), 1))
     out = []
     for n, r in read_records(path):
         if not isinstance(r, dict):
-            raise SystemExit(f"error: {path} line {n} is a JSON {type(r).__name__}, not an object; one record per line")
+            raise UsageError(f"{path} line {n} is a JSON {type(r).__name__}, not an object; one record per line")
         if fmt in ("chat", "auto") and "messages" in r:
             out.append((n, r["messages"]))
         elif fmt in ("alpaca", "auto") and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
             out.append((n, alpaca_messages(r)))
         else:
-            raise SystemExit(f"error: {path} line {n} has neither 'messages' nor string 'instruction'/'output' fields "
+            raise UsageError(f"{path} line {n} has neither 'messages' nor string 'instruction'/'output' fields "
                              f"(it has {sorted(r)}); fix that record or pass --sft_format")
     return out
 
@@ -411,7 +374,7 @@ def classify_examples(path):
     rows = []
     for n, r in read_records(path):
         if not isinstance(r, dict) or text_field not in r or label_field not in r:
-            raise SystemExit(f"error: {path} line {n} has no '{text_field}' and '{label_field}' fields; "
+            raise UsageError(f"{path} line {n} has no '{text_field}' and '{label_field}' fields; "
                              f"pass --text_field/--label_field naming its columns")
         rows.append((n, str(r[text_field]), str(r[label_field]).strip()))
     names = list(label_names) or sorted({lab for _, _, lab in rows})
@@ -420,58 +383,43 @@ def classify_examples(path):
         if lab not in names and lab.isdigit() and int(lab) < len(label_names):
             lab = names[int(lab)]  # 0/1/2 -> bearish/bullish/neutral
         if lab not in names:
-            raise SystemExit(f"error: {path} line {n} has label '{lab}', not in the label set {names}; "
+            raise UsageError(f"{path} line {n} has label '{lab}', not in the label set {names}; "
                              f"fix the line or pass --label_names")
         out.append((n, text, lab))
     return out, names
 
 
 def write_sft(d, tok, examples, train_idx, val_idx, extra):
-    """examples: [(ids, labels)] from chat.render_chat. Writes {split}.bin (tokens), {split}.mask.bin
-    (uint8, 1 = the loss trains on this token) and {split}.offsets.bin (int64, example i is
-    tokens[offsets[i]:offsets[i+1]]), then meta.json with "format": "sft"."""
-    from chat import IGNORE_INDEX
+    """examples: [(ids, labels)] from chat.render_chat, split by index; data.write_sft_split writes the
+    arrays of each split, then meta.json says "format": "sft"."""
     dt = token_dtype(tok.vocab_size, dtype)
     d.mkdir(parents=True, exist_ok=True)
     splits = {}
     for name, idx in (("train", train_idx), ("val", val_idx)):
-        ex = [examples[i] for i in idx]
-        ids = np.array([t for e, _ in ex for t in e], dtype=dt)
-        mask = np.array([lab != IGNORE_INDEX for _, labs in ex for lab in labs], dtype=np.uint8)
-        offsets = np.cumsum([0] + [len(e) for e, _ in ex]).astype(np.int64)
-        for suffix, arr in (("bin", ids), ("mask.bin", mask), ("offsets.bin", offsets)):
-            write_atomic(d / f"{name}.{suffix}", lambda f: f.write(arr.tobytes()))
-        lengths = np.diff(offsets)
-        splits[name] = {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "offsets": f"{name}.offsets.bin",
-                        "examples": len(ex), "tokens": int(len(ids)), "trained_tokens": int(mask.sum()),
-                        "max_example_tokens": int(lengths.max())}
-        print(f"  {name}: {len(ex):,} examples, {len(ids):,} tokens ({int(mask.sum()):,} trained), "
-              f"example length median {int(np.median(lengths))}, max {int(lengths.max())} -> {d / name}.bin")
-    meta = {"format": "sft", "tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": dt.name,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits, "val_fraction": val_fraction,
-            "seed": seed, "source": os.path.abspath(source), **extra}
-    write_atomic(d / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        info = splits[name] = write_sft_split(d, name, [examples[i] for i in idx], dt)
+        print(f"  {name}: {info['examples']:,} examples, {info['tokens']:,} tokens ({info['trained_tokens']:,} trained), "
+              f"example length median {info['median_example_tokens']}, max {info['max_example_tokens']} -> {d / name}.bin")
+    write_meta(d, dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits, format="sft",
+                               val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra))
     print(f"wrote {d / 'meta.json'}")
 
 
 def sft_tokenizer():
     if tokenizer.endswith(".pt") or os.path.isdir(tokenizer) and os.path.isfile(os.path.join(tokenizer, "ckpt.pt")):
-        from checkpoint import load_checkpoint  # a checkpoint's own tokenizer: the usual case for fine-tuning
         ckpt_tok = load_checkpoint(tokenizer).get("tokenizer")
         if not ckpt_tok:
-            raise SystemExit(f"error: checkpoint {tokenizer} records no tokenizer; pass --tokenizer=path/to/tokenizer.model")
+            raise UsageError(f"checkpoint {tokenizer} records no tokenizer; pass --tokenizer=path/to/tokenizer.model")
         return load_tokenizer(ckpt_tok)
     return make_tokenizer(tokenizer or str(dataset_dir() / f"tok{vocab_size}.model"), SPECIAL_TOKENS)
 
 
 def render_all(tok, convs):
-    from chat import render_chat, show_example
     examples = []
     for n, messages in convs:
         try:
             examples.append(render_chat(tok, messages))
-        except (ValueError, AttributeError, TypeError) as e:
-            raise SystemExit(f"error: {source} line {n}: {e}; fix that record")
+        except (UsageError, ValueError, AttributeError, TypeError) as e:
+            raise UsageError(f"{source} line {n}: {e}; fix that record")
     for ids, labels in examples[:show]:
         print(show_example(tok, ids, labels))
     return examples
@@ -482,7 +430,7 @@ def sft():
     if max_docs >= 0:
         convs = convs[:max_docs]
     if not convs:
-        raise SystemExit(f"error: {source} holds no examples; pass a non-empty file")
+        raise UsageError(f"{source} holds no examples; pass a non-empty file")
     tok = sft_tokenizer()
     examples = render_all(tok, convs)
     train_idx, val_idx = split_documents(len(examples), val_fraction, seed)  # by whole example, seeded
@@ -491,12 +439,11 @@ def sft():
 
 
 def classify():
-    from chat import classification_messages
     rows, names = classify_examples(source)
     if max_docs >= 0:
         rows = rows[:max_docs]
     if len(rows) < 2:
-        raise SystemExit(f"error: {source} holds {len(rows)} labelled example(s); need at least 2 (train and val)")
+        raise UsageError(f"{source} holds {len(rows)} labelled example(s); need at least 2 (train and val)")
     tok = sft_tokenizer()
     examples = render_all(tok, [(n, classification_messages(t, names, lab)) for n, t, lab in rows])
     # stratified: each label is split on its own with the same seed, so val keeps the class balance
@@ -508,8 +455,7 @@ def classify():
     d = dataset_dir()
     d.mkdir(parents=True, exist_ok=True)
     for name, idx in (("train", train_idx), ("val", val_idx)):  # the raw texts, for evaluate.py classify
-        write_atomic(d / f"{name}.classify.jsonl", lambda f: f.writelines(
-            (json.dumps({"text": rows[i][1], "label": rows[i][2]}, ensure_ascii=False) + "\n").encode() for i in idx))
+        write_docs(d / f"{name}.classify.jsonl", [{"text": rows[i][1], "label": rows[i][2]} for i in idx])
     counts = {lab: len(ix) for lab, ix in zip(names, by_label)}
     print(f"{len(rows):,} labelled texts from {source}, labels {counts}, stratified split "
           f"{len(train_idx):,} train / {len(val_idx):,} val")
@@ -517,97 +463,11 @@ def classify():
               "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
 
 
-def open_sft(data_dir, split):
-    """(tokens, mask, offsets) memmaps of an SFT split (meta "format": "sft"), checked against each other."""
-    d = Path(data_dir)
-    info = load_meta(d)["splits"][split]
-    tokens = open_split(d, split)
-    for key in ("mask", "offsets"):
-        if not (d / info[key]).is_file():
-            raise SystemExit(f"error: {d / info[key]} not found; re-run python tokenize_data.py sft/classify --dataset={d.name}")
-    mask = np.memmap(d / info["mask"], dtype=np.uint8, mode="r")
-    offsets = np.fromfile(d / info["offsets"], dtype=np.int64)
-    if len(mask) != len(tokens) or len(offsets) < 2 or offsets[-1] != len(tokens):
-        raise SystemExit(f"error: {d}/{split}.* files disagree (tokens {len(tokens)}, mask {len(mask)}, "
-                         f"offsets end {offsets[-1] if len(offsets) else None}); re-run python tokenize_data.py sft/classify")
-    return tokens, mask, offsets
-
-
-def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
-    """Inputs x and targets y (int64 arrays, B x T) for the examples at indices, right-padded to the
-    longest of them (T <= block_size): no example attends to another, and padding comes after the
-    real tokens so causal attention never lets a real token see it. y is the next token where the mask
-    says the loss trains on it, else IGNORE_INDEX (prompt, padding). An example longer than
-    block_size+1 tokens is cut to its first block_size+1."""
-    from chat import IGNORE_INDEX
-    seqs = [(np.asarray(tokens[a:min(b, a + block_size + 1)], dtype=np.int64), np.asarray(mask[a:min(b, a + block_size + 1)], dtype=bool))
-            for a, b in ((offsets[i], offsets[i + 1]) for i in indices)]
-    T = max(len(ids) for ids, _ in seqs) - 1
-    x = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    y = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
-    for r, (ids, m) in enumerate(seqs):
-        x[r, :len(ids) - 1] = ids[:-1]
-        y[r, :len(ids) - 1] = np.where(m[1:], ids[1:], IGNORE_INDEX)
-    return x, y
-
-
-# -----------------------------------------------------------------------------
-# readers for train.py / evaluate.py
-
-def load_meta(data_dir):
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise SystemExit(f"error: dataset folder {d} not found; make it with python tokenize_data.py download "
-                         f"then pretokenize (offline demo: --source=stdlib, --dataset=demo)")
-    path = d / "meta.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; run python tokenize_data.py pretokenize --dataset={d.name}")
-    try:
-        meta = json.loads(path.read_text())
-        meta["splits"], meta["vocab_size"], meta["dtype"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); re-run python tokenize_data.py pretokenize")
-    return meta
-
-
-def open_split(data_dir, split):
-    """The split's tokens as a read-only memmap, after checking the file matches meta.json."""
-    d = Path(data_dir)
-    meta = load_meta(d)
-    if split not in meta["splits"]:
-        raise SystemExit(f"error: {d}/meta.json has no split '{split}' (it has {list(meta['splits'])}); "
-                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    path = d / meta["splits"][split]["file"]
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    dt = np.dtype(meta["dtype"])
-    size = path.stat().st_size
-    if size % dt.itemsize:
-        raise SystemExit(f"error: {path} holds {size:,} bytes, not a whole number of {dt.name} tokens; "
-                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    if size == 0:
-        raise SystemExit(f"error: {path} is empty; add more documents or change --val_fraction, then "
-                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    return np.memmap(path, dtype=dt, mode="r")
-
-
-def check_token_ids(data_dir, split, vocab_size=None):
-    """Stop if any token id is >= vocab_size (default: meta's), e.g. a .bin left from another tokenizer.
-    Reads the file once in 16M-token chunks: about a second per GB. Returns the largest id."""
-    data = open_split(data_dir, split)
-    limit = vocab_size or load_meta(data_dir)["vocab_size"]
-    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
-    if top >= limit:
-        raise SystemExit(f"error: {data.filename} holds token id {top:,} but the vocab has only {limit:,} ids; "
-                         f"re-run python tokenize_data.py pretokenize --dataset={Path(data_dir).name} "
-                         f"with the tokenizer you train with")
-    return top
-
-
 if __name__ == "__main__":
+    handle_errors()
     commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft, "classify": classify}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        raise SystemExit(f"error: give a subcommand, one of {', '.join(commands)}; "
+        raise UsageError(f"give a subcommand, one of {', '.join(commands)}; "
                          f"e.g. python tokenize_data.py download --source=stdlib")
     from configurator import configure, print_config
     print_config(configure(globals(), sys.argv[2:]))

@@ -5,6 +5,8 @@ Two kinds behind one small interface:
   the chat specials in as real pieces) or a user's own such as the Llama 2 tokenizer.model.
 - "tiktoken": the GPT-2 BPE, built offline from local vocab.bpe + encoder.json (or r50k_base.tiktoken),
   or from tiktoken's own cache via tiktoken.get_encoding("gpt2").
+and, for sampling from llama2.c files, its tokenizer.bin (Llama2cTokenizer: encode and decode only).
+Every one streams text through StreamDecoder, one token at a time, in constant work per token.
 
 A tokenizer is described on disk by to_meta() (a small JSON dict saved in data/<name>/meta.json and in
 checkpoints) and rebuilt with load_tokenizer(meta), so a checkpoint always decodes with the ids it
@@ -13,8 +15,12 @@ was trained on.
 import codecs
 import os
 import re
+import struct
 
-SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end_of_turn|>"]  # chat specials, in this order
+from runtime import UsageError
+
+USER, ASSISTANT, END_OF_TURN = "<|user|>", "<|assistant|>", "<|end_of_turn|>"
+SPECIAL_TOKENS = [USER, ASSISTANT, END_OF_TURN]  # the chat specials (chat.py's template), in this order
 
 GPT2_EOT = "<|endoftext|>"
 
@@ -35,7 +41,6 @@ class Tokenizer:
         # SentencePiece, and for trained-in ones it would put a dummy-prefix "▁" before a leading special
         names = sorted(special_ids, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # streaming state for decode_piece
 
     def __repr__(self):
         return f"Tokenizer(kind={self.kind!r}, path={self.path!r}, vocab_size={self.vocab_size})"
@@ -94,19 +99,15 @@ class Tokenizer:
         if sp.is_control(id) or sp.is_unknown(id):
             return b""
         piece = sp.id_to_piece(id).replace("\u2581", " ")  # "▁" marks a space in SentencePiece
-        # the first piece of a text (after BOS, or after a special we cut at) carries the dummy-prefix
-        # space that encode added; llama2.c strips it the same way
-        if (prev_id == self.bos_id or prev_id in self.id_to_special) and piece[:1] == " ":
+        # the first piece of a text (at the start, after BOS, or after a special we cut at) carries the
+        # dummy-prefix space that encode added; llama2.c strips it the same way
+        if (prev_id is None or prev_id == self.bos_id or prev_id in self.id_to_special) and piece[:1] == " ":
             piece = piece[1:]
         return piece.encode()
 
-    def decode_piece(self, prev_id, id):
-        """Text of one more token, for streaming. Keeps bytes of an unfinished UTF-8 character until
-        the next call completes it (so it may return ""). The buffer lives on the tokenizer and is
-        reset at BOS / prev_id=None: stream one sequence at a time per Tokenizer."""
-        if prev_id is None or prev_id == self.bos_id:
-            self._utf8.reset()
-        return self._utf8.decode(self.token_bytes(prev_id, id))
+    def stream(self, prev_id=None):
+        """A StreamDecoder for tokens that follow prev_id (the last prompt token; None at the start)."""
+        return StreamDecoder(self, prev_id)
 
     def to_meta(self, embed=False):
         """A small description to rebuild this tokenizer from. embed=True (for checkpoints) also carries
@@ -133,18 +134,113 @@ class Tokenizer:
         return h.hexdigest()
 
 
+class StreamDecoder:
+    """The text of a growing token sequence, one token at a time: add(id) returns only the new text, so
+    streaming costs the same per token however long the sequence is (re-decoding the whole sequence for
+    each token would be quadratic). The bytes of a UTF-8 character split over several tokens are held
+    until the token that completes it. The concatenated pieces equal decode() of the same ids."""
+
+    def __init__(self, tok, prev_id=None):
+        self.tok, self.prev = tok, prev_id
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, id):
+        text = self._utf8.decode(self.tok.token_bytes(self.prev, int(id)))
+        self.prev = int(id)
+        return text
+
+    def flush(self):
+        """What is left of an unfinished character at the end of the stream (as U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+# ---- llama2.c's tokenizer file (what run.c -z reads): uint32 max_token_length, then per token float32
+# score, int32 byte length, UTF-8 bytes. The vocab size is not stored; run.c takes it from the model.
+
+class Llama2cTokenizer:
+    """Enough of the Tokenizer interface (encode, decode, token_bytes, stream, bos_id, eos_id, vocab_size)
+    to use a .bin tokenizer file on its own. encode is run.c's: greedy merge of the best-scoring pair."""
+    kind = "llama2c"
+
+    def __init__(self, path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read tokenizer {path} ({e.strerror}); check the path")
+        if len(data) < 4:
+            raise UsageError(f"{path} holds {len(data)} bytes, too few for a llama2.c tokenizer file")
+        self.path, self.max_token_length = os.path.abspath(path), struct.unpack_from("<I", data, 0)[0]
+        self.pieces, self.scores, pos = [], [], 4
+        while pos < len(data):
+            if pos + 8 > len(data):
+                raise UsageError(f"{path} ends inside token {len(self.pieces)}'s header; the file is truncated")
+            score, n = struct.unpack_from("<fi", data, pos)
+            if n < 0 or n > self.max_token_length or pos + 8 + n > len(data):
+                raise UsageError(f"{path}: token {len(self.pieces)} claims {n} bytes (max "
+                                 f"{self.max_token_length}, {len(data) - pos - 8} left); truncated or corrupt")
+            self.pieces.append(data[pos + 8:pos + 8 + n])
+            self.scores.append(score)
+            pos += 8 + n
+        self.vocab_size, self.bos_id, self.eos_id = len(self.pieces), 1, 2  # llama2.c's fixed ids
+        self.special_ids, self.id_to_special = {}, {}
+        self.lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}
+        # byte-fallback pieces are found by their text: where <0x00> sits depends on the vocab
+        # (3 in Llama 2's; after any user-defined pieces in others)
+        self.byte_ids = [self.lookup.get(f"<0x{b:02X}>".encode()) for b in range(256)]
+
+    def token_bytes(self, prev_id, id):
+        if id in (self.bos_id, self.eos_id) or not 0 <= id < self.vocab_size:
+            return b""
+        piece = self.pieces[id]
+        if (prev_id is None or prev_id == self.bos_id) and piece[:1] == b" ":  # as run.c: no dummy-prefix space
+            piece = piece[1:]
+        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece
+
+    def stream(self, prev_id=None):
+        return StreamDecoder(self, prev_id)
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        out = b"".join(self.token_bytes(ids[k - 1] if k else None, i) for k, i in enumerate(ids))
+        return out.decode("utf-8", errors="replace")
+
+    def encode(self, text, bos=False, eos=False):
+        ids = []
+        for ch in (" " + text if text else ""):  # the dummy prefix SentencePiece adds
+            b = ch.encode()
+            if b in self.lookup:
+                ids.append(self.lookup[b])
+            elif all(self.byte_ids[x] is not None for x in b):  # byte fallback
+                ids.extend(self.byte_ids[x] for x in b)
+            else:
+                raise UsageError(f"{self.path} has no piece for {ch!r} and no byte-fallback pieces; "
+                                 f"use the tokenizer's .model file instead")
+        while True:
+            best = max(((self.scores[self.lookup[self.pieces[a] + self.pieces[b]]], k)
+                        for k, (a, b) in enumerate(zip(ids, ids[1:])) if self.pieces[a] + self.pieces[b] in self.lookup),
+                       default=None, key=lambda t: (t[0], -t[1]))
+            if best is None:
+                break
+            k = best[1]
+            ids[k:k + 2] = [self.lookup[self.pieces[ids[k]] + self.pieces[ids[k + 1]]]]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+
 # ---- building
 
 def _sentencepiece(path, special_tokens, model_proto=None):
     import sentencepiece as spm
     if model_proto is None and not os.path.isfile(path):
-        raise SystemExit(f"error: tokenizer model {path} not found; train one with "
+        raise UsageError(f"tokenizer model {path} not found; train one with "
                          f"python tokenize_data.py train_vocab, or pass --tokenizer=path/to/tokenizer.model")
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_proto) if model_proto is not None else \
             spm.SentencePieceProcessor(model_file=path)
     except Exception as e:  # the C++ error is a multi-line RuntimeError; keep its gist
-        raise SystemExit(f"error: {path} is not a SentencePiece model ({str(e).splitlines()[0]}); "
+        raise UsageError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]}); "
                          f"pass a .model file written by SentencePiece")
     base = sp.vocab_size()
     special_ids, next_id = {}, base
@@ -167,10 +263,10 @@ def _gpt2_base(path):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:
-            raise SystemExit(f"error: could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, "
+            raise UsageError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, "
                              f"set TIKTOKEN_CACHE_DIR to a tiktoken cache or pass --tokenizer=path/to/gpt2_bpe_folder")
     if not os.path.exists(path):
-        raise SystemExit(f"error: GPT-2 BPE path {path} not found; pass a folder holding vocab.bpe + encoder.json "
+        raise UsageError(f"GPT-2 BPE path {path} not found; pass a folder holding vocab.bpe + encoder.json "
                          f"(or r50k_base.tiktoken), or --tokenizer=gpt2 to use tiktoken's cache")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex, reused not pasted
@@ -181,7 +277,7 @@ def _gpt2_base(path):
     elif os.path.isfile(bpe) and os.path.isfile(enc_json):
         ranks = data_gym_to_mergeable_bpe_ranks(bpe, enc_json)
     else:
-        raise SystemExit(f"error: no GPT-2 BPE files at {path}; pass a folder holding vocab.bpe + encoder.json "
+        raise UsageError(f"no GPT-2 BPE files at {path}; pass a folder holding vocab.bpe + encoder.json "
                          f"(or r50k_base.tiktoken), or --tokenizer=gpt2 to use tiktoken's cache")
     eot = len(ranks)  # 50256: <|endoftext|> follows the merges, as in tiktoken's own gpt2
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={GPT2_EOT: eot})
@@ -206,7 +302,6 @@ def make_tokenizer(spec, special_tokens=()):
     special_tokens (e.g. SPECIAL_TOKENS) get single ids: their own if the vocab has them, else appended."""
     spec = os.fspath(spec)
     if spec.endswith(".bin"):  # a llama2.c tokenizer file (what run.c -z reads): decode/encode only
-        from formats import Llama2cTokenizer
         return Llama2cTokenizer(spec)
     if spec == "gpt2":
         return _tiktoken(None, special_tokens)
@@ -233,7 +328,7 @@ def tokenizer_mismatch(a, b):
 def load_tokenizer(meta):
     """Rebuild the tokenizer described by Tokenizer.to_meta() (e.g. meta["tokenizer"] of a dataset)."""
     if meta.get("kind") not in ("sentencepiece", "tiktoken"):
-        raise SystemExit(f"error: unknown tokenizer kind {meta.get('kind')!r} in metadata; "
+        raise UsageError(f"unknown tokenizer kind {meta.get('kind')!r} in metadata; "
                          f"re-run python tokenize_data.py pretokenize")
     spec = meta["path"] or "gpt2"
     if meta.get("model_proto") is not None:  # a checkpoint carries its SentencePiece model: no file needed
@@ -241,10 +336,10 @@ def load_tokenizer(meta):
     else:
         tok = make_tokenizer(spec, meta.get("special_tokens", ()))
     if meta.get("sha256") and tok.content_hash() != meta["sha256"]:
-        raise SystemExit(f"error: tokenizer {spec} is not the one the data/checkpoint was made with (its content "
+        raise UsageError(f"tokenizer {spec} is not the one the data/checkpoint was made with (its content "
                          f"changed, e.g. by a new train_vocab); re-run python tokenize_data.py pretokenize with it, "
                          f"or restore the original file")
     if tok.vocab_size != meta["vocab_size"]:
-        raise SystemExit(f"error: tokenizer {spec} has {tok.vocab_size} ids but the metadata says "
+        raise UsageError(f"tokenizer {spec} has {tok.vocab_size} ids but the metadata says "
                          f"{meta['vocab_size']}; the file changed since pretokenize, re-run python tokenize_data.py pretokenize")
     return tok

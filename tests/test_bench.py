@@ -94,17 +94,17 @@ def test_static_decode_step_and_its_compiled_graph_pick_the_same_tokens():
     model = tiny_model()
     prompt = torch.randint(64, (2, 5))
     eager = model.generate(prompt, 30, temperature=0)
-    model._compiled_decode = model.decode_step  # the static-shape path, not compiled
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile_decode=True), eager)
+    # the static-shape path, not compiled
+    assert torch.equal(model.generate(prompt, 30, temperature=0, decode_step=model.decode_step), eager)
     # fullgraph=True fails on any graph break, so this shows the step is capturable as one graph;
     # aot_eager traces forward like inductor does but skips its C++ code generation (~30 s on 2 cores)
     torch._dynamo.reset()
-    model._compiled_decode = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True)
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile_decode=True), eager)
+    step = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, decode_step=step), eager)
     # later calls decode into the same cache buffers (a CUDA graph keeps their addresses; new ones would
-    # make it re-record), and the result is still right; without compile_decode no buffers are kept
+    # make it re-record), and the result is still right; without a decode step no buffers are kept
     ptrs = [c.k.data_ptr() for c in model._kv_pool]
-    again = model.generate(prompt[:, :3], 20, temperature=0, compile_decode=True)
+    again = model.generate(prompt[:, :3], 20, temperature=0, decode_step=step)
     assert [c.k.data_ptr() for c in model._kv_pool] == ptrs
     assert torch.equal(again, model.generate(prompt[:, :3], 20, temperature=0))
     model.generate(prompt, 5, temperature=0)
@@ -116,7 +116,8 @@ def test_inductor_compiled_decode_picks_the_same_tokens():
     model = tiny_model()
     prompt = torch.randint(64, (2, 5))
     torch._dynamo.reset()
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile_decode=True), model.generate(prompt, 30, temperature=0))
+    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, decode_step=step), model.generate(prompt, 30, temperature=0))
 
 
 @pytest.fixture
@@ -219,10 +220,11 @@ def test_llama2c_baseline_runs_its_train_py_on_our_tiny_shape(bench, tmp_path, m
 
 def test_llama2c_baseline_without_a_checkout_is_a_one_line_error(bench, tmp_path):
     (tmp_path / "model.py").write_text("")  # some of the files, not train.py
-    with pytest.raises(SystemExit) as e:
+    from runtime import UsageError
+    with pytest.raises(UsageError) as e:
         bench.run_llama2c(str(tmp_path), bench.SIZES["tiny"], 4, 64, 5, False, "cpu", "float32", str(tmp_path))
     msg = str(e.value)
-    assert msg.startswith("error: ") and "\n" not in msg
+    assert "\n" not in msg
     assert "no train.py" in msg and "pass --llama2c_dir=<a llama2.c checkout>" in msg
 
 

@@ -2,6 +2,8 @@ import os
 import pickle
 
 import pytest
+
+from runtime import UsageError
 import torch
 
 import checkpoint
@@ -58,31 +60,31 @@ def test_loading_never_executes_code_from_the_file(tmp_path):
     path, Evil.marker = tmp_path / "evil.pt", tmp_path / "pwned"
     with open(path, "wb") as f:
         pickle.dump({"model": Evil(), "model_args": {}}, f, protocol=2)
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(UsageError, match="cannot read checkpoint"):
         load_checkpoint(str(path))
     assert not Evil.marker.exists()
 
 
 def test_missing_truncated_and_foreign_files(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         load_checkpoint(str(tmp_path / "nope.pt"))
     ckpt, _ = tiny_ckpt()
     save_checkpoint(ckpt, tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match="truncated, corrupt"):
+    with pytest.raises(UsageError, match="truncated, corrupt"):
         load_checkpoint(str(tmp_path / "cut.pt"))
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not a llamaforge checkpoint"):
+    with pytest.raises(UsageError, match="not a llamaforge checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
 
 
 def test_weights_that_do_not_match_model_args_are_refused():
     ckpt, _ = tiny_ckpt()
     ckpt["model_args"]["n_layers"] = 2  # claims a layer the weights do not have
-    with pytest.raises(SystemExit, match="do not match its model_args"):
+    with pytest.raises(UsageError, match="do not match its model_args"):
         build_model(ckpt)
     ckpt, _ = tiny_ckpt()
     ckpt["model_args"]["n_heads"] = 5  # 32 is not divisible by 5
-    with pytest.raises(SystemExit, match="invalid model_args"):
+    with pytest.raises(UsageError, match="invalid model_args"):
         build_model(ckpt)

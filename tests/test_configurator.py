@@ -1,5 +1,7 @@
 import pytest
 
+from runtime import UsageError
+
 from configurator import configure
 
 
@@ -26,33 +28,33 @@ def test_int_accepted_for_float_and_none_default_takes_anything():
 
 
 def test_unknown_key_names_nearest(capsys):
-    with pytest.raises(SystemExit, match=r"unknown config key 'learning_rat'.*learning_rate"):
+    with pytest.raises(UsageError, match=r"unknown config key 'learning_rat'.*learning_rate"):
         configure(defaults(), ["--learning_rat=1e-3"])
 
 
 def test_unknown_key_in_file(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batchsize = 4\n")
-    with pytest.raises(SystemExit, match=r"unknown config key 'batchsize' in .*c.py.*batch_size"):
+    with pytest.raises(UsageError, match=r"unknown config key 'batchsize' in .*c.py.*batch_size"):
         configure(defaults(), [str(cfg)])
 
 
 @pytest.mark.parametrize("flag,msg", [("--batch_size=3.5", "expects int"), ("--compile=1", "expects bool"),
                                       ("--batch_size=True", "expects int"), ("--learning_rate=fast", "expects float")])
 def test_wrong_types(flag, msg):
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(UsageError, match=msg):
         configure(defaults(), [flag])
 
 
 def test_missing_config_file_and_broken_file(tmp_path):
-    with pytest.raises(SystemExit, match="config file 'nope.py' not found"):
+    with pytest.raises(UsageError, match="config file 'nope.py' not found"):
         configure(defaults(), ["nope.py"])
     bad = tmp_path / "bad.py"
     bad.write_text("batch_size = = 3\n")
-    with pytest.raises(SystemExit, match="failed: SyntaxError"):
+    with pytest.raises(UsageError, match="failed: SyntaxError"):
         configure(defaults(), [str(bad)])
 
 
 def test_flag_without_value_on_non_bool():
-    with pytest.raises(SystemExit, match="has no value"):
+    with pytest.raises(UsageError, match="has no value"):
         configure(defaults(), ["--batch_size"])

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from runtime import UsageError
 import torch
 import torch.nn.functional as F
 
@@ -147,7 +149,7 @@ def test_hellaswag_counts_truncated_items():
 def test_malformed_hellaswag_line_names_its_line_number(tmp_path, line, what):
     f = tmp_path / "bad.jsonl"
     f.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + line + "\n")
-    with pytest.raises(SystemExit, match=f"line 2 .*{what}") as e:
+    with pytest.raises(UsageError, match=f"line 2 .*{what}") as e:
         evaluate.read_hellaswag(str(f))
     assert "\n" not in str(e.value)
 
@@ -171,7 +173,7 @@ def test_plot_draws_several_runs(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert res["runs"]["sgd"]["final_val_loss"] == pytest.approx(1.5 * 6 / 11)
     monkeypatch.setattr(evaluate, "runs", str(tmp_path / "nowhere"))
-    with pytest.raises(SystemExit, match="metrics.jsonl not found"):
+    with pytest.raises(UsageError, match="metrics.jsonl not found"):
         evaluate.plot()
 
 

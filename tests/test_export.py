@@ -16,7 +16,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 import export  # noqa: E402
 from checkpoint import build_model, current_umask, load_checkpoint, load_model  # noqa: E402
-from formats import Llama2cTokenizer  # noqa: E402
+from runtime import UsageError  # noqa: E402
+from tokenizer import Llama2cTokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 STORIES = DATA / "stories260K"
@@ -154,30 +155,30 @@ def test_llama2c_truncated_or_corrupt_is_one_line_error(tmp_path):
     export.write_llama2c(state(m), m.args, good, version=0)
     data = good.read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-4])
-    with pytest.raises(SystemExit, match=rf"should hold {len(data):,} bytes .* but holds {len(data) - 4:,}"):
+    with pytest.raises(UsageError, match=rf"should hold {len(data):,} bytes .* but holds {len(data) - 4:,}"):
         load_checkpoint(str(tmp_path / "short.bin"))
     bad = bytearray(data)
     bad[12:16] = struct.pack("<i", 0)  # n_heads = 0
     (tmp_path / "bad.bin").write_bytes(bytes(bad))
-    with pytest.raises(SystemExit, match="impossible llama2.c header"):
+    with pytest.raises(UsageError, match="impossible llama2.c header"):
         load_checkpoint(str(tmp_path / "bad.bin"))
     (tmp_path / "tiny.bin").write_bytes(b"\x01\x02")
-    with pytest.raises(SystemExit, match="too few"):
+    with pytest.raises(UsageError, match="too few"):
         load_checkpoint(str(tmp_path / "tiny.bin"))
 
 
 def test_exports_refuse_what_they_cannot_hold_and_leave_nothing(tmp_path):
     m = tiny(rope_theta=500000.0)
-    with pytest.raises(SystemExit, match="rope_theta"):
+    with pytest.raises(UsageError, match="rope_theta"):
         export.write_llama2c(state(m), m.args, tmp_path / "m.bin")
     from tokenizer import make_tokenizer
     gpt2 = DATA / "gpt2_bpe"
     if gpt2.is_dir():
-        with pytest.raises(SystemExit, match="SentencePiece vocabularies only"):
+        with pytest.raises(UsageError, match="SentencePiece vocabularies only"):
             export.write_llama2c_tokenizer(make_tokenizer(str(gpt2)), tmp_path / "t.bin")
-        with pytest.raises(SystemExit, match="50257 ids but the model only 96"):
+        with pytest.raises(UsageError, match="50257 ids but the model only 96"):
             export.export_gguf(state(m), m.args, make_tokenizer(str(gpt2)), tmp_path / "m.gguf")
-    with pytest.raises(SystemExit, match="must carry its tokenizer"):
+    with pytest.raises(UsageError, match="must carry its tokenizer"):
         export.export_gguf(state(m), m.args, None, tmp_path / "m.gguf")
     assert os.listdir(tmp_path) == []  # no partial or temporary file left behind
 
@@ -223,7 +224,7 @@ def test_hf_sharded_import_and_cli_roundtrip(tmp_path):
         ref = hf(x).logits
     assert (logits(reload(ckpt_path), x) - ref).abs().max().item() < 1e-4
     os.remove(tmp_path / "sharded" / sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))[0])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         load_checkpoint(str(tmp_path / "sharded"))
 
 

@@ -75,7 +75,7 @@ def one_line_error(proc, *fragments):
 
 def test_sft_files_hold_the_rendered_examples_and_their_labels(env):
     from chat import IGNORE_INDEX, alpaca_messages, render_chat
-    from tokenize_data import load_meta, open_sft
+    from data import load_meta, open_sft
     root, _, tok, records = env
     meta = load_meta(root / "data" / "sft")
     assert meta["format"] == "sft" and meta["task"] == "sft" and meta["tokenizer"]["sha256"] == tok.to_meta()["sha256"]
@@ -97,7 +97,7 @@ def test_sft_files_hold_the_rendered_examples_and_their_labels(env):
 def test_sft_batch_masks_prompt_and_padding_and_loss_covers_answers_only(env):
     from chat import IGNORE_INDEX
     from checkpoint import load_model
-    from tokenize_data import open_sft, sft_batch
+    from data import open_sft, sft_batch
     root, base, tok, _ = env
     tokens, mask, offsets = open_sft(root / "data" / "sft", "train")
     idx = [0, 1, 2, 3]
@@ -130,7 +130,7 @@ def test_two_micro_batches_give_the_gradient_of_one_batch(env):
     """train.py normalises by the answer-token count of the whole step: one SGD step over 2
     micro-batches of 2 examples equals one step over a batch of all 4, although the micro-batches
     hold different numbers of trained tokens (a mean of means would weight them wrongly)."""
-    from tokenize_data import open_sft, sft_batch
+    from data import open_sft, sft_batch
     root, base, _, _ = env
     tokens, mask, offsets = open_sft(root / "data" / "sft", "train")
     g = torch.Generator().manual_seed(1337)  # train.py's sampler for seed 1337, rank 0

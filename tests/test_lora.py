@@ -84,7 +84,7 @@ def test_adapter_generates_like_its_merge_and_refuses_another_base(env):
     root, base, other = env
     train(root, f"--init_from={base}", "--lora_rank=4", "--max_iters=20", "--eval_interval=20", "--learning_rate=3e-2", "--warmup_iters=0",
           "--out_dir=ad")
-    run_script("lora.py", "merge", "--adapter=ad/ckpt.pt", "--out=merged.pt", cwd=root)
+    run_script("export.py", "--adapter=ad/ckpt.pt", "--format=ours", "--out=merged.pt", cwd=root)
     g = ["--prompt=copy cat", "--chat=True", "--temperature=0", "--max_new_tokens=12"]
     with_adapter = run_script("generate.py", f"--checkpoint={base}", "--adapter=ad/ckpt.pt", *g, cwd=root).stdout
     assert with_adapter == run_script("generate.py", "--checkpoint=merged.pt", *g, cwd=root).stdout
@@ -93,7 +93,8 @@ def test_adapter_generates_like_its_merge_and_refuses_another_base(env):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "different base model" in last and str(base) in last
-    proc = run_script("lora.py", "merge", f"--base={other}", "--adapter=ad/ckpt.pt", "--out=x.pt", cwd=root, check=False)
+    proc = run_script("export.py", f"--checkpoint={other}", "--adapter=ad/ckpt.pt", "--format=ours", "--out=x.pt", cwd=root,
+                      check=False)
     assert "different base model" in proc.stderr.strip().splitlines()[-1]
     proc = run_script("generate.py", "--checkpoint=ad/ckpt.pt", cwd=root, check=False)  # an adapter is not a model
     assert "is a LoRA adapter, not a full model" in proc.stderr.strip().splitlines()[-1] and "--adapter=" in proc.stderr

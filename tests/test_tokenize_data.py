@@ -10,7 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data as ds  # noqa: E402
 import tokenize_data as td  # noqa: E402
+from runtime import UsageError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,29 +65,29 @@ def built(tmp_path_factory):
 
 
 def test_dtype_rule():
-    assert td.token_dtype(512) == np.uint16
-    assert td.token_dtype(50260) == np.uint16  # GPT-2 + 3 chat specials
-    assert td.token_dtype(65536) == np.uint16  # ids 0..65535 all fit
-    assert td.token_dtype(65537) == np.uint32
-    assert td.token_dtype(512, "uint32") == np.uint32
-    with pytest.raises(SystemExit, match="does not fit in uint16"):
-        td.token_dtype(100_000, "uint16")
-    with pytest.raises(SystemExit, match="not one of auto"):
-        td.token_dtype(512, "int8")
+    assert ds.token_dtype(512) == np.uint16
+    assert ds.token_dtype(50260) == np.uint16  # GPT-2 + 3 chat specials
+    assert ds.token_dtype(65536) == np.uint16  # ids 0..65535 all fit
+    assert ds.token_dtype(65537) == np.uint32
+    assert ds.token_dtype(512, "uint32") == np.uint32
+    with pytest.raises(UsageError, match="does not fit in uint16"):
+        ds.token_dtype(100_000, "uint16")
+    with pytest.raises(UsageError, match="not one of auto"):
+        ds.token_dtype(512, "int8")
 
 
 def test_split_is_by_document_seeded_and_disjoint():
-    train, val = td.split_documents(1000, 0.05, 1337)
+    train, val = ds.split_documents(1000, 0.05, 1337)
     assert len(val) == 50 and not set(train) & set(val) and sorted([*train, *val]) == list(range(1000))
-    assert np.array_equal(val, td.split_documents(1000, 0.05, 1337)[1])
-    assert not np.array_equal(val, td.split_documents(1000, 0.05, 7)[1])
-    assert len(td.split_documents(3, 0.0, 0)[1]) == 1 and len(td.split_documents(2, 0.9, 0)[0]) == 1
-    with pytest.raises(SystemExit, match="cannot be split"):
-        td.split_documents(1, 0.05, 0)
+    assert np.array_equal(val, ds.split_documents(1000, 0.05, 1337)[1])
+    assert not np.array_equal(val, ds.split_documents(1000, 0.05, 7)[1])
+    assert len(ds.split_documents(3, 0.0, 0)[1]) == 1 and len(ds.split_documents(2, 0.9, 0)[0]) == 1
+    with pytest.raises(UsageError, match="cannot be split"):
+        ds.split_documents(1, 0.05, 0)
 
 
 def test_meta_and_bins(built):
-    meta = td.load_meta(built)
+    meta = ds.load_meta(built)
     tok = load_tokenizer(meta["tokenizer"])
     assert meta["vocab_size"] == tok.vocab_size == 400 and meta["dtype"] == "uint16"
     assert (meta["bos_id"], meta["eos_id"]) == (tok.bos_id, tok.eos_id) == (1, 2)
@@ -93,16 +95,16 @@ def test_meta_and_bins(built):
     assert meta["val_fraction"] == 0.2 and meta["seed"] == 1337
     assert meta["splits"]["train"]["documents"] == 48 and meta["splits"]["val"]["documents"] == 12
     for split in ("train", "val"):
-        data = td.open_split(built, split)
+        data = ds.open_split(built, split)
         assert data.dtype == np.uint16 and len(data) == meta["splits"][split]["tokens"]
-        assert td.check_token_ids(built, split) < 400
+        assert ds.check_token_ids(built, split) < 400
 
 
 def test_train_and_val_documents_are_disjoint_and_complete(built):
-    meta = td.load_meta(built)
+    meta = ds.load_meta(built)
     tok = load_tokenizer(meta["tokenizer"])
-    train = documents(td.open_split(built, "train"), tok.bos_id, tok.eos_id)
-    val = documents(td.open_split(built, "val"), tok.bos_id, tok.eos_id)
+    train = documents(ds.open_split(built, "train"), tok.bos_id, tok.eos_id)
+    val = documents(ds.open_split(built, "val"), tok.bos_id, tok.eos_id)
     assert len(train) == 48 and len(val) == 12
     assert not set(train) & set(val)
     # every source document comes back exactly once, decoded to its own text
@@ -117,21 +119,21 @@ def test_gpt2_is_uint16_and_forced_uint32_reads_the_same(tmp_path, built, monkey
     (tmp_path / "g" / "docs.jsonl").write_bytes((built / "docs.jsonl").read_bytes())
     configure(monkeypatch, data_root=str(tmp_path), dataset="g", tokenizer=str(GPT2_DIR), num_workers=1)
     td.pretokenize()
-    meta = td.load_meta(tmp_path / "g")
+    meta = ds.load_meta(tmp_path / "g")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50260 and meta["bos_id"] == meta["eos_id"] == 50256
-    small = np.array(td.open_split(tmp_path / "g", "train"))
+    small = np.array(ds.open_split(tmp_path / "g", "train"))
     configure(monkeypatch, dtype="uint32")
     td.pretokenize()
-    big = td.open_split(tmp_path / "g", "train")
-    assert td.load_meta(tmp_path / "g")["dtype"] == "uint32" and big.dtype == np.uint32
+    big = ds.open_split(tmp_path / "g", "train")
+    assert ds.load_meta(tmp_path / "g")["dtype"] == "uint32" and big.dtype == np.uint32
     assert os.path.getsize(tmp_path / "g" / "train.bin") == 4 * len(small) and np.array_equal(big, small)
 
 
 def test_open_split_errors(tmp_path, built):
-    with pytest.raises(SystemExit, match="not found; make it with python tokenize_data.py download"):
-        td.load_meta(tmp_path / "nope")
-    with pytest.raises(SystemExit, match="meta.json not found; run python tokenize_data.py pretokenize"):
-        td.load_meta(tmp_path)
+    with pytest.raises(UsageError, match="not found; make it with python tokenize_data.py download"):
+        ds.load_meta(tmp_path / "nope")
+    with pytest.raises(UsageError, match="meta.json not found; run python tokenize_data.py pretokenize"):
+        ds.load_meta(tmp_path)
     d = tmp_path / "copy"
     d.mkdir()
     for f in ("meta.json", "train.bin", "val.bin"):
@@ -139,42 +141,42 @@ def test_open_split_errors(tmp_path, built):
     with open(d / "train.bin", "ab") as f:
         f.write(b"\x00")  # a torn write: one byte too many
     n = os.path.getsize(d / "train.bin")
-    with pytest.raises(SystemExit, match=f"holds {n:,} bytes, not a whole number of uint16 tokens; re-run"):
-        td.open_split(d, "train")
+    with pytest.raises(UsageError, match=f"holds {n:,} bytes, not a whole number of uint16 tokens; re-run"):
+        ds.open_split(d, "train")
     (d / "train.bin").write_bytes(b"")
-    with pytest.raises(SystemExit, match="is empty"):
-        td.open_split(d, "train")
+    with pytest.raises(UsageError, match="is empty"):
+        ds.open_split(d, "train")
     np.array([1, 5, 400, 2], dtype=np.uint16).tofile(d / "train.bin")  # 400 is past a 400-token vocab
-    with pytest.raises(SystemExit, match="holds token id 400 but the vocab has only 400 ids"):
-        td.check_token_ids(d, "train")
-    assert td.check_token_ids(d, "train", vocab_size=512) == 400
-    with pytest.raises(SystemExit, match="no split 'test'"):
-        td.open_split(d, "test")
+    with pytest.raises(UsageError, match="holds token id 400 but the vocab has only 400 ids"):
+        ds.check_token_ids(d, "train")
+    assert ds.check_token_ids(d, "train", vocab_size=512) == 400
+    with pytest.raises(UsageError, match="no split 'test'"):
+        ds.open_split(d, "test")
     (d / "val.bin").unlink()
-    with pytest.raises(SystemExit, match="val.bin not found"):
-        td.open_split(d, "val")
+    with pytest.raises(UsageError, match="val.bin not found"):
+        ds.open_split(d, "val")
 
 
 def test_download_errors(tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
     configure(monkeypatch, data_root=str(tmp_path / "data"), source=str(bad))
-    with pytest.raises(SystemExit, match="bad.jsonl line 3"):
+    with pytest.raises(UsageError, match="bad.jsonl line 3"):
         td.download()
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "   \n"])
     configure(monkeypatch, source=str(empty))
-    with pytest.raises(SystemExit, match="no non-empty documents"):
+    with pytest.raises(UsageError, match="no non-empty documents"):
         td.download()
     configure(monkeypatch, source=str(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"])), text_field="story")
-    with pytest.raises(SystemExit, match=r"has no column 'story' \(it has \['text'\]\)"):
+    with pytest.raises(UsageError, match=r"has no column 'story' \(it has \['text'\]\)"):
         td.download()
     configure(monkeypatch, dataset="never_downloaded")
-    with pytest.raises(SystemExit, match="docs.jsonl not found; run python tokenize_data.py download"):
+    with pytest.raises(UsageError, match="docs.jsonl not found; run python tokenize_data.py download"):
         td.train_vocab()
     (tmp_path / "data" / "x").mkdir(parents=True)
     (tmp_path / "data" / "x" / "docs.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
     configure(monkeypatch, dataset="x")
-    with pytest.raises(SystemExit, match="line 2 is not a JSON object with a 'text' field"):
+    with pytest.raises(UsageError, match="line 2 is not a JSON object with a 'text' field"):
         td.pretokenize()
 
 
@@ -197,11 +199,11 @@ def test_cli_end_to_end(tmp_path):
     d = tmp_path / "out_data" / "stories"
     assert sorted(p.name for p in d.iterdir()) == ["docs.jsonl", "meta.json", "tok400.model", "tok400.vocab",
                                                     "train.bin", "val.bin"]
-    meta = td.load_meta(d)
+    meta = ds.load_meta(d)
     assert meta["splits"]["val"]["documents"] == 2 and meta["splits"]["train"]["documents"] == 38
     tok = load_tokenizer(meta["tokenizer"])
-    train = documents(td.open_split(d, "train"), tok.bos_id, tok.eos_id)
-    assert sorted(tok.decode(list(x)) for x in train) == sorted(docs[i] for i in td.split_documents(40, .05, 1337)[0])
+    train = documents(ds.open_split(d, "train"), tok.bos_id, tok.eos_id)
+    assert sorted(tok.decode(list(x)) for x in train) == sorted(docs[i] for i in ds.split_documents(40, .05, 1337)[0])
 
 
 def test_cli_txt_and_one_line_errors(tmp_path):

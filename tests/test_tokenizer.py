@@ -7,7 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import tokenize_data as td  # noqa: E402
+from runtime import UsageError  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -35,7 +37,8 @@ def trained(tmp_path_factory):
 
 
 def stream(tok, ids):
-    return "".join(tok.decode_piece(p, i) for p, i in zip([None] + ids[:-1], ids))
+    decoder = tok.stream()
+    return "".join(decoder.add(i) for i in ids)
 
 
 def test_trained_sentencepiece_round_trip_and_specials(trained):
@@ -104,7 +107,8 @@ def test_gpt2_specials_round_trip_and_streaming_split_utf8():
     assert tok.decode(ids) == TEXT
     # 日 is split over two byte tokens: the streaming decoder holds the first half back
     ja = tok.encode("日")
-    assert len(ja) == 2 and tok.decode_piece(None, ja[0]) == "" and tok.decode_piece(ja[0], ja[1]) == "日"
+    decoder = tok.stream()
+    assert len(ja) == 2 and decoder.add(ja[0]) == "" and decoder.add(ja[1]) == "日"
     assert stream(tok, ids) == TEXT
     # specials only when asked for, and typed <|endoftext|> is text, never the control id
     assert len(make_tokenizer(GPT2_DIR).encode("<|user|>")) > 1
@@ -114,30 +118,30 @@ def test_gpt2_specials_round_trip_and_streaming_split_utf8():
 @need_gpt2
 def test_decode_drops_ids_of_a_padded_embedding():
     tok = make_tokenizer(GPT2_DIR)
-    assert tok.decode(tok.encode("hi") + [50300]) == "hi" and tok.decode_piece(None, 50300) == ""
+    assert tok.decode(tok.encode("hi") + [50300]) == "hi" and tok.stream().add(50300) == ""
 
 
 def test_errors_are_one_line(tmp_path, trained):
-    with pytest.raises(SystemExit, match="not found; train one"):
+    with pytest.raises(UsageError, match="not found; train one"):
         make_tokenizer(tmp_path / "missing.model")
     (tmp_path / "junk.model").write_bytes(b"not a model")
-    with pytest.raises(SystemExit, match="is not a SentencePiece model"):
+    with pytest.raises(UsageError, match="is not a SentencePiece model"):
         make_tokenizer(tmp_path / "junk.model")
-    with pytest.raises(SystemExit, match="no GPT-2 BPE files"):
+    with pytest.raises(UsageError, match="no GPT-2 BPE files"):
         make_tokenizer(tmp_path)
-    with pytest.raises(SystemExit, match="GPT-2 BPE path .* not found"):
+    with pytest.raises(UsageError, match="GPT-2 BPE path .* not found"):
         make_tokenizer(tmp_path / "r50k_base.tiktoken")
     meta = dict(trained.to_meta(), vocab_size=401)
-    with pytest.raises(SystemExit, match="has 400 ids but the metadata says 401"):
+    with pytest.raises(UsageError, match="has 400 ids but the metadata says 401"):
         load_tokenizer(meta)
-    with pytest.raises(SystemExit, match="unknown tokenizer kind"):
+    with pytest.raises(UsageError, match="unknown tokenizer kind"):
         load_tokenizer(dict(meta, kind="bert"))
-    assert "\n" not in str(pytest.raises(SystemExit, make_tokenizer, os.fspath(tmp_path / "x.model")).value)
+    assert "\n" not in str(pytest.raises(UsageError, make_tokenizer, os.fspath(tmp_path / "x.model")).value)
 
 
 def test_changed_tokenizer_file_is_refused_and_embedded_model_needs_no_file(trained, tmp_path):
     meta = trained.to_meta()
-    with pytest.raises(SystemExit, match="not the one the data/checkpoint was made with"):
+    with pytest.raises(UsageError, match="not the one the data/checkpoint was made with"):
         load_tokenizer({**meta, "sha256": "0" * 64})  # as if train_vocab had rewritten the file
     embedded = {**trained.to_meta(embed=True), "path": str(tmp_path / "gone.model")}
     again = load_tokenizer(embedded)

@@ -1,0 +1,229 @@
+"""The on-disk dataset format, its writers and readers, and the batchers that feed training.
+
+A dataset is a folder (data/README.md describes it):
+    meta.json                      {"tokenizer": {...}, "vocab_size", "dtype", "bos_id", "eos_id", "splits": {...}}
+    train.bin, val.bin             token ids (uint16 or uint32), documents as BOS doc EOS BOS doc EOS ...
+and for fine-tuning data ("format": "sft") per split also
+    {split}.mask.bin               uint8, 1 where the loss trains on the token
+    {split}.offsets.bin            int64, example i is tokens[offsets[i]:offsets[i+1]]
+meta.json is written last, so it only ever describes files that are complete.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from checkpoint import atomic_file
+from model import IGNORE_INDEX
+from runtime import UsageError
+
+
+def token_dtype(n_vocab, name="auto"):
+    """uint16 halves disk and memory and holds ids < 65536 (our vocabs, Llama 2's 32000, GPT-2's 50260)."""
+    if name == "auto":
+        return np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
+    if name not in ("uint16", "uint32"):
+        raise UsageError(f"dtype '{name}' is not one of auto, uint16, uint32; pass --dtype=auto")
+    if name == "uint16" and n_vocab > 65536:
+        raise UsageError(f"a vocab of {n_vocab:,} ids does not fit in uint16; pass --dtype=uint32 or --dtype=auto")
+    return np.dtype(name)
+
+
+def split_documents(n, frac, seed):
+    """Indices of train and val documents. The split is by whole document (a seeded permutation), so
+    no text the model trains on is evaluated as val; each split keeps the corpus order."""
+    if n < 2:
+        raise UsageError(f"{n} document(s) cannot be split into train and val; add more text "
+                         f"(for one big .txt, use --txt_split=paragraph)")
+    n_val = min(n - 1, max(1, round(n * frac)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# ---- writers ---------------------------------------------------------------------------------------
+
+def write_tokens(path, chunks, dtype):
+    """Write an iterable of id sequences to path, in order, atomically; returns the number of tokens."""
+    count = 0
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for ids in chunks:
+            arr = np.asarray(ids, dtype=dtype)
+            f.write(arr.tobytes())
+            count += len(arr)
+    return count
+
+
+def write_array(path, arr):
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def write_meta(data_dir, meta):
+    """meta.json, atomically: the last file of a dataset to be written."""
+    with atomic_file(Path(data_dir) / "meta.json") as tmp, open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def dataset_meta(tok_meta, vocab_size, dtype, bos_id, eos_id, splits, **extra):
+    """The meta.json dict. tok_meta is Tokenizer.to_meta(); splits maps a split name to its files and counts."""
+    return {"tokenizer": tok_meta, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "bos_id": bos_id,
+            "eos_id": eos_id, "splits": splits, **extra}
+
+
+def write_token_dataset(data_dir, splits, tok_meta, vocab_size, bos_id=1, eos_id=2, dtype="auto", **extra):
+    """A whole pretraining dataset from in-memory token arrays {split: ids}: what benchmarks and tests use."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    dt = token_dtype(vocab_size, dtype)
+    info = {}
+    for name, ids in splits.items():
+        n = write_tokens(d / f"{name}.bin", [ids], dt)
+        info[name] = {"file": f"{name}.bin", "documents": 1, "tokens": n}
+    write_meta(d, dataset_meta(tok_meta, vocab_size, dt, bos_id, eos_id, info, **extra))
+    return d
+
+
+def write_sft_split(data_dir, name, examples, dtype):
+    """examples: [(ids, labels)] from chat.render_chat. Writes the split's tokens, loss mask and offsets;
+    returns its meta.json entry."""
+    d = Path(data_dir)
+    ids = np.array([t for e, _ in examples for t in e], dtype=dtype)
+    mask = np.array([lab != IGNORE_INDEX for _, labs in examples for lab in labs], dtype=np.uint8)
+    offsets = np.cumsum([0] + [len(e) for e, _ in examples]).astype(np.int64)
+    for suffix, arr in (("bin", ids), ("mask.bin", mask), ("offsets.bin", offsets)):
+        write_array(d / f"{name}.{suffix}", arr)
+    lengths = np.diff(offsets)
+    return {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "offsets": f"{name}.offsets.bin",
+            "examples": len(examples), "tokens": int(len(ids)), "trained_tokens": int(mask.sum()),
+            "max_example_tokens": int(lengths.max()) if len(lengths) else 0,
+            "median_example_tokens": int(np.median(lengths)) if len(lengths) else 0}
+
+
+# ---- readers ---------------------------------------------------------------------------------------
+
+def load_meta(data_dir):
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UsageError(f"dataset folder {d} not found; make it with python tokenize_data.py download "
+                         f"then pretokenize (offline demo: --source=stdlib, --dataset=demo)")
+    path = d / "meta.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found; run python tokenize_data.py pretokenize --dataset={d.name}")
+    try:
+        meta = json.loads(path.read_text())
+        meta["splits"], meta["vocab_size"], meta["dtype"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); re-run python tokenize_data.py pretokenize")
+    return meta
+
+
+def open_split(data_dir, split):
+    """The split's tokens as a read-only memmap, after checking the file matches meta.json."""
+    d = Path(data_dir)
+    meta = load_meta(d)
+    if split not in meta["splits"]:
+        raise UsageError(f"{d}/meta.json has no split '{split}' (it has {list(meta['splits'])}); "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    path = d / meta["splits"][split]["file"]
+    if not path.is_file():
+        raise UsageError(f"{path} not found; re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    dt = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size % dt.itemsize:
+        raise UsageError(f"{path} holds {size:,} bytes, not a whole number of {dt.name} tokens; "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    if size == 0:
+        raise UsageError(f"{path} is empty; add more documents or change --val_fraction, then "
+                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    return np.memmap(path, dtype=dt, mode="r")
+
+
+def check_token_ids(data_dir, split, vocab_size=None):
+    """Stop if any token id is >= vocab_size (default: meta's), e.g. a .bin left from another tokenizer.
+    Reads the file once in 16M-token chunks: about a second per GB. Returns the largest id."""
+    data = open_split(data_dir, split)
+    limit = vocab_size or load_meta(data_dir)["vocab_size"]
+    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
+    if top >= limit:
+        raise UsageError(f"{data.filename} holds token id {top:,} but the vocab has only {limit:,} ids; "
+                         f"re-run python tokenize_data.py pretokenize --dataset={Path(data_dir).name} "
+                         f"with the tokenizer you train with")
+    return top
+
+
+def open_sft(data_dir, split):
+    """(tokens, mask, offsets) memmaps of an SFT split (meta "format": "sft"), checked against each other."""
+    d = Path(data_dir)
+    info = load_meta(d)["splits"][split]
+    tokens = open_split(d, split)
+    for key in ("mask", "offsets"):
+        if not (d / info[key]).is_file():
+            raise UsageError(f"{d / info[key]} not found; re-run python tokenize_data.py sft/classify --dataset={d.name}")
+    mask = np.memmap(d / info["mask"], dtype=np.uint8, mode="r")
+    offsets = np.fromfile(d / info["offsets"], dtype=np.int64)
+    if len(mask) != len(tokens) or len(offsets) < 2 or offsets[-1] != len(tokens):
+        raise UsageError(f"{d}/{split}.* files disagree (tokens {len(tokens)}, mask {len(mask)}, "
+                         f"offsets end {offsets[-1] if len(offsets) else None}); re-run python tokenize_data.py sft/classify")
+    return tokens, mask, offsets
+
+
+# ---- batchers --------------------------------------------------------------------------------------
+
+def window_batch(tokens, positions, block_size):
+    """Inputs and next-token targets (int64, B x block_size) of the windows starting at positions."""
+    x = np.stack([tokens[i:i + block_size] for i in positions]).astype(np.int64)
+    y = np.stack([tokens[i + 1:i + 1 + block_size] for i in positions]).astype(np.int64)
+    return x, y
+
+
+def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
+    """Inputs x and targets y (int64 arrays, B x T) for the examples at indices, right-padded to the
+    longest of them (T <= block_size): no example attends to another, and padding comes after the
+    real tokens so causal attention never lets a real token see it. y is the next token where the mask
+    says the loss trains on it, else IGNORE_INDEX (prompt, padding). An example longer than
+    block_size+1 tokens is cut to its first block_size+1."""
+    seqs = [(np.asarray(tokens[a:min(b, a + block_size + 1)], dtype=np.int64), np.asarray(mask[a:min(b, a + block_size + 1)], dtype=bool))
+            for a, b in ((offsets[i], offsets[i + 1]) for i in indices)]
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    y = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
+    for r, (ids, m) in enumerate(seqs):
+        x[r, :len(ids) - 1] = ids[:-1]
+        y[r, :len(ids) - 1] = np.where(m[1:], ids[1:], IGNORE_INDEX)
+    return x, y
+
+
+class Batches:
+    """Training and evaluation batches of a dataset folder. Pretraining data is a token stream sampled as
+    random windows (positions are window starts); SFT data is whole examples, one per row (positions are
+    example indices), padded per batch."""
+
+    def __init__(self, data_dir, block_size):
+        self.dir, self.block_size = Path(data_dir), block_size
+        self.meta = load_meta(data_dir)
+        self.sft = self.meta.get("format") == "sft"
+        self.pad_id = self.meta.get("eos_id") or 0
+        self.tokens = {s: open_split(data_dir, s) for s in ("train", "val")}
+        self.examples = {s: open_sft(data_dir, s) for s in ("train", "val")} if self.sft else {}
+        for split, arr in self.tokens.items():
+            if len(arr) < block_size + 1 and not self.sft:
+                raise UsageError(f"{data_dir}/{split}.bin holds {len(arr)} tokens, fewer than block_size+1="
+                                 f"{block_size + 1}; lower block_size or add data")
+
+    def size(self, split):
+        """How many positions a batch may draw from: window starts, or examples."""
+        return len(self.examples[split][2]) - 1 if self.sft else len(self.tokens[split]) - self.block_size
+
+    def get(self, split, positions):
+        if self.sft:
+            return sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
+        arr = self.tokens[split]
+        data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # a fresh memmap per batch: a long-lived one leaks memory
+        return window_batch(data, positions, self.block_size)
+
+    def truncation_report(self, split):
+        """SFT: (examples longer than block_size+1 tokens, how many of them lose every answer token)."""
+        _, mask, offs = self.examples[split]
+        cut = np.minimum(offs[1:], offs[:-1] + self.block_size + 1)
+        trained = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # answer tokens left after truncation
+        return int((cut < offs[1:]).sum()), int((trained[cut] == trained[offs[:-1]]).sum())

@@ -1,0 +1,201 @@
+"""What every script needs from the process it runs in.
+
+- UsageError, the one error type of the library files, and handle_errors(), which each script calls
+  once: an uncaught UsageError, OSError or decode error then ends the process with one line
+  `error: ...` and status 1, and Ctrl-C with status 130, instead of a traceback.
+- The one device/dtype rule (device_and_dtype) and the autocast context that goes with it.
+- Device peaks and MFU; memory readings; torch.distributed setup and teardown.
+Imports nothing of ours: every library file may import it.
+"""
+import errno
+import os
+import sys
+from contextlib import nullcontext
+
+
+class UsageError(Exception):
+    """Bad input, settings or files. The message names the problem and the fix, in one line."""
+
+
+def _one_line(exc):
+    """The `error: ...` line for an exception that escaped a script, or None for a real bug."""
+    if isinstance(exc, UsageError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):  # readers that know their file convert this themselves
+        return (f"input is not {exc.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); "
+                f"convert the file to UTF-8 or pass its --encoding")
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        fix = {errno.ENOSPC: "free some disk space or write elsewhere",
+               errno.EDQUOT: "free some disk space or write elsewhere",
+               errno.EACCES: "choose a location you may write to (or fix its permissions)",
+               errno.EPERM: "choose a location you may write to (or fix its permissions)",
+               errno.EROFS: "the file system is read-only: write elsewhere",
+               errno.EISDIR: "that path is a folder: pass a file path",
+               errno.ENOTDIR: "a part of that path is a file, not a folder: fix the path",
+               errno.ENOENT: "check the path"}.get(exc.errno, "check the path, its permissions and free disk space")
+        return f"{exc.strerror or exc}:{where}; {fix}"
+    return None
+
+
+def handle_errors():
+    """Install the script-wide handler (call it at the top of a script, before any work). Library code
+    raises; only this turns an exception into an exit status. Under torchrun only rank 0 prints, so a
+    configuration error shows once, not once per process."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        quiet = int(os.environ.get("RANK", "0")) != 0
+        if issubclass(kind, KeyboardInterrupt):
+            # quietly, and as the status a shell gives a process stopped by Ctrl-C; the `with` blocks that
+            # write files have already removed their temporary files while the exception unwound
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        line = _one_line(exc)
+        if line is None:
+            return previous(kind, exc, tb)  # a bug, not bad input: the traceback is what helps
+        if not quiet:
+            sys.stdout.flush()
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        # returning lets Python exit with status 1 as for any uncaught exception
+
+    sys.excepthook = hook
+
+
+def check(ok, message):
+    """Raise UsageError(message) unless ok: the one-line form of a validation."""
+    if not ok:
+        raise UsageError(message)
+
+
+# ---- device and dtype ----------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_and_dtype(device="auto", dtype="auto"):
+    """The one rule: 'auto' device is CUDA, else Apple's MPS, else the CPU; 'auto' dtype is bf16 autocast
+    on GPUs with native bf16, fp16 (with loss scaling when training) on older GPUs, and fp32 elsewhere,
+    where autocast buys nothing. Returns (device string, device type, dtype name)."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"device='{device}' is not a device name; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device='{device}' but no CUDA GPU is visible; use --device=cpu")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise UsageError(f"device='{device}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible; pick another index")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device='{device}' but this torch build or machine has no MPS; use --device=cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device='{device}' is not supported; use auto, cpu, cuda, cuda:N or mps")
+    if dtype == "auto":
+        dtype = "float32" if kind != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype='{dtype}' is not one of 'auto', {', '.join(repr(d) for d in DTYPES)}")
+    return device, kind, dtype
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for dtype's matmuls over fp32 weights; a no-op context for float32."""
+    import torch
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# ---- speed and memory ------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "L40S": 362e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device=None):
+    """Peak dense bf16 FLOP/s of a CUDA device, matched on its name; None for CPU or unknown GPUs."""
+    import torch
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest first: "GH200" before "H200"
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_token, tokens_per_second, device=None):
+    """Model FLOPs utilisation against the device's dense bf16 peak; None where the peak is unknown."""
+    peak = peak_flops(device)
+    return None if peak is None else flops_per_token * tokens_per_second / peak
+
+
+def peak_rss():
+    """Peak resident memory of this process in bytes (0 where the resource module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class MemoryMeter:
+    """Peak memory since start: on CUDA the allocator's peak of live tensors (no sync), elsewhere the growth
+    of the process's peak resident memory since the meter was made (coarser: allocator caches count too)."""
+
+    def __init__(self, device):
+        import torch
+        self.device, self.cuda = device, torch.device(device).type == "cuda"
+        self.base = 0 if self.cuda else peak_rss()
+
+    def peak(self):
+        import torch
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else max(0, peak_rss() - self.base)
+
+    def reset(self):
+        """Start a new window (CUDA only: a process's peak RSS cannot be lowered)."""
+        import torch
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def cap_gpu_memory(device, gigabytes):
+    """The caching allocator raises OutOfMemoryError past this many GiB, as a smaller card would."""
+    import torch
+    index = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gigabytes * 2**30 / total), index)
+
+
+# ---- torch.distributed -------------------------------------------------------------------------------
+
+def distributed_world():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment, without initialising anything."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(device_type):
+    """Join torchrun's process group: NCCL between GPUs, gloo between CPU processes."""
+    import torch
+    import torch.distributed as dist
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":  # else every rank's collectives (all_gather_object, barrier) land on cuda:0
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend)
+
+
+def teardown_distributed():
+    """Wait for every rank (the master may still be writing a checkpoint), then leave the group. Drop any
+    DDP wrapper before calling this: its reducer holds the group, and left for interpreter finalization
+    gloo's threads free tensors after Python is gone and the process aborts ("terminate called ...")."""
+    import gc
+    import torch.distributed as dist
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
