@@ -3,7 +3,7 @@
     python bench.py --sizes=tiny                                   # CPU smoke test (what CI runs)
     python bench.py --sizes=15M,110M --optimizers=adamw,sgd --compile=False,True
     python bench.py --sizes=1.3B --memory_cap_gb=24 --activation_checkpointing=True, --optimizer_in_backward=True,
-    python bench.py --find_max=True --memory_cap_gb=24 --optimizers=adamw,sgd   # largest ladder size that trains in 24 GiB
+    python bench.py --find_max=True --memory_cap_gb=24 --optimizers=adamw,sgd   # largest size that trains in 24 GiB
     python bench.py --sizes=1.3B --train_runs=False --trace_memory=True          # its memory, traced, on any machine
     python bench.py --sizes=110M --compile=True, --llama2c_dir=../llama2.c       # and llama2.c's train.py, same shape
 
@@ -51,7 +51,7 @@ memory_cap_gb = 0.0                 # >0 (CUDA): cap training runs at this many 
 trace_memory = False                # also trace one training step on fake tensors: its peak of live tensor bytes
 train_runs = True                   # run train.py per setting; False: with trace_memory, estimates only (any machine);
                                     # without, decoding only
-llama2c_dir = ""                    # a llama2.c checkout: also time its own train.py on each size (same batch, seq, device,
+llama2c_dir = ""                    # a llama2.c checkout: also time its own train.py on each size (same batch, seq,
                                     # dtype, compile) in this call, and report our AdamW tokens/s over its
 find_max = False                    # search LADDER for the largest size that trains under memory_cap_gb
 device = "auto"                     # 'auto', 'cpu', 'cuda'
@@ -141,7 +141,8 @@ def run_train(s, tmp):
             f"--memory_cap_gb={memory_cap_gb}", f"--device={device}", f"--dtype={s['dtype']}",
             # two log windows of train_iters: the first is warm-up; evaluation only at the ends, 1 batch
             f"--max_iters={2 * train_iters}", f"--log_interval={train_iters}", f"--eval_interval={2 * train_iters}",
-            "--eval_iters=1", "--warmup_iters=0", "--learning_rate=1e-4", "--write_checkpoints=False", "--progress=False"]
+            "--eval_iters=1", "--warmup_iters=0", "--learning_rate=1e-4", "--write_checkpoints=False",
+            "--progress=False"]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO))
     if proc.returncode != 0:
@@ -156,8 +157,9 @@ def run_train(s, tmp):
 
 def setting(size, opt, comp=False, ckpt=False, blocks=0, inback=False, seq=0, batch=0):
     arch = SIZES[size]
-    return dict(size=size, dtype=dt, optimizer=opt, compile=comp, activation_checkpointing=ckpt, checkpoint_blocks=blocks if ckpt else 0,
-                optimizer_in_backward=inback, batch_size=batch or batch_size or arch["batch"], seq_len=seq or seq_len or arch["seq"],
+    return dict(size=size, dtype=dt, optimizer=opt, compile=comp, activation_checkpointing=ckpt,
+                checkpoint_blocks=blocks if ckpt else 0, optimizer_in_backward=inback,
+                batch_size=batch or batch_size or arch["batch"], seq_len=seq or seq_len or arch["seq"],
                 params=meta_model(size).num_params())
 
 
@@ -238,7 +240,7 @@ def run_llama2c(llama2c_dir, size_args, batch, seq, iters, compile, device, dtyp
     and dtype (resolved: 'cuda'/'cpu', 'bfloat16'/'float32'), on random tokens: the baseline for our tok/s.
     It runs from a copy under tmp, so the user's checkout is never written to. On CPU it trains in fp32 whatever
     dtype says (it autocasts only on CUDA)."""
-    need = ("train.py", "model.py", "tinystories.py", "configurator.py", "export.py", "tokenizer.py")  # train.py loads all
+    need = ("train.py", "model.py", "tinystories.py", "configurator.py", "export.py", "tokenizer.py")  # it loads all
     missing = [f for f in need if not os.path.isfile(os.path.join(llama2c_dir, f))]
     if missing:
         raise UsageError(f"{llama2c_dir} has no {', '.join(missing)}; pass --llama2c_dir=<a llama2.c checkout>")
@@ -279,7 +281,8 @@ def run_llama2c(llama2c_dir, size_args, batch, seq, iters, compile, device, dtyp
     if proc.returncode != 0:
         return dict(status="error", error=(proc.stderr.strip().splitlines() or ["?"])[-1], command=" ".join(cmd))
     if len(rows) <= iters:  # it exited cleanly but we could not read its log: its format must have changed
-        return dict(status="error", error=f"read {len(rows)} iteration lines of llama2.c's log, expected {2 * iters + 1}",
+        return dict(status="error", error=f"read {len(rows)} iteration lines of llama2.c's log, "
+                                          f"expected {2 * iters + 1}",
                     command=" ".join(cmd))
     # it runs iters 0..max_iters; the last `iters` are timed, after compile, the iter-0 evaluation and warm-up.
     # Mean, not median: total time over tokens, as our train.py's log window reports tok/s. It logs (and so waits
@@ -294,11 +297,13 @@ def compare_llama2c(size, comp, ours, dev, dt, peak, tmp):
     """llama2.c's train.py on size's shape, with our plain AdamW run of the same shape for the ratio."""
     s = setting(size, "adamw", comp)
     r = dict(size=size, compile=comp, batch_size=s["batch_size"], seq_len=s["seq_len"],
-             **run_llama2c(llama2c_dir, SIZES[size], s["batch_size"], s["seq_len"], train_iters, comp, dev.type, dt, tmp))
+             **run_llama2c(llama2c_dir, SIZES[size], s["batch_size"], s["seq_len"], train_iters, comp, dev.type, dt,
+                           tmp))
     same = [o for o in ours if (o["size"], o["compile"], o["optimizer"], o["status"]) == (size, comp, "adamw", "ok")
             and not o["activation_checkpointing"] and not o["optimizer_in_backward"]]
     if r["status"] == "ok":
-        r["mfu"] = r["tok_per_s"] * meta_model(size).flops_per_token(s["seq_len"]) / peak if peak else None  # against our peak
+        flops = meta_model(size).flops_per_token(s["seq_len"])
+        r["mfu"] = r["tok_per_s"] * flops / peak if peak else None  # against our peak, not its A100 figure
         r["ours_over_llama2c"] = same[0]["tok_per_s"] / r["tok_per_s"] if same else None
     print(f"  llama2.c train.py {size} compile={comp}: {r['status']}", flush=True)
     return r
@@ -331,11 +336,13 @@ def fmt(v, spec):
 
 def find_largest(opt, tmp):
     """Largest LADDER size that trains 1024-token sequences (batch_size of them, default 4) under memory_cap_gb,
-    with the first value of each sweep key. Memory grows along LADDER, so the sizes that fit are a prefix of it: binary search. With both
+    with the first value of each sweep key. Memory grows along LADDER, so the sizes that fit are a prefix of it:
+    binary search. With both
     trace_memory and train_runs the search runs on traces (seconds each) and real runs then step up or down from
     the traced answer until one fits and the next does not: usually two runs instead of four."""
     def at(i):
-        return setting(LADDER[i], opt, compile[0], activation_checkpointing[0], checkpoint_blocks[0], optimizer_in_backward[0],
+        return setting(LADDER[i], opt, compile[0], activation_checkpointing[0], checkpoint_blocks[0],
+                       optimizer_in_backward[0],
                        seq=1024, batch=batch_size or 4)  # one batch for all sizes, so memory grows along LADDER
 
     def search(fits):  # the largest i with fits(i), or -1
@@ -367,7 +374,8 @@ def find_largest(opt, tmp):
     else:
         largest = search(fits)
     return ({"optimizer": opt, "memory_cap_gb": memory_cap_gb, "largest": LADDER[largest] if largest >= 0 else None,
-             "params": rows[largest]["params"] if largest >= 0 else 0, "by": "train.py runs" if train_runs else "traces"},
+             "params": rows[largest]["params"] if largest >= 0 else 0,
+             "by": "train.py runs" if train_runs else "traces"},
             [rows[i] for i in sorted(rows)])
 
 
@@ -383,7 +391,8 @@ def main():
         raise UsageError(f"checkpoint_blocks={checkpoint_blocks} must all be >= 0 (0 = every block)")
     peak = peak_flops(dev)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    mem_kind = "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS growth of the train.py process (resource.ru_maxrss)"
+    mem_kind = ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
+                "peak RSS growth of the train.py process (resource.ru_maxrss)")
     print_config(config)
     print(f"device: {where}, torch {torch.__version__}, dtype {dt}; MFU against dense bf16 peak "
           f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'n/a (unknown device or CPU)'}; memory = {mem_kind}"
@@ -402,7 +411,8 @@ def main():
                 if blocks and not ckpt:
                     continue  # checkpoint_blocks only counts with activation_checkpointing
                 r = measure(setting(size, opt, comp, ckpt, blocks, inback), tmp)
-                print(f"  {size} {opt} compile={comp} ckpt={ckpt} blocks={blocks} in_backward={inback}: {r['status']}", flush=True)
+                print(f"  {size} {opt} compile={comp} ckpt={ckpt} blocks={blocks} in_backward={inback}: "
+                      f"{r['status']}", flush=True)
                 results["train"].append(r)
             for size, comp in itertools.product(size_list, compile) if llama2c_dir and train_runs else ():
                 results["llama2c"].append(compare_llama2c(size, comp, results["train"], dev, dt, peak, tmp))
@@ -417,7 +427,8 @@ def main():
     for r in results["train"]:
         ckpt = str(r["checkpoint_blocks"] or "all") if r["activation_checkpointing"] else "-"
         print(f"{r['size']:>5} {r['params'] / 1e6:>7.1f}M {r['optimizer']:>5} {str(r['compile']):>5} {ckpt:>5} "
-              f"{str(r['optimizer_in_backward']):>5} {r['batch_size']:>3}x{r['seq_len']:<5} {fmt(r.get('tok_per_s'), ',.0f'):>10} "
+              f"{str(r['optimizer_in_backward']):>5} {r['batch_size']:>3}x{r['seq_len']:<5} "
+              f"{fmt(r.get('tok_per_s'), ',.0f'):>10} "
               f"{fmt(r['mfu'] * 100 if r.get('mfu') else None, '.1f'):>6} {fmt(r.get('peak_mem_gb'), '.2f'):>8} "
               f"{fmt(r.get('traced_gb'), '.2f'):>6}  {r['status']}{': ' + r['error'] if r.get('error') else ''}")
     for r in results["llama2c"]:

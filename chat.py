@@ -89,7 +89,8 @@ def story_prompt(words=(), features=()):
     if words:
         kinds = ["the verb", "the noun", "the adjective"] if len(words) == 3 else ["the word"] * len(words)
         used = [f'{k} "{w}"' for k, w in zip(kinds, words)]
-        prompt += " In the story, try to use " + (", ".join(used[:-1]) + " and " if len(used) > 1 else "") + used[-1] + "."
+        listed = (", ".join(used[:-1]) + " and " if len(used) > 1 else "") + used[-1]
+        prompt += f" In the story, try to use {listed}."
     for f in features:
         phrase = STORY_FEATURES.get(f, f"the story has this feature: {f}")
         prompt += f" Remember, {phrase}."

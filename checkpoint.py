@@ -6,6 +6,7 @@ A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_a
 which refuses pickled code: opening a checkpoint from a stranger cannot run their code.
 """
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -124,7 +125,8 @@ def load_checkpoint(path, map_location="cpu"):
     if isinstance(ckpt, dict) and "adapter" in ckpt and "model" not in ckpt:
         rank = ckpt.get("lora", {}).get("rank", "R")
         raise UsageError(f"'{path}' is a LoRA adapter, not a full model; resume its run with --lora_rank={rank}, "
-                         f"sample with generate.py --checkpoint=BASE --adapter={path}, or merge it with python lora.py merge")
+                         f"sample with generate.py --checkpoint=BASE --adapter={path}, or merge it with "
+                         f"python export.py --adapter={path} --format=ours --out=merged.pt")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UsageError(f"'{path}' is not a llamaforge checkpoint (no model/model_args entries); "
                          f"pass a ckpt.pt written by train.py")
@@ -195,7 +197,8 @@ def read_adapter(path):
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot read adapter '{path}' ({first}); re-train it")
     if not isinstance(ckpt, dict) or "adapter" not in ckpt or "lora" not in ckpt:
-        raise UsageError(f"'{path}' is not a LoRA adapter (no adapter/lora entries); pass the ckpt.pt of a run with lora_rank > 0")
+        raise UsageError(f"'{path}' is not a LoRA adapter (no adapter/lora entries); pass the ckpt.pt of a run with "
+                         f"lora_rank > 0")
     return ckpt
 
 
@@ -226,3 +229,45 @@ def load_any(path, adapter="", device="cpu"):
         model, base, _ = load_with_adapter(path, adapter, device)
         return model, base
     return load_model(path, device)
+
+
+def restore_training(ckpt, where, opts, scaler, sampler, rank, device):
+    """Put back what a run saved besides its weights, so that it continues exactly: optimizer states, the
+    loss scaler, this rank's data sampler and its CPU/CUDA random states (dropout)."""
+    states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
+    if len(states) != len(opts):
+        raise UsageError(f"{where} holds optimizer state saved with a different optimizer_in_backward setting; "
+                         f"resume with the same setting")
+    for o, state in zip(opts, states):
+        o.load_state_dict(state)
+    if ckpt.get("scaler") and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
+        scaler.load_state_dict(ckpt["scaler"])
+    if rank < len(ckpt.get("sampler", [])):
+        sampler.set_state(ckpt["sampler"][rank])
+    rng = ckpt.get("rng", {})
+    if rank < len(rng.get("cpu", [])):
+        torch.set_rng_state(rng["cpu"][rank])
+    if torch.device(device).type == "cuda" and rank < len(rng.get("cuda", [])):
+        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+
+
+class MetricsLog:
+    """A run's metrics.jsonl: one JSON line per record. A new run starts a new log; a resumed one keeps the
+    lines up to its checkpoint and drops the rest, which it will write again, identically."""
+
+    def __init__(self, path, resume_iter=None, enabled=True):
+        self.path, self.enabled = path, enabled
+        if not enabled or not os.path.exists(path):
+            return
+        if resume_iter is None:
+            os.remove(path)
+            return
+        with open(path) as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("iter", 0) <= resume_iter]
+        with atomic_file(path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -158,12 +158,14 @@ def open_sft(data_dir, split):
     tokens = open_split(d, split)
     for key in ("mask", "offsets"):
         if not (d / info[key]).is_file():
-            raise UsageError(f"{d / info[key]} not found; re-run python tokenize_data.py sft/classify --dataset={d.name}")
+            raise UsageError(f"{d / info[key]} not found; re-run python tokenize_data.py sft/classify "
+                             f"--dataset={d.name}")
     mask = np.memmap(d / info["mask"], dtype=np.uint8, mode="r")
     offsets = np.fromfile(d / info["offsets"], dtype=np.int64)
     if len(mask) != len(tokens) or len(offsets) < 2 or offsets[-1] != len(tokens):
         raise UsageError(f"{d}/{split}.* files disagree (tokens {len(tokens)}, mask {len(mask)}, "
-                         f"offsets end {offsets[-1] if len(offsets) else None}); re-run python tokenize_data.py sft/classify")
+                         f"offsets end {offsets[-1] if len(offsets) else None}); re-run python tokenize_data.py "
+                         f"sft/classify")
     return tokens, mask, offsets
 
 
@@ -182,8 +184,8 @@ def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
     real tokens so causal attention never lets a real token see it. y is the next token where the mask
     says the loss trains on it, else IGNORE_INDEX (prompt, padding). An example longer than
     block_size+1 tokens is cut to its first block_size+1."""
-    seqs = [(np.asarray(tokens[a:min(b, a + block_size + 1)], dtype=np.int64), np.asarray(mask[a:min(b, a + block_size + 1)], dtype=bool))
-            for a, b in ((offsets[i], offsets[i + 1]) for i in indices)]
+    spans = [(offsets[i], min(offsets[i + 1], offsets[i] + block_size + 1)) for i in indices]
+    seqs = [(np.asarray(tokens[a:b], dtype=np.int64), np.asarray(mask[a:b], dtype=bool)) for a, b in spans]
     T = max(len(ids) for ids, _ in seqs) - 1
     x = np.full((len(seqs), T), pad_id, dtype=np.int64)
     y = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
@@ -218,7 +220,7 @@ class Batches:
         if self.sft:
             return sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
         arr = self.tokens[split]
-        data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # a fresh memmap per batch: a long-lived one leaks memory
+        data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # fresh per batch: a long-lived one leaks memory
         return window_batch(data, positions, self.block_size)
 
     def truncation_report(self, split):

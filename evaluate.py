@@ -22,7 +22,7 @@ checkpoint = "out/ckpt.pt"      # our ckpt.pt or its run directory, a llama2.c .
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base)
 tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model path or 'gpt2'
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', ...
-dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', ...
 json_out = ""                   # also write the results to this JSON file
 # loss
 data_root = "data"              # pretokenized datasets live in data_root/dataset (tokenize_data.py pretokenize)
@@ -73,7 +73,8 @@ def split_metrics(model, data, n_max=0, window=0, batch=8, device="cpu", ctx=nul
     window = window or model.args.max_seq_len
     n = len(data) - 1 if not n_max else min(n_max, len(data) - 1)  # tokens to score; the first has no target
     if n < 1:
-        raise UsageError(f"the split holds {len(data)} token(s); at least 2 are needed to score one next-token prediction")
+        raise UsageError(f"the split holds {len(data)} token(s); at least 2 are needed to score one next-token "
+                         f"prediction")
     starts = list(range(0, n, window))
     sums = [0.0, 0, 0]
     for k in range(0, len(starts), batch):
@@ -96,7 +97,8 @@ def loss():
     data = open_split(data_dir, split)  # stops with a one-line error on a missing, damaged or empty split
     top = check_token_ids(data_dir, split, model.args.vocab_size)
     if block_size > model.args.max_seq_len:
-        raise UsageError(f"block_size={block_size} exceeds the model's context {model.args.max_seq_len}; lower it or use 0")
+        raise UsageError(f"block_size={block_size} exceeds the model's context {model.args.max_seq_len}; "
+                         f"lower it or use 0")
     t0 = time.time()
     res = split_metrics(model, data, max_tokens, block_size, batch_size, dev, ctx)
     return {"task": "loss", "checkpoint": checkpoint, "dataset": data_dir, "split": split, **res,
@@ -144,7 +146,8 @@ def clean_hellaswag(text):
 def read_hellaswag(path, n_max=0):
     """Items {ctx, endings (4), label} from a JSONL file; a bad line stops with its line number."""
     if not os.path.isfile(path):
-        raise UsageError(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+        raise UsageError(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from "
+                         f"github.com/rowanz/hellaswag "
              f"(data/) and pass --hellaswag_file=PATH")
     items = []
     with open(path, encoding="utf-8") as f:
@@ -228,7 +231,8 @@ def read_run(run_dir):
             try:
                 recs.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UsageError(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): delete that line")
+                raise UsageError(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): "
+                                 f"delete that line")
     if not any(r.get("type") in ("train", "eval") for r in recs):
         raise UsageError(f"{path} holds no train or eval records yet; let the run log at least log_interval iterations")
     return recs
@@ -287,7 +291,8 @@ def report(results):
     """A table for people, then one JSON line (and json_out) for scripts."""
     width = max(len(k) for k in results)
     for k, v in results.items():
-        text = f"{v:.4f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v)
+        number = isinstance(v, int) and not isinstance(v, bool)
+        text = f"{v:.4f}" if isinstance(v, float) else (f"{v:,}" if number else v)
         print(f"  {k:<{width}}  {text}")
     if results.get("task") == "hellaswag":
         print("  (acc_norm divides each ending's log-prob by its length in characters, like lm-evaluation-harness)")
@@ -330,7 +335,8 @@ def classify():
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
     if meta.get("task") != "classify":
-        raise UsageError(f"{data_dir} was not made by python tokenize_data.py classify (meta.json has no label set); make it so")
+        raise UsageError(f"{data_dir} was not made by python tokenize_data.py classify (meta.json has no label set); "
+                         f"make it so")
     labels = meta["labels"]
     path = os.path.join(data_dir, f"{split}.classify.jsonl")
     if not os.path.isfile(path):
@@ -346,7 +352,10 @@ def classify():
         pred.append(labels[max(range(len(labels)), key=lambda i: scores[i][0])])
     gold = [r["label"] for r in rows]
     train_path = os.path.join(data_dir, "train.classify.jsonl")  # the majority class is the train split's
-    train_labels = [json.loads(ln)["label"] for ln in open(train_path, encoding="utf-8")] if os.path.isfile(train_path) else gold
+    train_labels = gold
+    if os.path.isfile(train_path):
+        with open(train_path, encoding="utf-8") as f:
+            train_labels = [json.loads(ln)["label"] for ln in f]
     majority = max(labels, key=train_labels.count)
     return {"task": "classify", "checkpoint": checkpoint, "dataset": data_dir, "split": split, "examples": len(rows),
             "labels": ",".join(labels), **classification_metrics(gold, pred, labels),
@@ -359,7 +368,8 @@ COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": clas
 if __name__ == "__main__":
     handle_errors()
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
+        raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; "
+                         f"e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
     from configurator import configure
     configure(globals(), sys.argv[2:])
     report(COMMANDS[sys.argv[1]]())

@@ -34,7 +34,7 @@ from tokenizer import load_tokenizer, make_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 checkpoint = ""      # input: our ckpt.pt or run dir, a llama2.c .bin, or a Hugging Face Llama folder
-adapter = ""         # a LoRA run's ckpt.pt: export its base (checkpoint, or "" = the base it recorded) with it merged in
+adapter = ""         # a LoRA run's ckpt.pt: export its base (checkpoint; "" = the one it recorded) with it merged in
 format = "llama2c"   # llama2c | llama2c_v1 | llama2c_q8 | llama2c_tokenizer | hf | gguf_f16 | gguf_q8 | ours
 out = ""             # output file (folder for hf)
 tokenizer = ""       # tokenizer .model / "gpt2" / GPT-2 BPE folder; "" = the one recorded in the checkpoint
@@ -75,7 +75,8 @@ def write_llama2c(state, args, path, version=0, group_size=0):
     h = dict(dim=args.dim, hidden_dim=args.hidden_dim, n_layers=args.n_layers, n_heads=args.n_heads,
              n_kv_heads=args.n_kv_heads, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
              shared=args.tie_embeddings, group_size=gs)
-    fields = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, args.max_seq_len]
+    fields = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size,
+              args.max_seq_len]
     if version == 0:
         if not args.tie_embeddings:
             fields[5] = -fields[5]  # legacy's only way to say "the classifier has its own weights"
@@ -193,7 +194,8 @@ def export_hf(state, args, tok, folder, dtype_name="float32"):
         raise UsageError(f"dtype={dtype_name!r} is not one of float32, float16, bfloat16")
     check_vocab(tok, args, "hf")
     with atomic_dir(folder) as tmp:
-        save_file(hf_state_dict(state, args, torch_dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state_dict(state, args, torch_dtype), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
         cfg = hf_config(args, tok, dtype_name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -331,8 +333,8 @@ def tensors(ckpt):
 def export_ours(ckpt, tok, path):
     if tok is not None:
         if not hasattr(tok, "to_meta"):
-            raise UsageError("a llama2.c tokenizer .bin cannot be attached to a checkpoint (it lacks the "
-                             "SentencePiece model); pass the .model it was exported from, e.g. --tokenizer=tok512.model")
+            raise UsageError("a llama2.c tokenizer .bin cannot be attached to a checkpoint (it lacks the SentencePiece "
+                             "model); pass the .model it was exported from, e.g. --tokenizer=tok512.model")
         check_vocab(tok, build_model(ckpt).args, "the checkpoint")
         ckpt["tokenizer"] = tok.to_meta(embed=True)
     save_checkpoint(ckpt, path)

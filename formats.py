@@ -255,7 +255,8 @@ def hf_model_args(folder, cfg):
     scaling = cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    unsupported = {"rope type": rope_type != "default", "attention/mlp bias": cfg.get("attention_bias") or cfg.get("mlp_bias"),
+    unsupported = {"rope type": rope_type != "default",
+                   "attention/mlp bias": cfg.get("attention_bias") or cfg.get("mlp_bias"),
                    "activation": cfg.get("hidden_act", "silu") != "silu",
                    "head_dim": head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]}
     bad = [k for k, v in unsupported.items() if v]

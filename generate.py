@@ -14,11 +14,11 @@ top_k = 200                     # sample only from the k most likely tokens; 0 d
 top_p = 1.0                     # nucleus sampling: the smallest set of tokens with this much probability; 1.0 disables
 seed = 1337
 device = "auto"                 # 'auto', 'cpu', 'cuda', ...
-dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', 'float16'
-tokenizer = ""                  # override the checkpoint's tokenizer: a SentencePiece .model, 'gpt2', or a llama2.c tokenizer .bin
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', ...
+tokenizer = ""                  # instead of the checkpoint's: a SentencePiece .model, 'gpt2', or a llama2.c .bin
 stream = True                   # print tokens as they come
 chat = False                    # wrap --prompt in the chat template (chat.py) and stop at <|end_of_turn|>
-interactive = False             # chat turn by turn: one user message per stdin line; old turns drop out when the context fills
+interactive = False             # chat turn by turn, a user message per stdin line; old turns drop out of a full context
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
 compile = False                 # compile the per-token decode step (CUDA graphs on CUDA); the first token waits for it
 # -----------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def main():
         return chat_main(model, tok, gen, ctx, dev, step)
     ids = tok.encode(read_prompt(), bos=True)
     check(len(ids) < model.args.max_seq_len, f"prompt is {len(ids)} tokens but the model's context is "
-                                             f"{model.args.max_seq_len}; shorten the prompt to leave room for new tokens")
+          f"{model.args.max_seq_len}; shorten the prompt to leave room for new tokens")
 
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     for i in range(num_samples):

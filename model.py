@@ -35,11 +35,14 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; pick n_heads that divides dim")
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                             f"pick n_heads that divides dim")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; pick n_kv_heads that divides n_heads")
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                             f"pick n_kv_heads that divides n_heads")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head size dim/n_heads={self.dim // self.n_heads} is odd; rotary embeddings need an even head size")
+            raise ValueError(f"head size dim/n_heads={self.dim // self.n_heads} is odd; "
+                             f"rotary embeddings need an even head size")
         if self.hidden_dim is None:
             # Llama: 2/3 of 4*dim (SwiGLU has three matrices, so this keeps FLOPs near a 4x MLP)
             hidden = int(2 * (4 * self.dim) / 3)
@@ -217,7 +220,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         static = isinstance(start_pos, torch.Tensor)  # no bounds check then: it would sync with the GPU
         if not static and start_pos + T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of "
+                             f"{self.args.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
         if static:
             cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]
@@ -275,7 +279,8 @@ class Transformer(nn.Module):
         device = torch.device(device) if device is not None else self.tok_embeddings.weight.device
         pool = getattr(self, "_kv_pool", None) if reuse else None
         if pool is None or (pool[0].k.shape[0], pool[0].k.dtype, pool[0].k.device) != (batch_size, dtype, device):
-            pool = [KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device) for _ in self.layers]
+            pool = [KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device)
+                    for _ in self.layers]
         self._kv_pool = pool if reuse else None  # kept only when asked: it holds B*context*layers of keys and values
         for layer, cache in zip(self.layers, pool):
             layer.attention.cache = cache
@@ -305,7 +310,8 @@ class Transformer(nn.Module):
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - T)
         if max_new_tokens < 0:
             raise ValueError(f"prompt of {T} tokens is longer than the model's context of {self.args.max_seq_len}")
-        self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None,
+        autocast = torch.is_autocast_enabled(idx.device.type)  # then the cache holds what attention computes in
+        self.setup_cache(B, dtype=torch.get_autocast_dtype(idx.device.type) if autocast else None,
                          reuse=decode_step is not None)
         stops = None if eos_id is None else torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)),
                                                          device=idx.device)

@@ -68,6 +68,24 @@ def step_in_backward(opts):
     return hook
 
 
+def check_in_backward(grad_clip, accumulation, ddp, dtype):
+    """optimizer_in_backward steps each parameter the moment its own gradient is complete, so nothing may
+    need all gradients at once."""
+    if grad_clip > 0:
+        raise UsageError(f"optimizer_in_backward=True cannot clip the global grad norm (grad_clip={grad_clip}): "
+                         f"no step holds every gradient; set --grad_clip=0")
+    if accumulation > 1:
+        raise UsageError(f"optimizer_in_backward=True steps after every backward, so gradient_accumulation_steps="
+                         f"{accumulation} cannot accumulate; set --gradient_accumulation_steps=1 (raise batch_size "
+                         f"instead)")
+    if ddp:
+        raise UsageError("optimizer_in_backward=True would step on each rank's local gradient before DDP averages it; "
+                         "run without torchrun")
+    if dtype == "float16":
+        raise UsageError("optimizer_in_backward=True cannot use float16 loss scaling (it checks every gradient for inf "
+                         "before stepping); use --dtype=bfloat16")
+
+
 def make_optimizers(params, name, cfg, fused=False, in_backward=False, foreach=None):
     """The optimizers for the trainable params, as a list. in_backward: one small optimizer per parameter
     tensor (same math as one over all of them), stepped by a hook the moment that tensor's gradient is

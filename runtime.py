@@ -22,7 +22,8 @@ def _one_line(exc):
     if isinstance(exc, UsageError):
         return str(exc)
     if isinstance(exc, UnicodeDecodeError):  # readers that know their file convert this themselves
-        return (f"input is not {exc.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); "
+        byte = exc.object[exc.start:exc.start + 1]
+        return (f"input is not {exc.encoding} text (byte {byte!r} at offset {exc.start}); "
                 f"convert the file to UTF-8 or pass its --encoding")
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
@@ -87,14 +88,17 @@ def device_and_dtype(device="auto", dtype="auto"):
         raise UsageError(f"device='{device}' is not a device name; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device='{device}' but no CUDA GPU is visible; use --device=cpu")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
-        raise UsageError(f"device='{device}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible; pick another index")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise UsageError(f"device='{device}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                         f"pick another index")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"device='{device}' but this torch build or machine has no MPS; use --device=cpu")
     if kind not in ("cpu", "cuda", "mps"):
         raise UsageError(f"device='{device}' is not supported; use auto, cpu, cuda, cuda:N or mps")
     if dtype == "auto":
-        dtype = "float32" if kind != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
+        bf16 = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = "float32" if kind != "cuda" else ("bfloat16" if bf16 else "float16")
     if dtype not in DTYPES:
         raise UsageError(f"dtype='{dtype}' is not one of 'auto', {', '.join(repr(d) for d in DTYPES)}")
     return device, kind, dtype

@@ -13,7 +13,6 @@ Offline demo (the Python standard library as a corpus, one document per .py file
 
 The format it writes (and train.py/evaluate.py read) lives in data.py; importing this module does no work.
 """
-import glob
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from chat import alpaca_messages, classification_messages, render_chat, show_exa
 from checkpoint import atomic_file, load_checkpoint
 from data import dataset_meta, split_documents, token_dtype, write_meta, write_sft_split, write_tokens
 from runtime import UsageError, handle_errors
+from sources import load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -32,7 +32,8 @@ from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
 data_root = "data"        # parent folder of every dataset folder
 dataset = ""              # dataset folder name under data_root; "" = derived from source (stdlib -> demo)
 # download
-source = "roneneldan/TinyStories"  # a Hugging Face Hub dataset, "stdlib", or local files/glob (.txt .jsonl .json .parquet)
+source = "roneneldan/TinyStories"  # a Hugging Face Hub dataset, "stdlib", or local files/glob (.txt .jsonl .json
+                          # .parquet)
 hf_config = ""            # Hub dataset config name, if it has several ("" = default)
 hf_split = "train"        # which split to take from the Hub / local files
 text_field = "text"       # the column holding the document text
@@ -44,13 +45,14 @@ vocab_size = 512          # SentencePiece vocab size, chat specials and 256 byte
 vocab_max_bytes = 20_000_000  # train the vocab on a random sample of at most this much text (speed)
 # pretokenize
 tokenizer = ""            # "" = data_root/dataset/tok<vocab_size>.model; or any .model, "gpt2", or a GPT-2 BPE folder
-chat_specials = True      # give the chat specials ids (appended to gpt2/Llama vocabs) so the model can be chat-tuned later
+chat_specials = True      # give the chat specials ids (appended to gpt2/Llama vocabs), so the model can be chat-tuned
 val_fraction = 0.05       # fraction of documents held out for val (at least 1)
 seed = 1337               # seeds the train/val document split and the vocab sample
 dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
 num_workers = 0           # processes for pretokenize (0 = all CPU cores)
 # sft / classify (source = a local .json/.jsonl/.csv/.txt file; tokenizer may also be a checkpoint .pt)
-sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories" (Instruct .txt)
+sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories"
+                          # (TinyStories-Instruct .txt)
 label_field = "label"     # classify: the column holding the label (text_field holds the text)
 label_names = ()          # classify: the label set, in order; numeric labels index into it (0 -> label_names[0])
 encoding = "auto"         # text encoding of the source: "auto" (utf-8, else latin-1), or any Python codec name
@@ -58,26 +60,12 @@ show = 0                  # print the first N examples token by token beside the
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
-LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def dataset_dir():
     name = dataset or ("demo" if source == "stdlib" else
                        Path(source.rstrip("/")).name.split("*")[0].split(".")[0].lower() or "local")
     return Path(data_root) / name
-
-
-def read_jsonl_texts(path, field="text"):
-    """Yield field of each line of a JSONL file; a bad line stops with its line number."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)[field]
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise UsageError(f"{path} line {n} is not a JSON object with a '{field}' field "
-                                 f"({type(e).__name__}: {e}); fix or delete that line")
 
 
 def read_docs(d):
@@ -101,83 +89,10 @@ def write_docs(path, records):
 # -----------------------------------------------------------------------------
 # download
 
-def stdlib_docs(max_bytes):
-    """The running Python's own standard library: real, varied text every machine has."""
-    import sysconfig
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
-    for p in sorted(root.rglob("*.py")):  # sorted: the same corpus on every run
-        if "site-packages" in p.parts:
-            continue
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        if total + len(text.encode()) > max_bytes:
-            break
-        docs.append(text)
-        total += len(text.encode())
-    return docs
-
-
-def first_bad_json_line(files):
-    """datasets' JSON errors do not say where; find the first line json cannot parse."""
-    for fname in files:
-        if not fname.endswith(".jsonl"):
-            continue
-        with open(fname, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    line.strip() and json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f"{fname} line {n}: {e}"
-    return None
-
-
-def load_source():
-    """Everything but stdlib goes through datasets.load_dataset, so the offline-tested local path
-    is the same code users run against the Hub."""
-    import datasets
-    datasets.disable_progress_bars()
-    local = source.endswith(tuple(LOCAL_LOADERS)) or glob.glob(source)
-    if local:
-        files = sorted(glob.glob(source))
-        if not files:
-            raise UsageError(f"no files match {source}; check the path (local sources end in "
-                             f"{', '.join(LOCAL_LOADERS)})")
-        exts = {Path(f).suffix for f in files}
-        if len(exts) != 1 or not exts <= set(LOCAL_LOADERS):
-            raise UsageError(f"{source} matches files of types {sorted(exts)}; use one type of "
-                             f"{', '.join(LOCAL_LOADERS)} per download")
-        loader = LOCAL_LOADERS[exts.pop()]
-        kwargs = {"sample_by": txt_split} if loader == "text" else {}
-        try:
-            ds = datasets.load_dataset(loader, data_files={hf_split: files}, split=hf_split, **kwargs)
-        except Exception as e:
-            bad = first_bad_json_line(files)
-            where = f"{bad}" if bad else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise UsageError(f"could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
-    else:
-        try:
-            ds = datasets.load_dataset(source, hf_config or None, split=hf_split)
-        except Exception as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise UsageError(f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
-                             f"check the name and your internet connection, or pass local files with --source=path/*.jsonl")
-    if text_field not in ds.column_names:
-        raise UsageError(f"{source} has no column '{text_field}' (it has {ds.column_names}); "
-                         f"pass --text_field=<one of those>")
-    texts = list(ds[text_field])
-    if local and loader == "text":  # paragraphs split on "\n\n" keep the rest of a longer blank run
-        texts = [t.strip("\n") for t in texts]
-    return texts
-
-
 def download():
     out = dataset_dir()
-    texts = stdlib_docs(stdlib_max_bytes) if source == "stdlib" else load_source()
+    texts = (stdlib_docs(stdlib_max_bytes) if source == "stdlib" else
+             load_texts(source, text_field, hf_config, hf_split, txt_split))
     if max_docs >= 0:
         texts = texts[:max_docs]
     docs = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs would be bare BOS/EOS pairs
@@ -226,7 +141,8 @@ def train_vocab():
         sample_path.unlink(missing_ok=True)
     for ext in (".model", ".vocab"):
         os.replace(str(prefix) + ".tmp" + ext, str(prefix) + ext)
-    print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} --vocab_size={vocab_size}")
+    print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} "
+          f"--vocab_size={vocab_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -283,80 +199,13 @@ def pretokenize():
 # -----------------------------------------------------------------------------
 # sft / classify: rendered chat examples + a loss mask (the format is described in data/README.md)
 
-def read_text(path):
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} not found; pass --source=path/to/file (.json, .jsonl, .csv or .txt)")
-    raw = Path(path).read_bytes()
-    if encoding != "auto":
-        return raw.decode(encoding)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:  # Financial PhraseBank and other older corpora are latin-1
-        return raw.decode("latin-1")
-
-
-def read_records(path):
-    """[(line number, record)] of a JSON array, JSONL, CSV (header row) or 'text@label' .txt file."""
-    import csv
-    import io
-    text = read_text(path)
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
-        if not isinstance(data, list):
-            raise UsageError(f"{path} holds a JSON {type(data).__name__}, not a list of records; use a list or .jsonl")
-        return [(n, r) for n, r in enumerate(data, 1)]  # "line" = record number in a JSON array
-    if path.endswith(".jsonl"):
-        out = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also cuts at \x85, \u2028...
-            if line.strip():
-                try:
-                    out.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line")
-        return out
-    if path.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [(reader.line_num, r) for r in reader]
-    # .txt: Financial PhraseBank's "sentence@label" lines
-    return [(n, dict(zip((text_field, label_field), line.rsplit("@", 1))))
-            for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-
-
-def tinystories_entries(text):
-    """TinyStories-Instruct text: entries separated by <|endoftext|>, each a few 'Key: value' lines
-    (Features, Words, Summary, Random sentence) and a 'Story:' whose paragraphs follow it. The keys come
-    in no fixed order, so a key line after the story ends it and is read as metadata."""
-    keys = ("Features", "Words", "Summary", "Random sentence")
-    entries = []
-    for chunk in text.split("<|endoftext|>"):
-        entry, story = {}, None  # story: the Story's lines while we are inside it
-        for line in chunk.strip().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key in keys:
-                if story is not None:  # a key line after the story ends it
-                    entry["Story"], story = "\n".join(story).strip(), None
-                entry[key] = value.strip()
-            elif sep and key == "Story":
-                story = [value.strip()]
-            elif story is not None:
-                story.append(line)
-        if story is not None:
-            entry["Story"] = "\n".join(story).strip()
-        if entry.get("Story"):
-            entries.append(entry)
-    return entries
-
-
 def sft_conversations(path):
     """[(line number, messages)] from Alpaca records, chat records ({"messages": [...]}) or TinyStories-Instruct."""
     fmt = sft_format
     if fmt == "tinystories" or (fmt == "auto" and path.endswith(".txt")):
-        return list(enumerate((tinystories_messages(e) for e in tinystories_entries(read_text(path))), 1))
+        return list(enumerate((tinystories_messages(e) for e in tinystories_entries(read_text(path, encoding))), 1))
     out = []
-    for n, r in read_records(path):
+    for n, r in read_records(path, encoding, text_field, label_field):
         if not isinstance(r, dict):
             raise UsageError(f"{path} line {n} is a JSON {type(r).__name__}, not an object; one record per line")
         if fmt in ("chat", "auto") and "messages" in r:
@@ -372,7 +221,7 @@ def sft_conversations(path):
 def classify_examples(path):
     """([(line number, text, label)], label set). Numeric labels index label_names; text labels must be in it."""
     rows = []
-    for n, r in read_records(path):
+    for n, r in read_records(path, encoding, text_field, label_field):
         if not isinstance(r, dict) or text_field not in r or label_field not in r:
             raise UsageError(f"{path} line {n} has no '{text_field}' and '{label_field}' fields; "
                              f"pass --text_field/--label_field naming its columns")
@@ -397,8 +246,9 @@ def write_sft(d, tok, examples, train_idx, val_idx, extra):
     splits = {}
     for name, idx in (("train", train_idx), ("val", val_idx)):
         info = splits[name] = write_sft_split(d, name, [examples[i] for i in idx], dt)
-        print(f"  {name}: {info['examples']:,} examples, {info['tokens']:,} tokens ({info['trained_tokens']:,} trained), "
-              f"example length median {info['median_example_tokens']}, max {info['max_example_tokens']} -> {d / name}.bin")
+        print(f"  {name}: {info['examples']:,} examples, {info['tokens']:,} tokens ({info['trained_tokens']:,} "
+              f"trained), example length median {info['median_example_tokens']}, max {info['max_example_tokens']} "
+              f"-> {d / name}.bin")
     write_meta(d, dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits, format="sft",
                                val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra))
     print(f"wrote {d / 'meta.json'}")
@@ -465,7 +315,8 @@ def classify():
 
 if __name__ == "__main__":
     handle_errors()
-    commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft, "classify": classify}
+    commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft,
+                "classify": classify}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise UsageError(f"give a subcommand, one of {', '.join(commands)}; "
                          f"e.g. python tokenize_data.py download --source=stdlib")

@@ -220,7 +220,8 @@ class Llama2cTokenizer:
                                  f"use the tokenizer's .model file instead")
         while True:
             best = max(((self.scores[self.lookup[self.pieces[a] + self.pieces[b]]], k)
-                        for k, (a, b) in enumerate(zip(ids, ids[1:])) if self.pieces[a] + self.pieces[b] in self.lookup),
+                        for k, (a, b) in enumerate(zip(ids, ids[1:]))
+                        if self.pieces[a] + self.pieces[b] in self.lookup),
                        default=None, key=lambda t: (t[0], -t[1]))
             if best is None:
                 break
@@ -253,7 +254,8 @@ def _sentencepiece(path, special_tokens, model_proto=None):
         elif s in special_tokens:
             special_ids[s], next_id = next_id, next_id + 1
     pad = sp.pad_id() if sp.pad_id() >= 0 else None
-    return Tokenizer("sentencepiece", os.path.abspath(path) if path else None, sp, base, sp.bos_id(), sp.eos_id(), pad, special_ids)
+    return Tokenizer("sentencepiece", os.path.abspath(path) if path else None, sp, base, sp.bos_id(), sp.eos_id(), pad,
+                     special_ids)
 
 
 def _gpt2_base(path):
@@ -293,7 +295,8 @@ def _tiktoken(path, special_tokens):
         enc = tiktoken.Encoding(name=base.name + "_chat", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
                                 special_tokens={**base._special_tokens, **special_ids})
     # GPT-2 has no BOS: <|endoftext|> separates documents, so it serves as both
-    return Tokenizer("tiktoken", os.path.abspath(path) if path else None, enc, base.n_vocab, eot, eot, None, special_ids)
+    return Tokenizer("tiktoken", os.path.abspath(path) if path else None, enc, base.n_vocab, eot, eot, None,
+                     special_ids)
 
 
 def make_tokenizer(spec, special_tokens=()):
@@ -341,5 +344,6 @@ def load_tokenizer(meta):
                          f"or restore the original file")
     if tok.vocab_size != meta["vocab_size"]:
         raise UsageError(f"tokenizer {spec} has {tok.vocab_size} ids but the metadata says "
-                         f"{meta['vocab_size']}; the file changed since pretokenize, re-run python tokenize_data.py pretokenize")
+                         f"{meta['vocab_size']}; the file changed since pretokenize, re-run "
+                         f"python tokenize_data.py pretokenize")
     return tok

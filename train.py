@@ -6,7 +6,6 @@
 
 Settings are the globals below; a config file and --key=value flags override them (configurator.py).
 """
-import json
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ init_from = "scratch"           # 'scratch', 'resume' (from out_dir/ckpt.pt), or
 eval_interval = 200             # evaluate and checkpoint every this many iterations
 eval_iters = 20                 # validation batches per evaluation (a fixed set, the same every time)
 eval_only = False               # evaluate once and exit
-sample_prompts = ()             # prompts completed after each evaluation and logged as "sample" lines, e.g. ("Once upon a time",)
+sample_prompts = ()             # prompts completed after each evaluation, logged as "sample" lines
 sample_max_new_tokens = 64      # length of each of those samples
 sample_temperature = 0.8        # 0 = greedy
 log_interval = 10               # read the loss from the device (a sync) only every this many iterations
@@ -59,16 +58,19 @@ lr_decay_iters = 0              # cosine reaches min_lr here; 0 = max_iters
 min_lr = 5e-5
 # system
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU), 'float32', 'bfloat16', 'float16'
+dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU),
+                                # 'float32', 'bfloat16', 'float16'
 compile = False                 # torch.compile the model (slow first step, faster after)
 # memory savers (bench.py measures them; BENCHMARKS.md has the arithmetic)
-activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute, activations of one block instead of all
+activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute, one block's activations kept
 checkpoint_blocks = 0            # with activation_checkpointing: recompute only the first N blocks (0 = all); the rest
                                  # keep their activations, so where memory allows a partial N trains faster than all
-optimizer_in_backward = False   # step each parameter from a hook as soon as its gradient is ready and free it, so no full set of
-                                # gradients is ever held; needs grad_clip=0, gradient_accumulation_steps=1, no DDP, no float16
-loss_chunk_size = 0             # >0: vocab head + loss over this many tokens at a time, recomputed in backward: no (B,T,V) logits
-memory_cap_gb = 0.0             # >0 on CUDA: cap this process at this many GiB of GPU memory (emulates e.g. a 24 GB card)
+optimizer_in_backward = False   # step each parameter from a hook as soon as its gradient is ready and free it, so no
+                                # full set of gradients is ever held; needs grad_clip=0, gradient_accumulation_steps=1,
+                                # no DDP, no float16
+loss_chunk_size = 0             # >0: vocab head + loss over this many tokens at a time, recomputed in backward: no
+                                # (B,T,V) logits
+memory_cap_gb = 0.0             # >0 on CUDA: cap this process at this many GiB of GPU memory (emulates a 24 GB card)
 write_checkpoints = True        # False: never write ckpt.pt (benchmarks and smoke runs)
 # LoRA (lora.py): train low-rank adapters on a frozen base given by init_from; ckpt.pt then holds adapters only
 lora_rank = 0                   # rank r of each adapter; 0 = off (train every weight)
@@ -81,14 +83,13 @@ handle_errors()  # from here on, bad input ends the run with one line "error: ..
 from configurator import configure, print_config  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import optim  # noqa: E402
-from checkpoint import (atomic_file, build_model, check_tokenizers, clean_state_dict, load_checkpoint,  # noqa: E402
-                        read_adapter, save_checkpoint)
+from checkpoint import (MetricsLog, build_model, check_tokenizers, clean_state_dict, load_checkpoint,  # noqa: E402
+                        read_adapter, restore_training, save_checkpoint)
 from data import Batches, check_token_ids  # noqa: E402
 from lora import add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, loss_metrics, score_batch  # noqa: E402
@@ -98,32 +99,27 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 # ---- checks that need no data: fail before any work --------------------------------------------
 optim.check_settings(optimizer, config)
-check(lr_schedule in optim.SCHEDULES, f"lr_schedule='{lr_schedule}' is not one of {', '.join(repr(s) for s in optim.SCHEDULES)}")
-for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+check(lr_schedule in optim.SCHEDULES, f"lr_schedule='{lr_schedule}' is not one of {', '.join(optim.SCHEDULES)}")
+for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+            "log_interval"):
     check(globals()[key] >= 1, f"{key}={globals()[key]} must be >= 1")
 check(checkpoint_blocks >= 0 and (activation_checkpointing or not checkpoint_blocks),
       f"checkpoint_blocks={checkpoint_blocks} needs activation_checkpointing=True and a value >= 0 (0 = every block); "
       f"add --activation_checkpointing=True")
 ddp, rank, local_rank, world_size = distributed_world()
-if optimizer_in_backward:  # each parameter is stepped the moment its own gradient is complete, so nothing may need them all
-    check(grad_clip <= 0, f"optimizer_in_backward=True cannot clip the global grad norm (grad_clip={grad_clip}): no step "
-                          f"holds every gradient; set --grad_clip=0")
-    check(gradient_accumulation_steps == 1, f"optimizer_in_backward=True steps after every backward, so gradient_accumulation_steps="
-                                            f"{gradient_accumulation_steps} cannot accumulate; set --gradient_accumulation_steps=1 (raise batch_size instead)")
-    check(not ddp, "optimizer_in_backward=True would step on each rank's local gradient before DDP averages it; run without torchrun")
 
 # ---- device, precision, processes --------------------------------------------------------------
 device, device_type, dtype = device_and_dtype(device, dtype)
+if optimizer_in_backward:
+    optim.check_in_backward(grad_clip, gradient_accumulation_steps, ddp, dtype)
 if ddp:
     init_distributed(device_type)
-    check(gradient_accumulation_steps % world_size == 0,
-          f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {world_size} DDP processes")
+    check(gradient_accumulation_steps % world_size == 0, f"gradient_accumulation_steps={gradient_accumulation_steps} "
+                                                         f"is not divisible by the {world_size} DDP processes")
     gradient_accumulation_steps //= world_size  # keep tokens per optimizer step independent of the world size
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
 master = rank == 0
-check(not (optimizer_in_backward and dtype == "float16"), "optimizer_in_backward=True cannot use float16 loss scaling (it checks "
-                                                          "every gradient for inf before stepping); use --dtype=bfloat16")
 if memory_cap_gb > 0:
     check(device_type == "cuda", f"memory_cap_gb={memory_cap_gb} needs a CUDA device (device is '{device}'); drop it")
     cap_gpu_memory(device, memory_cap_gb)
@@ -146,8 +142,8 @@ if tokenizer_record.get("kind") == "sentencepiece" and tokenizer_record.get("pat
 if batches.sft and master:
     for s in ("train", "val"):
         cut, lost = batches.truncation_report(s)
-        print(f"SFT {s}: {batches.size(s):,} examples, padded per batch; {cut:,} longer than block_size+1={block_size + 1} "
-              f"tokens are truncated, {lost:,} of them lose every answer token")
+        print(f"SFT {s}: {batches.size(s):,} examples, padded per batch; {cut:,} longer than block_size+1="
+              f"{block_size + 1} tokens are truncated, {lost:,} of them lose every answer token")
 
 
 def get_batch(split, positions):
@@ -162,8 +158,8 @@ def get_batch(split, positions):
 # evaluation batches are drawn once, so successive evaluations are directly comparable.
 sampler = torch.Generator().manual_seed(seed + 1000 * rank)
 _eval_gen = torch.Generator().manual_seed(seed)
-eval_positions = {s: [torch.randint(batches.size(s), (batch_size,), generator=_eval_gen).tolist() for _ in range(eval_iters)]
-                  for s in ("train", "val")}
+eval_positions = {s: [torch.randint(batches.size(s), (batch_size,), generator=_eval_gen).tolist()
+                      for _ in range(eval_iters)] for s in ("train", "val")}
 
 # ---- model ------------------------------------------------------------------------------------
 memory = MemoryMeter(device)  # peak memory from here: the model, its gradients and optimizer, activations
@@ -186,23 +182,25 @@ else:
     resume_ckpt = read_adapter(ckpt_path) if init_from == "resume" and lora_rank else load_checkpoint(ckpt_path)
     base_ckpt = load_checkpoint(resume_ckpt["base_checkpoint"]) if "adapter" in resume_ckpt else resume_ckpt
     base_path = os.path.abspath(resume_ckpt.get("base_checkpoint") or ckpt_path)
-    ckpt_tok = base_ckpt.get("tokenizer")
-    check_tokenizers(ckpt_tok, meta["tokenizer"], f"checkpoint {ckpt_path} and {data_dir}",
-                     f"pretokenize the data with --tokenizer={(ckpt_tok or {}).get('path') or (ckpt_tok or {}).get('kind')}")
+    ckpt_tok = base_ckpt.get("tokenizer") or {}
+    check_tokenizers(base_ckpt.get("tokenizer"), meta["tokenizer"], f"checkpoint {ckpt_path} and {data_dir}",
+                     f"pretokenize the data with --tokenizer={ckpt_tok.get('path') or ckpt_tok.get('kind')}")
     base_ckpt["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
     model = build_model(base_ckpt)
     del base_ckpt
     model_args = model.args
     check(block_size <= model_args.max_seq_len, f"block_size={block_size} exceeds the checkpoint's context "
                                                 f"{model_args.max_seq_len}; lower block_size")
-    check(model_args.vocab_size >= meta["vocab_size"], f"{data_dir} has vocab {meta['vocab_size']} but the checkpoint's "
-          f"model has {model_args.vocab_size}; use data tokenized with the checkpoint's tokenizer")
+    check(model_args.vocab_size >= meta["vocab_size"], f"{data_dir} has vocab {meta['vocab_size']} but the "
+          f"checkpoint's model has {model_args.vocab_size}; use data tokenized with the checkpoint's tokenizer")
     if init_from == "resume":
         iter_num, best_val_loss = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
         tokens_seen = resume_ckpt.get("tokens_seen", 0)
 if lora_rank:
-    check(init_from != "scratch", "lora_rank > 0 adapts a pretrained model; set init_from to its checkpoint (or lora_rank=0)")
-    lora_info = {"lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(lora_targets)},
+    check(init_from != "scratch", "lora_rank > 0 adapts a pretrained model; set init_from to its checkpoint "
+                                  "(or lora_rank=0)")
+    lora_info = {"lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
+                          "targets": list(lora_targets)},
                  "base_checkpoint": base_path, "base_fingerprint": base_fingerprint(model)}
     if "adapter" in resume_ckpt:
         apply_adapter(model, resume_ckpt, f"adapter {ckpt_path}")
@@ -211,28 +209,14 @@ if lora_rank:
 model.to(device)
 
 # ---- optimizer --------------------------------------------------------------------------------
-opts = optim.make_optimizers(model.parameters(), optimizer, config, fused=optim.use_fused(optimizer, device_type, dtype),
+opts = optim.make_optimizers(model.parameters(), optimizer, config, optim.use_fused(optimizer, device_type, dtype),
                              in_backward=optimizer_in_backward)
 # fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 if lora_rank and master:
     print(memory_report(model, optimizer))
 if init_from == "resume":
-    opt_states = resume_ckpt["optimizer"] if isinstance(resume_ckpt["optimizer"], list) else [resume_ckpt["optimizer"]]
-    check(len(opt_states) == len(opts), f"{ckpt_path} holds optimizer state saved with a different optimizer_in_backward "
-                                        f"setting; resume with the same setting")
-    for o, state in zip(opts, opt_states):
-        o.load_state_dict(state)
-    if resume_ckpt.get("scaler") and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
-        scaler.load_state_dict(resume_ckpt["scaler"])
-    states = resume_ckpt.get("sampler", [])
-    if rank < len(states):
-        sampler.set_state(states[rank])
-    rng = resume_ckpt.get("rng", {})
-    if rank < len(rng.get("cpu", [])):
-        torch.set_rng_state(rng["cpu"][rank])
-    if device_type == "cuda" and rank < len(rng.get("cuda", [])):
-        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+    restore_training(resume_ckpt, ckpt_path, opts, scaler, sampler, rank, device)
 del resume_ckpt  # free the host copy of the weights
 
 raw_model = model
@@ -285,11 +269,12 @@ def save(sampler_state):
     if not master or not write_checkpoints:
         return
     # a LoRA run saves its adapters only (a small file); the frozen base stays in base_checkpoint
-    weights = {"adapter": lora_state_dict(raw_model), **lora_info} if lora_rank else {"model": clean_state_dict(raw_model.state_dict())}
+    weights = ({"adapter": lora_state_dict(raw_model), **lora_info} if lora_rank else
+               {"model": clean_state_dict(raw_model.state_dict())})
     save_checkpoint({**weights, "model_args": model_args.to_dict(), "optimizer": [o.state_dict() for o in opts],
                      "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                      "tokens_seen": tokens_seen, "config": config,
-                     "tokenizer": meta["tokenizer"] if lora_rank else tokenizer_record,  # an adapter's base carries the model
+                     "tokenizer": meta["tokenizer"] if lora_rank else tokenizer_record,  # an adapter's base carries it
                      "dataset": data_dir, "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers},
                     os.path.join(out_dir, "ckpt.pt"))
 
@@ -302,19 +287,13 @@ def sample_texts():
     for prompt in sample_prompts:
         ids = tok.encode(prompt, bos=True)[-(block_size - 1):]  # leave room for at least one new token
         with autocast:
-            y = raw_model.generate(torch.tensor([ids], device=device), sample_max_new_tokens, temperature=sample_temperature,
-                                   eos_id=tok.eos_id, generator=gen)[0].tolist()
+            y = raw_model.generate(torch.tensor([ids], device=device), sample_max_new_tokens,
+                                   temperature=sample_temperature, eos_id=tok.eos_id, generator=gen)[0].tolist()
         new = y[len(ids):]
         new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
         out.append((prompt, tok.decode(ids + new)[len(tok.decode(ids)):]))  # decode whole: keeps the first space
     raw_model.train()
     return out
-
-
-def log_metrics(record):
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 # ---- SIGINT/SIGTERM: finish the current step, save, exit cleanly -----------------------------
@@ -331,22 +310,14 @@ signal.signal(signal.SIGTERM, request_stop)
 
 # ---- the loop ---------------------------------------------------------------------------------
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print("config:")
     print_config(config)
-    print(f"device {device}, dtype {dtype}, {world_size} process(es); model {raw_model.num_params() / 1e6:.2f}M params; "
-          f"{tokens_per_iter:,} tokens per iteration; train {len(batches.tokens['train']):,} tokens, "
+    print(f"device {device}, dtype {dtype}, {world_size} process(es); model {raw_model.num_params() / 1e6:.2f}M "
+          f"params; {tokens_per_iter:,} tokens per iteration; train {len(batches.tokens['train']):,} tokens, "
           f"val {len(batches.tokens['val']):,} tokens")
-    if init_from == "resume" and os.path.exists(metrics_path):
-        # drop log lines past the checkpoint: they will be produced again, identically
-        with open(metrics_path) as f:
-            kept = [ln for ln in f if json.loads(ln).get("iter", 0) <= iter_num]
-        with atomic_file(metrics_path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
-    elif init_from != "resume" and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a new run starts a new log
+metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if init_from == "resume" else None, master)
 
 bar = None
 if progress and master:
@@ -361,20 +332,22 @@ while True:
     optim.set_lr(opts, lr)
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not (iter_num == start_iter and init_from == "resume" and iter_num > 0):
+    resumed_here = iter_num == start_iter and init_from == "resume" and iter_num > 0  # evaluated before it saved
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not resumed_here:
         t_eval = time.time()
-        metrics = evaluate()
+        scores = evaluate()
         t_log += time.time() - t_eval  # keep evaluation out of the tokens/s figure
         if master:
-            say(f"iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}")
-            log_metrics({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **metrics})
+            say(f"iter {iter_num}: train loss {scores['train_loss']:.4f}, val loss {scores['val_loss']:.4f}, "
+                f"val ppl {scores['val_ppl']:.2f}, val acc {scores['val_acc']:.3f}")
+            metrics.write({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **scores})
             for prompt, text in sample_texts() if sample_prompts else []:
                 say(f"sample: {prompt!r} -> {text!r}")
-                log_metrics({"type": "sample", "iter": iter_num, "tokens": tokens_seen, "prompt": prompt, "text": text})
+                metrics.write({"type": "sample", "iter": iter_num, "tokens": tokens_seen, "prompt": prompt,
+                               "text": text})
         if eval_only:
             break
-        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        best_val_loss = min(best_val_loss, scores["val_loss"])
         if iter_num > start_iter or init_from != "resume":
             save(sampler_state)
     if iter_num >= max_iters:  # (a stop signal is handled after the step below, where it saves)
@@ -424,10 +397,11 @@ while True:
         tok_s = n_acc * tokens_per_iter / dt
         step_mfu = mfu(raw_model.flops_per_token(block_size), tok_s / world_size, device)
         if master:
-            log_metrics({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
-                         "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": step_mfu, "ms_per_iter": 1000 * dt / n_acc,
-                         "peak_mem_gb": memory.peak() / 2**30})
-            msg = f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s" + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else "")
+            metrics.write({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
+                           "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": step_mfu,
+                           "ms_per_iter": 1000 * dt / n_acc, "peak_mem_gb": memory.peak() / 2**30})
+            msg = (f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s"
+                   + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else ""))
             if bar is not None:
                 bar.set_postfix_str(msg)
             else:

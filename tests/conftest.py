@@ -1,4 +1,5 @@
-"""Shared test helpers: the repo on sys.path, the shared data folder, a tiny pretokenized dataset."""
+"""Shared test helpers: the repo on sys.path, the shared data folder, a tiny pretokenized dataset, a tiny
+model, running a script as a user would and checking its one-line error."""
 import json
 import os
 import subprocess
@@ -43,18 +44,31 @@ def make_dataset(root, name="tiny", n_tokens=20000, vocab_size=64, seed=0, dtype
     toks[0] = 0
     for i in range(1, n_tokens):
         toks[i] = rng.choice(vocab_size, p=trans[toks[i - 1]])
-    d = Path(root) / name
-    d.mkdir(parents=True, exist_ok=True)
+    from data import write_token_dataset
     n_val = n_tokens // 10
-    toks[n_val:].astype(dtype).tofile(d / "train.bin")
-    toks[:n_val].astype(dtype).tofile(d / "val.bin")
-    meta = {"tokenizer": tokenizer or {"kind": "sentencepiece", "path": None, "special_tokens": [],
-                                       "vocab_size": vocab_size, "bos_id": 1, "eos_id": 2},
-            "vocab_size": vocab_size, "dtype": dtype, "bos_id": 1, "eos_id": 2,
-            "splits": {"train": {"file": "train.bin", "documents": 1, "tokens": n_tokens - n_val},
-                       "val": {"file": "val.bin", "documents": 1, "tokens": n_val}}}
-    (d / "meta.json").write_text(json.dumps(meta))
+    tok = tokenizer or {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": vocab_size,
+                        "bos_id": 1, "eos_id": 2}
+    d = write_token_dataset(Path(root) / name, {"train": toks[n_val:], "val": toks[:n_val]}, tok, vocab_size, dtype=dtype)
     return d, toks
+
+
+def one_line_error(proc, *fragments):
+    """The property every script keeps for bad input: a non-zero exit, no traceback, and a last line
+    `error: ...` that holds each fragment."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-3000:]
+    for f in fragments:
+        assert f in last, (f, last)
+    return last
+
+
+def tiny_model(seed=0, **kw):
+    """A 2-layer GQA Llama with random weights, in eval mode; any ModelArgs field can be overridden."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=48)
+    return Transformer(ModelArgs(**{**args, **kw})).eval()
 
 
 def read_metrics(out_dir, kind=None):

@@ -6,8 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, TINY, make_dataset, read_metrics, run_script
-from model import ModelArgs, Transformer
+from conftest import REPO, TINY, make_dataset, read_metrics, run_script, tiny_model
 
 
 def test_bench_runs_on_cpu_and_writes_sane_json(tmp_path):
@@ -65,11 +64,6 @@ def test_optimizer_in_backward_bad_combinations_are_config_errors(tmp_path):
                        (["--grad_clip=0", "--gradient_accumulation_steps=2"], "set --gradient_accumulation_steps=1")):
         proc = run_script("train.py", "--optimizer_in_backward=True", *extra, cwd=tmp_path, check=False)
         assert proc.returncode != 0 and "error: optimizer_in_backward=True" in proc.stderr and msg in proc.stderr
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=48)).eval()
 
 
 def test_chunked_loss_matches_full_logits_loss_and_grads():

@@ -13,16 +13,14 @@ import torch.nn.functional as F
 
 import evaluate
 from checkpoint import save_checkpoint
+import conftest
 from conftest import REPO, TINY, make_dataset, read_metrics, run_script, shared
-from model import ModelArgs, Transformer
 
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"
 
 
 def tiny_model(vocab_size=64, max_seq_len=16, seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
-                                 max_seq_len=max_seq_len)).eval()
+    return conftest.tiny_model(seed, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
 # ---- loss over a split -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, make_dataset, read_metrics, run_script
+from conftest import REPO, TINY, make_dataset, one_line_error, read_metrics, run_script
 
 WORDS = "the cat sat on a mat and a dog ran to the big red ball it was good bad happy sad up down".split()
 
@@ -63,12 +63,6 @@ def sft(root, *args, check=True):
 
 def train(root, *args, check=True):
     return run_script("train.py", "--data_root=data", *TINY, "--log_interval=1", *args, cwd=root, check=check)
-
-
-def one_line_error(proc, *fragments):
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and all(f in last for f in fragments), last
 
 
 # ---- SFT data ----------------------------------------------------------------------------------
@@ -192,7 +186,7 @@ def test_tinystories_instruct_entries_become_story_prompts(env):
     assert story_prompt(["climb", "ring", "messy"], ["Dialogue"]).startswith(
         'Write a story. In the story, try to use the verb "climb", the noun "ring" and the adjective "messy".')
     assert "Possible story:" in story_prompt(["run"]) and "bad ending" in story_prompt([], ["BadEnding"])
-    from tokenize_data import tinystories_entries
+    from sources import tinystories_entries
     entries = tinystories_entries(text)
     assert [e["Words"] for e in entries] == ["climb, ring, messy", "run, ball, red", "sing"]
     assert entries[2]["Story"] == "Anna sang.\n\nShe was glad." and entries[2]["Summary"] == "Anna sings."

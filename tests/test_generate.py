@@ -2,7 +2,7 @@
 train -> generate; then generate.py's options and its one-line errors."""
 import pytest
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,6 @@ def test_checkpoint_carries_its_tokenizer(trained):
         assert gen(trained, "--prompt=import ", "--temperature=0", "--max_new_tokens=20").stdout == before
     finally:
         model_file.with_suffix(".moved").rename(model_file)
-
-
-def one_line_error(proc, fragment):
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and fragment in last, last
 
 
 def test_generate_errors(trained):

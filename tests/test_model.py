@@ -5,14 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, apply_rope, check_sampling, precompute_rope, sample_next
+from conftest import tiny_model
 from runtime import mfu, peak_flops
 
 
 def tiny(**kw):
-    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=24)
-    args.update(kw)
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(**args)).eval()
+    return tiny_model(**{"vocab_size": 50, "max_seq_len": 24, **kw})
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

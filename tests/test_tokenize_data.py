@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data as ds  # noqa: E402
+import sources  # noqa: E402
 import tokenize_data as td  # noqa: E402
 from runtime import UsageError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -29,7 +30,7 @@ def configure(monkeypatch, **cfg):
 
 def corpus(n=60):
     """n unique real documents: stanzas of Python's own source (never generated filler)."""
-    docs = sorted({d for d in td.stdlib_docs(400_000)})
+    docs = sorted({d for d in sources.stdlib_docs(400_000)})
     chunks = [c for d in docs for c in d.split("\n\n\n") if len(c.strip()) > 40]
     return list(dict.fromkeys(chunks))[:n]
 
@@ -210,7 +211,7 @@ def test_cli_txt_and_one_line_errors(tmp_path):
     (tmp_path / "a.txt").write_text("First paragraph,\nstill first.\n\nSecond one.\n\n\nThird.\n")
     r = run_cli("download", "--source=a.txt", "--data_root=d", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert list(td.read_jsonl_texts(tmp_path / "d" / "a" / "docs.jsonl")) == [
+    assert list(sources.read_jsonl_texts(tmp_path / "d" / "a" / "docs.jsonl")) == [
         "First paragraph,\nstill first.", "Second one.", "Third."]
     for args, msg in ((["download", "--data_root=d"], "could not load 'roneneldan/TinyStories' from the Hugging Face Hub"),
                       (["pretokenize", "--dataset=a", "--data_root=d"], "a/tok512.model not found; train one"),
@@ -223,6 +224,27 @@ def test_cli_txt_and_one_line_errors(tmp_path):
 def test_stdlib_demo_corpus_is_capped_real_python(tmp_path, monkeypatch):
     configure(monkeypatch, data_root=str(tmp_path), source="stdlib", stdlib_max_bytes=200_000)
     td.download()
-    docs = list(td.read_jsonl_texts(tmp_path / "demo" / "docs.jsonl"))
+    docs = list(sources.read_jsonl_texts(tmp_path / "demo" / "docs.jsonl"))
     assert 0 < sum(len(d.encode()) for d in docs) <= 200_000
     assert all(compile(d, "<doc>", "exec") for d in docs)  # whole, valid Python files
+
+
+def test_meta_json_round_trip_through_data_py(tmp_path):
+    """What the writers write, the readers read back: token arrays, SFT masks and offsets, meta.json."""
+    tok = {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": 70000, "bos_id": 1, "eos_id": 2}
+    train, val = np.arange(5, 1005) * 61, np.array([69999, 3, 4])
+    d = ds.write_token_dataset(tmp_path / "big", {"train": train, "val": val}, tok, 70000, note="x")
+    meta = ds.load_meta(d)
+    assert meta["dtype"] == "uint32" and meta["note"] == "x" and meta["tokenizer"] == tok  # 70000 ids need uint32
+    assert meta["splits"]["train"] == {"file": "train.bin", "documents": 1, "tokens": 1000}
+    assert np.array_equal(ds.open_split(d, "train"), train) and np.array_equal(ds.open_split(d, "val"), val)
+    assert ds.check_token_ids(d, "val") == 69999
+    examples = [([1, 5, 6, 7], [-100, -100, 6, 7]), ([1, 9], [-100, 9]), ([1, 2, 3], [-100, -100, -100])]
+    info = ds.write_sft_split(d, "train", examples, np.uint16)
+    assert (info["examples"], info["tokens"], info["trained_tokens"], info["max_example_tokens"]) == (3, 9, 3, 4)
+    meta["format"], meta["dtype"], meta["splits"]["train"] = "sft", "uint16", info
+    ds.write_meta(d, meta)
+    tokens, mask, offsets = ds.open_sft(d, "train")
+    assert list(offsets) == [0, 4, 6, 9] and list(tokens) == [1, 5, 6, 7, 1, 9, 1, 2, 3]
+    assert list(mask) == [0, 0, 1, 1, 0, 1, 0, 0, 0]
+    assert not [p for p in os.listdir(d) if p.startswith(".tmp")]  # atomic writes leave no temporaries

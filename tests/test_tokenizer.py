@@ -7,7 +7,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
 import tokenize_data as td  # noqa: E402
 from runtime import UsageError  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer  # noqa: E402
@@ -146,3 +145,21 @@ def test_changed_tokenizer_file_is_refused_and_embedded_model_needs_no_file(trai
     embedded = {**trained.to_meta(embed=True), "path": str(tmp_path / "gone.model")}
     again = load_tokenizer(embedded)
     assert again.encode(TEXT) == trained.encode(TEXT) and again.special_ids == trained.special_ids
+
+
+def test_stream_decoder_equals_decode_token_by_token(trained):
+    """Streaming is one token at a time (constant work per token) and gives exactly decode()'s text, for
+    sequences that mix BOS, chat specials, leading and repeated spaces, byte-fallback pieces and UTF-8
+    characters split over several tokens, streamed from the start or after a prompt."""
+    import random
+    tok = make_tokenizer(trained.path, SPECIAL_TOKENS)
+    words = ["def", " x", "  return", "\n\t", "日本語", " café", "🎉", "✓ ok", "<|user|>", "<|end_of_turn|>", " 42", "\n"]
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = tok.encode("".join(rng.choice(words) for _ in range(rng.randrange(1, 12))), bos=rng.random() < 0.5)
+        for prefix in (0, len(ids) // 2, len(ids) - 1):  # from the start, or continuing after a prompt
+            if "\ufffd" in tok.decode(ids[:prefix]):
+                continue  # a prompt is whole text: it never ends inside a character
+            decoder = tok.stream(ids[prefix - 1] if prefix else None)
+            text = "".join(decoder.add(i) for i in ids[prefix:]) + decoder.flush()
+            assert tok.decode(ids[:prefix]) + text == tok.decode(ids), ids

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, make_dataset, read_metrics, run_script
+from conftest import REPO, TINY, make_dataset, one_line_error as expect_error, read_metrics, run_script
 
 
 def train(tmp_path, *extra, out="out", check=True, dataset="tiny"):
@@ -82,20 +82,6 @@ def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == ckpt["iter_num"] + 2
 
 
-def test_lr_schedules(tmp_path, data):
-    common = ["--log_interval=1", "--eval_interval=1000", "--learning_rate=0.01", "--min_lr=0.001", "--max_iters=20"]
-    train(tmp_path, *common, "--lr_schedule=constant", "--warmup_iters=4", "--optimizer=sgd", out="const")
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "const", "train")]
-    assert lrs[0] < lrs[3] and all(lr == 0.01 for lr in lrs[4:])
-    train(tmp_path, *common, "--lr_schedule=onecycle", "--warmup_iters=6", out="cycle")
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "cycle", "train")]
-    peak = lrs.index(max(lrs))
-    assert peak == 6 and lrs[0] == pytest.approx(0.01 / 25) and lrs[-1] < lrs[peak] and lrs[-1] >= 0.001
-    train(tmp_path, *common, "--lr_schedule=cosine", "--warmup_iters=2", out="cos")
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "cos", "train")]
-    assert max(lrs) == pytest.approx(0.01, rel=0.05) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
-
-
 def test_ddp_two_cpu_processes(tmp_path, data):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
@@ -124,16 +110,6 @@ def test_fine_tune_from_checkpoint_path_starts_fresh_schedule(tmp_path, data):
 
 
 # ---- bad input: one line, non-zero exit, no traceback --------------------------------------------
-
-def expect_error(proc, *fragments):
-    assert proc.returncode != 0
-    err = proc.stderr.strip()
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]
-    assert last.startswith("error:"), err
-    for f in fragments:
-        assert f in last, (f, last)
-
 
 def test_error_missing_data(tmp_path):
     expect_error(train(tmp_path, check=False, dataset="nope"), "not found")

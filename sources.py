@@ -1,0 +1,173 @@
+"""Where text comes from: the Hugging Face Hub, local files, the Python standard library; and the readers of
+the record files fine-tuning starts from (JSON, JSONL, CSV, 'text@label' lines, TinyStories-Instruct).
+Every reader stops on a bad record with its file and line number.
+"""
+import csv
+import glob
+import io
+import json
+import os
+from pathlib import Path
+
+from runtime import UsageError
+
+LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def stdlib_docs(max_bytes):
+    """The running Python's own standard library: real, varied text every machine has."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for p in sorted(root.rglob("*.py")):  # sorted: the same corpus on every run
+        if "site-packages" in p.parts:
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        if total + len(text.encode()) > max_bytes:
+            break
+        docs.append(text)
+        total += len(text.encode())
+    return docs
+
+
+def first_bad_json_line(files):
+    """datasets' JSON errors do not say where; find the first line json cannot parse."""
+    for fname in files:
+        if not fname.endswith(".jsonl"):
+            continue
+        with open(fname, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.strip() and json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{fname} line {n}: {e}"
+    return None
+
+
+def load_texts(source, text_field="text", hf_config="", hf_split="train", txt_split="paragraph"):
+    """The documents of a Hub dataset or of local files. Both go through datasets.load_dataset, so the
+    offline-tested local path is the same code users run against the Hub."""
+    import datasets
+    datasets.disable_progress_bars()
+    local = source.endswith(tuple(LOCAL_LOADERS)) or glob.glob(source)
+    if local:
+        files = sorted(glob.glob(source))
+        if not files:
+            raise UsageError(f"no files match {source}; check the path (local sources end in "
+                             f"{', '.join(LOCAL_LOADERS)})")
+        exts = {Path(f).suffix for f in files}
+        if len(exts) != 1 or not exts <= set(LOCAL_LOADERS):
+            raise UsageError(f"{source} matches files of types {sorted(exts)}; use one type of "
+                             f"{', '.join(LOCAL_LOADERS)} per download")
+        loader = LOCAL_LOADERS[exts.pop()]
+        kwargs = {"sample_by": txt_split} if loader == "text" else {}
+        try:
+            ds = datasets.load_dataset(loader, data_files={hf_split: files}, split=hf_split, **kwargs)
+        except Exception as e:
+            bad = first_bad_json_line(files)
+            where = f"{bad}" if bad else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise UsageError(f"could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
+    else:
+        try:
+            ds = datasets.load_dataset(source, hf_config or None, split=hf_split)
+        except Exception as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise UsageError(f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
+                             f"check the name and your internet connection, or pass local files with "
+                             f"--source=path/*.jsonl")
+    if text_field not in ds.column_names:
+        raise UsageError(f"{source} has no column '{text_field}' (it has {ds.column_names}); "
+                         f"pass --text_field=<one of those>")
+    texts = list(ds[text_field])
+    if local and loader == "text":  # paragraphs split on "\n\n" keep the rest of a longer blank run
+        texts = [t.strip("\n") for t in texts]
+    return texts
+
+
+def read_jsonl_texts(path, field="text"):
+    """Yield field of each line of a JSONL file; a bad line stops with its line number."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[field]
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                raise UsageError(f"{path} line {n} is not a JSON object with a '{field}' field "
+                                 f"({type(e).__name__}: {e}); fix or delete that line")
+
+
+def read_text(path, encoding="auto"):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found; pass --source=path/to/file (.json, .jsonl, .csv or .txt)")
+    raw = Path(path).read_bytes()
+    if encoding != "auto":
+        try:
+            return raw.decode(encoding)
+        except LookupError:
+            raise UsageError(f"encoding={encoding!r} is not a codec Python knows; pass e.g. utf-8, latin-1 or auto")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} is not {encoding} text (byte {e.start}); pass its real --encoding or auto")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # Financial PhraseBank and other older corpora are latin-1
+        return raw.decode("latin-1")
+
+
+def read_records(path, encoding="auto", text_field="text", label_field="label"):
+    """[(line number, record)] of a JSON array, JSONL, CSV (header row) or 'text@label' .txt file (whose two
+    parts become the text_field and label_field of the record)."""
+    text = read_text(path, encoding)
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
+        if not isinstance(data, list):
+            raise UsageError(f"{path} holds a JSON {type(data).__name__}, not a list of records; use a list or .jsonl")
+        return [(n, r) for n, r in enumerate(data, 1)]  # "line" = record number in a JSON array
+    if path.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also cuts at \x85, \u2028...
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line")
+        return out
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [(reader.line_num, r) for r in reader]
+    # .txt: Financial PhraseBank's "sentence@label" lines
+    return [(n, dict(zip((text_field, label_field), line.rsplit("@", 1))))
+            for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def tinystories_entries(text):
+    """TinyStories-Instruct text: entries separated by <|endoftext|>, each a few 'Key: value' lines
+    (Features, Words, Summary, Random sentence) and a 'Story:' whose paragraphs follow it. The keys come
+    in no fixed order, so a key line after the story ends it and is read as metadata."""
+    keys = ("Features", "Words", "Summary", "Random sentence")
+    entries = []
+    for chunk in text.split("<|endoftext|>"):
+        entry, story = {}, None  # story: the Story's lines while we are inside it
+        for line in chunk.strip().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key in keys:
+                if story is not None:  # a key line after the story ends it
+                    entry["Story"], story = "\n".join(story).strip(), None
+                entry[key] = value.strip()
+            elif sep and key == "Story":
+                story = [value.strip()]
+            elif story is not None:
+                story.append(line)
+        if story is not None:
+            entry["Story"] = "\n".join(story).strip()
+        if entry.get("Story"):
+            entries.append(entry)
+    return entries

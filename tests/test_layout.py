@@ -1,0 +1,48 @@
+"""The house (STYLE.md): library files take arguments, raise UsageError and import only library files;
+scripts import only library files; every file stays readable whole."""
+import ast
+
+import pytest
+
+from conftest import REPO
+
+LIBRARY = {"model.py", "runtime.py", "tokenizer.py", "chat.py", "configurator.py", "optim.py", "data.py",
+           "checkpoint.py", "formats.py", "lora.py", "sources.py"}
+SCRIPTS = sorted(p.name for p in REPO.glob("*.py") if p.name not in LIBRARY)
+OURS = {p.stem for p in REPO.glob("*.py")}
+
+
+def our_imports(path):
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & OURS
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY))
+def test_library_files_import_only_library_files_and_never_exit(name):
+    path = REPO / name
+    assert our_imports(path) <= {p[:-3] for p in LIBRARY}, our_imports(path)
+    exits = [n.lineno for n in ast.walk(ast.parse(path.read_text()))
+             if (isinstance(n, ast.Name) and n.id == "SystemExit") or (isinstance(n, ast.Attribute)
+                 and isinstance(n.value, ast.Name) and n.value.id == "sys" and n.attr in ("exit", "argv"))]
+    assert not exits, f"{name} exits or reads argv at lines {exits}: raise UsageError and take arguments instead"
+    if name == "model.py":  # the ground floor
+        assert our_imports(path) == set()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_import_only_library_files(name):
+    assert our_imports(REPO / name) <= {p[:-3] for p in LIBRARY}, our_imports(REPO / name)
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY) + SCRIPTS)
+def test_files_stay_readable_whole(name):
+    lines = (REPO / name).read_text().splitlines()
+    assert len(lines) <= 450, f"{name} has {len(lines)} lines; split a concern out"
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 120]
+    assert not long, f"{name}: lines {long[:10]} are over 120 characters"
