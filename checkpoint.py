@@ -105,6 +105,15 @@ def save_checkpoint(ckpt, path):
         torch.save(ckpt, f)
 
 
+def read_pt(path, what, fix, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, never pickled code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read {what} '{path}' ({first}); {fix}")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read one of our checkpoints (a .pt file, or a run directory holding ckpt.pt) into its dict.
     A llama2.c model file (.bin) or a Hugging Face Llama folder is converted into the same dict."""
@@ -116,12 +125,8 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' not found; pass the ckpt.pt written by train.py "
                          f"(e.g. out/ckpt.pt) or its run directory")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read checkpoint '{path}' ({first[:200]}); it is truncated, corrupt "
-                         f"or not a llamaforge checkpoint: re-train or re-export it")
+    ckpt = read_pt(path, "checkpoint", "it is truncated, corrupt or not a llamaforge checkpoint: re-train or "
+                                       "re-export it", map_location)
     if isinstance(ckpt, dict) and "adapter" in ckpt and "model" not in ckpt:
         rank = ckpt.get("lora", {}).get("rank", "R")
         raise UsageError(f"'{path}' is a LoRA adapter, not a full model; resume its run with --lora_rank={rank}, "
@@ -191,11 +196,7 @@ def read_adapter(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise UsageError(f"adapter '{path}' not found; pass the ckpt.pt of a LoRA run (train.py with lora_rank > 0)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read adapter '{path}' ({first}); re-train it")
+    ckpt = read_pt(path, "adapter", "re-train it")
     if not isinstance(ckpt, dict) or "adapter" not in ckpt or "lora" not in ckpt:
         raise UsageError(f"'{path}' is not a LoRA adapter (no adapter/lora entries); pass the ckpt.pt of a run with "
                          f"lora_rank > 0")

@@ -48,6 +48,7 @@ from checkpoint import load_any, tokenizer_for  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
 from model import IGNORE_INDEX, loss_metrics, score_batch, token_logprobs  # noqa: E402
 from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
+from sources import jsonl  # noqa: E402
 
 
 def setup():
@@ -147,28 +148,20 @@ def read_hellaswag(path, n_max=0):
     """Items {ctx, endings (4), label} from a JSONL file; a bad line stops with its line number."""
     if not os.path.isfile(path):
         raise UsageError(f"HellaSwag file '{path}' not found; download hellaswag_val.jsonl from "
-                         f"github.com/rowanz/hellaswag "
-             f"(data/) and pass --hellaswag_file=PATH")
+                         f"github.com/rowanz/hellaswag (data/) and pass --hellaswag_file=PATH")
+    def item(d):
+        ctx_text, endings, label = d["ctx"], d["endings"], int(d["label"])
+        if not (isinstance(ctx_text, str) and isinstance(endings, list) and len(endings) == 4
+                and all(isinstance(e, str) and e.strip() for e in endings) and 0 <= label < 4):
+            raise ValueError("needs a string ctx, 4 non-empty string endings and a label 0-3")
+        if "ctx_a" in d:  # the official file: clean the way the harnesses do
+            ctx_text, endings = clean_hellaswag(ctx_text), [clean_hellaswag(e) for e in endings]
+        return {"ctx": ctx_text, "endings": endings, "label": label}
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                official = "ctx_a" in d  # the official file: clean the way the harnesses do
-                ctx_text, endings, label = d["ctx"], d["endings"], int(d["label"])
-                if not (isinstance(ctx_text, str) and isinstance(endings, list) and len(endings) == 4
-                        and all(isinstance(e, str) and e.strip() for e in endings) and 0 <= label < 4):
-                    raise ValueError("needs a string ctx, 4 non-empty string endings and a label 0-3")
-            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-                raise UsageError(f"{path} line {lineno} is not a HellaSwag item ({type(e).__name__}: {str(e)[:120]}); "
-                     f"expected JSON with ctx, endings (4 strings) and label 0-3")
-            if official:
-                ctx_text, endings = clean_hellaswag(ctx_text), [clean_hellaswag(e) for e in endings]
-            items.append({"ctx": ctx_text, "endings": endings, "label": label})
-            if n_max and len(items) == n_max:
-                break
+    for _, it in jsonl(path, "a HellaSwag item", "expected JSON with ctx, endings (4 strings) and label 0-3", item):
+        items.append(it)
+        if n_max and len(items) == n_max:
+            break
     if not items:
         raise UsageError(f"{path} holds no HellaSwag items; pass the hellaswag_val.jsonl file")
     return items
@@ -222,19 +215,12 @@ def hellaswag():
 def read_run(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise UsageError(f"{path} not found; pass --runs=DIR,DIR with train.py out_dir folders that hold metrics.jsonl")
-    recs = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path} line {lineno} is not JSON; the log is damaged (a crash mid-write?): "
-                                 f"delete that line")
+        raise UsageError(f"{path} not found; pass --runs=DIR,DIR with train.py out_dir folders that hold "
+                         f"metrics.jsonl")
+    recs = [r for _, r in jsonl(path, "JSON", "the log is damaged (a crash mid-write?): delete that line")]
     if not any(r.get("type") in ("train", "eval") for r in recs):
-        raise UsageError(f"{path} holds no train or eval records yet; let the run log at least log_interval iterations")
+        raise UsageError(f"{path} holds no train or eval records yet; let the run log at least log_interval "
+                         f"iterations")
     return recs
 
 
@@ -341,7 +327,7 @@ def classify():
     path = os.path.join(data_dir, f"{split}.classify.jsonl")
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found; re-run python tokenize_data.py classify (splits: train, val)")
-    rows = [json.loads(ln) for ln in open(path, encoding="utf-8") if ln.strip()][:max_items or None]
+    rows = [r for _, r in jsonl(path)][:max_items or None]
     if not rows:
         raise UsageError(f"{path} holds no examples; re-run python tokenize_data.py classify with more data")
     t0, pred = time.time(), []
@@ -352,10 +338,7 @@ def classify():
         pred.append(labels[max(range(len(labels)), key=lambda i: scores[i][0])])
     gold = [r["label"] for r in rows]
     train_path = os.path.join(data_dir, "train.classify.jsonl")  # the majority class is the train split's
-    train_labels = gold
-    if os.path.isfile(train_path):
-        with open(train_path, encoding="utf-8") as f:
-            train_labels = [json.loads(ln)["label"] for ln in f]
+    train_labels = [r["label"] for _, r in jsonl(train_path)] if os.path.isfile(train_path) else gold
     majority = max(labels, key=train_labels.count)
     return {"task": "classify", "checkpoint": checkpoint, "dataset": data_dir, "split": split, "examples": len(rows),
             "labels": ",".join(labels), **classification_metrics(gold, pred, labels),

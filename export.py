@@ -26,7 +26,7 @@ import torch
 from checkpoint import (atomic_dir, atomic_file, build_model, clean_state_dict, load_checkpoint, load_with_adapter,
                         save_checkpoint)
 from configurator import configure, print_config
-from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, HF_NAMES, gguf_name, hf_key,
+from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, gguf_name, hf_key, hf_module,
                      llama2c_order, permute_to_hf, rope_tables)
 from lora import merge_lora
 from runtime import UsageError, handle_errors
@@ -223,7 +223,7 @@ def export_peft_adapter(out_dir, adapters, rank, alpha, target_modules, base_hf_
         prefix = "base_model.model." + hf_key(name + ".weight")[:-len(".weight")]
         tensors[prefix + ".lora_A.weight"] = A.detach().float().contiguous()
         tensors[prefix + ".lora_B.weight"] = B.detach().float().contiguous()
-    hf_targets = sorted({HF_NAMES.get(t, t).split(".")[-1] for t in target_modules})  # "wq" -> "q_proj"
+    hf_targets = sorted({hf_module(t) for t in target_modules})  # "wq" -> "q_proj"
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
               "target_modules": hf_targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
               "base_model_name_or_path": os.path.abspath(base_hf_dir), "inference_mode": True,

@@ -6,7 +6,7 @@ folder (config.json + model.safetensors, or shards listed in model.safetensors.i
 the same checkpoint dict train.py writes. Sizes and header fields are checked before a single weight
 is read, so a truncated download is one line of error, not a reshape crash deep inside numpy.
 
-Tensor names: ours (llama2.c's) <-> Hugging Face (hf_key) <-> GGUF (gguf_name), one table each.
+Tensor names: ours (llama2.c's) -> Hugging Face (hf_key) and GGUF (gguf_name), from one table (NAMES).
 """
 import json
 import os
@@ -176,20 +176,42 @@ def permute_from_hf(w, n_heads):
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-HF_NAMES = {"attention_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
-            "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+# ---- the one name table: our tensor (llama2.c's names) -> (Hugging Face name, GGUF name); {i} is the layer
+NAMES = {"tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+         "norm.weight": ("model.norm.weight", "output_norm.weight"),
+         "output.weight": ("lm_head.weight", "output.weight"),
+         "attention_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+         "wq": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+         "wk": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+         "wv": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+         "wo": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+         "ffn_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+         "w1": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+         "w2": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+         "w3": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")}
+
+
+def _foreign_name(ours, which):
+    if ours in NAMES:
+        return NAMES[ours][which]
+    i = ours.split(".")[1]
+    kind = {v: k for k, v in layer_keys(i).items()}[ours]
+    return NAMES[kind][which].format(i=i)
 
 
 def hf_key(ours):
     """Our tensor name -> the LlamaForCausalLM one."""
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if ours in top:
-        return top[ours]
-    _, i, *rest = ours.split(".")
-    kind = {v: k for k, v in layer_keys(i).items()}[ours]
-    return f"model.layers.{i}.{HF_NAMES[kind]}.weight"
+    return _foreign_name(ours, 0)
+
+
+def gguf_name(ours):
+    """Our tensor name -> llama.cpp's."""
+    return _foreign_name(ours, 1)
+
+
+def hf_module(kind):
+    """A linear layer by our short name ("wq", "output") -> the HF module name PEFT targets ("q_proj", "lm_head")."""
+    return NAMES[kind if kind in NAMES else kind + ".weight"][0].split(".")[-2]
 
 
 def read_hf(folder, tokenizer=None):
@@ -279,20 +301,3 @@ def hf_tokenizer_meta(folder):
     if all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.bpe", "encoder.json")):
         return make_tokenizer(folder).to_meta()  # GPT-2 BPE files our HF export writes beside vocab.json
     return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# GGUF (llama.cpp) tensor names
-
-GGUF_NAMES = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-              "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
-
-
-def gguf_name(ours):
-    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-           "output.weight": "output.weight"}
-    if ours in top:
-        return top[ours]
-    i = ours.split(".")[1]
-    kind = {v: k for k, v in layer_keys(i).items()}[ours]
-    return f"blk.{i}.{GGUF_NAMES[kind]}.weight"

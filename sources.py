@@ -89,17 +89,27 @@ def load_texts(source, text_field="text", hf_config="", hf_split="train", txt_sp
     return texts
 
 
+def jsonl(path, expect="JSON", fix="fix or delete that line", parse=lambda record: record):
+    """(line number, parse(record)) for each non-blank line of a JSONL file, read lazily. A line that is not
+    JSON, or that parse rejects (ValueError/KeyError/TypeError), stops with its file, line number and fix."""
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield n, parse(json.loads(line))
+                    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                        raise UsageError(f"{path} line {n} is not {expect} ({type(e).__name__}: {str(e)[:120]}); "
+                                         f"{fix}")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} line {n + 1} is not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
+
+
 def read_jsonl_texts(path, field="text"):
     """Yield field of each line of a JSONL file; a bad line stops with its line number."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)[field]
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise UsageError(f"{path} line {n} is not a JSON object with a '{field}' field "
-                                 f"({type(e).__name__}: {e}); fix or delete that line")
+    for _, text in jsonl(path, f"a JSON object with a '{field}' field", parse=lambda r: r[field]):
+        yield text
 
 
 def read_text(path, encoding="auto"):
