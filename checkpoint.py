@@ -28,7 +28,7 @@ def current_umask():
     return mask
 
 
-def _fsync(path):
+def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,9 +50,9 @@ def atomic_file(path):
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode of a new file
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(directory)  # the rename itself
+        fsync_path(directory)  # the rename itself
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -72,13 +72,13 @@ def atomic_dir(path):
         yield tmp
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())  # some writers make 0600 files
-            _fsync(os.path.join(tmp, name))
+            fsync_path(os.path.join(tmp, name))
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
             os.replace(path, os.path.join(old, "x"))
         os.replace(tmp, path)
-        _fsync(parent)
+        fsync_path(parent)
         if old:
             shutil.rmtree(old)
     finally:
@@ -99,16 +99,54 @@ def remove_stale_temps(folder):
     return removed
 
 
+class FolderLock:
+    """One writer per folder. The lock is an flock on folder/.lock, which holds the owner's pid for the message;
+    the kernel drops it when the owner dies however it dies, so a lock left by a killed run is simply taken
+    over (no stale-lock guessing, no pid-reuse mistakes). Released, and its file removed, when the process
+    exits normally (or by release())."""
+
+    def __init__(self, folder, what):
+        import atexit
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, ".lock")
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                raise UsageError(f"{folder} is in use by another {what} (process {owner}); wait for it to finish or "
+                                 f"stop it, or use another folder")
+            try:  # the previous owner may have removed the file between our open and our lock: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        self.stale = remove_stale_temps(folder)  # only now is nobody else writing here
+        atexit.register(self.release)
+
+    def release(self):
+        if self.fd is not None:
+            os.remove(self.path)  # before unlocking, so a waiting process never locks a file about to vanish
+            os.close(self.fd)
+            self.fd = None
+
+
 def save_checkpoint(ckpt, path):
     """Atomically (see atomic_file): the previous checkpoint survives any failure to write this one."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
 
 
-def read_pt(path, what, fix, map_location="cpu"):
+def read_pt(path, what, fix, map_location="cpu", mmap=False):
     """torch.load with weights_only=True: tensors and plain data only, never pickled code."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot read {what} '{path}' ({first}); {fix}")
@@ -223,6 +261,19 @@ def load_with_adapter(base_path, adapter_path, device="cpu"):
     return model.to(device).eval(), base, ad
 
 
+def load_for_training(path, resume, adapter, data_tokenizer, data_dir, dropout):
+    """(model, checkpoint dict, absolute path of the base weights) to continue or fine-tune from `path`. A LoRA
+    run's own checkpoint (resume with adapter) holds adapters only: its weights come from the base it names.
+    The base must have been trained with the data's tokenizer."""
+    ckpt = read_adapter(path) if resume and adapter else load_checkpoint(path)
+    base = load_checkpoint(ckpt["base_checkpoint"]) if "adapter" in ckpt else ckpt
+    tok = base.get("tokenizer") or {}
+    check_tokenizers(base.get("tokenizer"), data_tokenizer, f"checkpoint {path} and {data_dir}",
+                     f"pretokenize the data with --tokenizer={tok.get('path') or tok.get('kind')}")
+    base["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
+    return build_model(base), ckpt, os.path.abspath(ckpt.get("base_checkpoint") or path)
+
+
 def load_any(path, adapter="", device="cpu"):
     """(model in eval mode, checkpoint dict) for generate/evaluate/export: a checkpoint, or a base plus a
     LoRA adapter on top of it."""
@@ -230,6 +281,42 @@ def load_any(path, adapter="", device="cpu"):
         model, base, _ = load_with_adapter(path, adapter, device)
         return model, base
     return load_model(path, device)
+
+
+# what a resumed run may not change (its weights and optimizer state would not fit), and what changes its
+# learning-rate curve; keys of the running session (where to write, which device, speed knobs) are the
+# new command's own and are never taken from the checkpoint
+ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "tie_embeddings", "norm_eps",
+                "rope_theta", "optimizer", "optimizer_in_backward", "lora_rank", "lora_alpha", "lora_targets")
+SCHEDULE = ("max_iters", "learning_rate", "lr_schedule", "warmup_iters", "lr_decay_iters", "min_lr")
+SESSION = ("init_from", "out_dir", "device", "compile", "progress", "stop_at_iter", "eval_only", "overwrite",
+           "write_checkpoints", "memory_cap_gb", "activation_checkpointing", "checkpoint_blocks", "loss_chunk_size")
+
+
+def resume_config(path, config, explicit):
+    """The config of a run resumed from checkpoint `path`: the saved config, with the keys given on this
+    command line (`explicit`) and the session keys on top. Returns (config, notes to print); refuses a new
+    architecture or optimizer, and notes a changed schedule (the run's curve from here then differs)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"init_from='resume' but {path} does not exist; train with init_from='scratch' first or fix "
+                         f"out_dir")
+    ckpt = read_pt(path, "checkpoint", "it is truncated or corrupt: resume from a copy or train from scratch",
+                   mmap=True)  # mmap: only the config is read now
+    saved = ckpt.get("config") or {}
+    out, notes = dict(config), [f"resuming {path} from iter {ckpt.get('iter_num', 0):,} of "
+                                f"{config['max_iters'] if 'max_iters' in explicit else saved.get('max_iters')}"]
+    for key, old in saved.items():
+        if key not in out or key in SESSION:
+            continue
+        if key not in explicit or out[key] == old:
+            out[key] = old
+        elif key in ARCHITECTURE:
+            raise UsageError(f"{key}={out[key]!r} but {path} was trained with {key}={old!r}; a resumed run keeps "
+                             f"it: drop the flag, or start a new run from its weights with --init_from={path}")
+        elif key in SCHEDULE:
+            notes.append(f"warning: {key} changed from {old!r} to {out[key]!r}: the learning-rate curve from here "
+                         f"differs from the uninterrupted run's")
+    return out, notes
 
 
 def restore_training(ckpt, where, opts, scaler, sampler, rank, device):

@@ -29,8 +29,10 @@ def _check(key, value, namespace, keys, source):
         hint = f"; did you mean {', '.join(near)}?" if near else "; see the config keys in the README"
         raise UsageError(f"unknown config key '{key}' in {source}{hint}")
     default = namespace[key]
-    if default is None or value is None:  # None means "unset / auto": any type may replace it
+    if default is None:  # None means "unset / auto": any type may replace it
         return value
+    if value is None:
+        raise UsageError(f"config key '{key}' in {source} needs a value (default {default!r}), not None")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -56,10 +58,12 @@ def parse_value(text):
         return text  # a bare word such as --device=cuda is a string
 
 
-def configure(namespace, argv):
+def configure(namespace, argv, explicit=None):
     """Override namespace's config globals from a config file and --key=value flags in argv.
-    Returns the dict of config keys and their final values (saved into checkpoints)."""
+    Returns the dict of config keys and their final values (saved into checkpoints). If given, the set
+    `explicit` receives the keys the file or the flags set (train.py's resume keeps the others)."""
     keys = config_keys(namespace)
+    explicit = set() if explicit is None else explicit
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
@@ -78,6 +82,7 @@ def configure(namespace, argv):
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue
                 namespace[key] = _check(key, value, namespace, keys, arg)
+                explicit.add(key)
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:  # --flag alone switches a boolean on
@@ -87,7 +92,18 @@ def configure(namespace, argv):
                     raise UsageError(f"flag '{arg}' has no value; write --{key}=VALUE")
             key = key.replace("-", "_")
             namespace[key] = _check(key, parse_value(text), namespace, keys, f"flag --{key}")
+            explicit.add(key)
     return {k: namespace[k] for k in keys}
+
+
+def require(config, positive=(), non_negative=(), fraction=()):
+    """Refuse values of the right type but impossible meaning, before any work is done: sizes and counts
+    that must be > 0 or >= 0, and probabilities outside [0, 1]."""
+    for keys, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for k in keys:
+            if not ok(config[k]):
+                raise UsageError(f"{k}={config[k]!r} must be {what}")
 
 
 def print_config(config, file=sys.stdout):

@@ -6,16 +6,20 @@ A dataset is a folder (data/README.md describes it):
 and for fine-tuning data ("format": "sft") per split also
     {split}.mask.bin               uint8, 1 where the loss trains on the token
     {split}.offsets.bin            int64, example i is tokens[offsets[i]:offsets[i+1]]
-meta.json is written last, so it only ever describes files that are complete.
+A dataset is replaced whole or not at all (DatasetUpdate): a failed or interrupted tokenize_data.py run
+leaves the previous dataset exactly as it was.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_file
+from checkpoint import fsync_path, atomic_file
 from model import IGNORE_INDEX
 from runtime import UsageError
+
+JOURNAL, STAGED = ".update.json", ".new-"  # the commit record of an update, and the prefix of its new files
 
 
 def token_dtype(n_vocab, name="auto"):
@@ -42,26 +46,82 @@ def split_documents(n, frac, seed):
 
 # ---- writers ---------------------------------------------------------------------------------------
 
+def meta_files(meta):
+    """Every file name a meta.json refers to (its own name included)."""
+    names = {"meta.json"}
+    for info in meta.get("splits", {}).values():
+        names |= {info[k] for k in ("file", "mask", "offsets") if k in info} | set(info.get("files", []))
+    return names | set(meta.get("classify_files", {}).values())
+
+
+def finish_update(data_dir):
+    """Complete an update whose journal was written (its commit point) but whose renames were cut short by a
+    crash; every file it names is already complete on disk. Idempotent, so any reader may do it."""
+    d = Path(data_dir)
+    if not (d / JOURNAL).is_file():
+        return
+    journal = json.loads((d / JOURNAL).read_text())
+    for staged, name in journal["renames"]:
+        if (d / staged).exists():
+            os.replace(d / staged, d / name)
+    for name in journal["remove"]:
+        (d / name).unlink(missing_ok=True)
+    fsync_path(d)
+    (d / JOURNAL).unlink(missing_ok=True)
+
+
+class DatasetUpdate:
+    """Replace a dataset's files all together or not at all. Write each new file at path(name); commit(meta)
+    fsyncs them, records their renames in a journal (the commit point), makes the renames (meta.json last) and
+    removes the files only the old meta.json used. Before the journal, a failure (or Ctrl-C) leaves the old
+    dataset exactly as it was and deletes what was staged; after it, a crash is finished by the next reader."""
+
+    def __init__(self, data_dir):
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        finish_update(self.dir)
+        for p in self.dir.glob(STAGED + "*"):  # staged by a run that died before committing
+            p.unlink()
+        self.staged = {}
+
+    def path(self, name):
+        self.staged[name] = self.dir / f"{STAGED}{name}"
+        return self.staged[name]
+
+    def commit(self, meta):
+        with open(self.path("meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        for p in self.staged.values():
+            fsync_path(p)
+        try:
+            old = meta_files(json.loads((self.dir / "meta.json").read_text()))
+        except (OSError, ValueError):
+            old = set()
+        renames = [[p.name, name] for name, p in self.staged.items() if name != "meta.json"]
+        journal = {"renames": renames + [[self.staged["meta.json"].name, "meta.json"]],
+                   "remove": sorted(old - meta_files(meta) - set(self.staged))}
+        with atomic_file(self.dir / JOURNAL) as tmp, open(tmp, "w") as f:
+            json.dump(journal, f)
+        self.staged = {}
+        finish_update(self.dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.staged.values():  # not committed: nothing of this update may remain
+            p.unlink(missing_ok=True)
+
+
 def write_tokens(path, chunks, dtype):
-    """Write an iterable of id sequences to path, in order, atomically; returns the number of tokens."""
+    """Write an iterable of id sequences to path, in order; returns the number of tokens."""
     count = 0
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         for ids in chunks:
             arr = np.asarray(ids, dtype=dtype)
             f.write(arr.tobytes())
             count += len(arr)
     return count
-
-
-def write_array(path, arr):
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(arr).tobytes())
-
-
-def write_meta(data_dir, meta):
-    """meta.json, atomically: the last file of a dataset to be written."""
-    with atomic_file(Path(data_dir) / "meta.json") as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
 
 
 def dataset_meta(tok_meta, vocab_size, dtype, bos_id, eos_id, splits, **extra):
@@ -72,26 +132,24 @@ def dataset_meta(tok_meta, vocab_size, dtype, bos_id, eos_id, splits, **extra):
 
 def write_token_dataset(data_dir, splits, tok_meta, vocab_size, bos_id=1, eos_id=2, dtype="auto", **extra):
     """A whole pretraining dataset from in-memory token arrays {split: ids}: what benchmarks and tests use."""
-    d = Path(data_dir)
-    d.mkdir(parents=True, exist_ok=True)
     dt = token_dtype(vocab_size, dtype)
     info = {}
-    for name, ids in splits.items():
-        n = write_tokens(d / f"{name}.bin", [ids], dt)
-        info[name] = {"file": f"{name}.bin", "documents": 1, "tokens": n}
-    write_meta(d, dataset_meta(tok_meta, vocab_size, dt, bos_id, eos_id, info, **extra))
-    return d
+    with DatasetUpdate(data_dir) as up:
+        for name, ids in splits.items():
+            n = write_tokens(up.path(f"{name}.bin"), [ids], dt)
+            info[name] = {"file": f"{name}.bin", "documents": 1, "tokens": n}
+        up.commit(dataset_meta(tok_meta, vocab_size, dt, bos_id, eos_id, info, **extra))
+    return Path(data_dir)
 
 
-def write_sft_split(data_dir, name, examples, dtype):
-    """examples: [(ids, labels)] from chat.render_chat. Writes the split's tokens, loss mask and offsets;
-    returns its meta.json entry."""
-    d = Path(data_dir)
+def write_sft_split(update, name, examples, dtype):
+    """examples: [(ids, labels)] from chat.render_chat. Stages the split's tokens, loss mask and offsets in a
+    DatasetUpdate; returns its meta.json entry."""
     ids = np.array([t for e, _ in examples for t in e], dtype=dtype)
     mask = np.array([lab != IGNORE_INDEX for _, labs in examples for lab in labs], dtype=np.uint8)
     offsets = np.cumsum([0] + [len(e) for e, _ in examples]).astype(np.int64)
     for suffix, arr in (("bin", ids), ("mask.bin", mask), ("offsets.bin", offsets)):
-        write_array(d / f"{name}.{suffix}", arr)
+        write_tokens(update.path(f"{name}.{suffix}"), [arr], arr.dtype)
     lengths = np.diff(offsets)
     return {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "offsets": f"{name}.offsets.bin",
             "examples": len(examples), "tokens": int(len(ids)), "trained_tokens": int(mask.sum()),
@@ -103,6 +161,7 @@ def write_sft_split(data_dir, name, examples, dtype):
 
 def load_meta(data_dir):
     d = Path(data_dir)
+    finish_update(d)
     if not d.is_dir():
         raise UsageError(f"dataset folder {d} not found; make it with python tokenize_data.py download "
                          f"then pretokenize (offline demo: --source=stdlib, --dataset=demo)")
@@ -216,12 +275,22 @@ class Batches:
         """How many positions a batch may draw from: window starts, or examples."""
         return len(self.examples[split][2]) - 1 if self.sft else len(self.tokens[split]) - self.block_size
 
-    def get(self, split, positions):
+    def get(self, split, positions, device=None):
+        """(x, y): numpy arrays, or tensors on device. On CUDA the copy is pinned and asynchronous, so it
+        overlaps the GPU's work on the previous step."""
         if self.sft:
-            return sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
-        arr = self.tokens[split]
-        data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # fresh per batch: a long-lived one leaks memory
-        return window_batch(data, positions, self.block_size)
+            x, y = sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
+        else:
+            arr = self.tokens[split]
+            data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # fresh per batch: a long-lived one leaks
+            x, y = window_batch(data, positions, self.block_size)
+        if device is None:
+            return x, y
+        import torch
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
 
     def truncation_report(self, split):
         """SFT: (examples longer than block_size+1 tokens, how many of them lose every answer token)."""

@@ -28,6 +28,7 @@ from optim import OPTIMIZERS
 from runtime import UsageError
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections; add "w1", "w2", "w3" for the FFN
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # every linear layer an adapter can go on
 
 
 def _lora_hook(module, inputs, output):

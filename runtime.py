@@ -194,6 +194,29 @@ def init_distributed(device_type):
     dist.init_process_group(backend=backend)
 
 
+def gather(obj):
+    """The list of obj from every rank (a list of one outside torch.distributed)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask a training loop to finish its step, save and exit cleanly instead of dying."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+
 def teardown_distributed():
     """Wait for every rank (the master may still be writing a checkpoint), then leave the group. Drop any
     DDP wrapper before calling this: its reducer holds the group, and left for interpreter finalization

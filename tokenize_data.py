@@ -13,16 +13,18 @@ Offline demo (the Python standard library as a corpus, one document per .py file
 
 The format it writes (and train.py/evaluate.py read) lives in data.py; importing this module does no work.
 """
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
-from checkpoint import atomic_file, load_checkpoint
-from data import dataset_meta, split_documents, token_dtype, write_meta, write_sft_split, write_tokens
+from checkpoint import TMP_PREFIX, FolderLock, atomic_file, load_checkpoint
+from data import DatasetUpdate, dataset_meta, split_documents, token_dtype, write_sft_split, write_tokens
 from runtime import UsageError, handle_errors
 from sources import load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
@@ -79,9 +81,9 @@ def read_docs(d):
     return docs
 
 
-def write_docs(path, records):
-    """JSONL, one record (a str becomes {"text": ...}) per line, atomically."""
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+def write_docs(path, records, atomic=True):
+    """JSONL, one record (a str becomes {"text": ...}) per line; atomically unless path is already staged."""
+    with atomic_file(path) if atomic else contextlib.nullcontext(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"text": r} if isinstance(r, str) else r, ensure_ascii=False) + "\n")
 
@@ -113,8 +115,8 @@ def train_vocab():
     docs = read_docs(d)
     # a random sample keeps vocab training fast on big corpora (SentencePiece holds it all in memory)
     order = np.random.default_rng(seed).permutation(len(docs))
-    prefix = d / f"tok{vocab_size}"
-    sample_path, total = d / "tok_sample.txt.tmp", 0
+    prefix, staged = d / f"tok{vocab_size}", d / f"{TMP_PREFIX}tok{vocab_size}"  # staged: cleaned if we die
+    sample_path, total = d / f"{TMP_PREFIX}tok_sample.txt", 0
     with open(sample_path, "w", encoding="utf-8") as f:
         for i in order:
             f.write(docs[i].strip() + "\n")
@@ -125,7 +127,7 @@ def train_vocab():
     try:
         # llama2.c's train_vocab settings (themselves Meta's Llama 2 ones), plus our chat specials
         spm.SentencePieceTrainer.train(
-            input=str(sample_path), model_prefix=str(prefix) + ".tmp", model_type="bpe", vocab_size=vocab_size,
+            input=str(sample_path), model_prefix=str(staged), model_type="bpe", vocab_size=vocab_size,
             input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
             split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
             unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
@@ -139,8 +141,8 @@ def train_vocab():
                          f"({str(e).splitlines()[0]}); try a larger --vocab_size or more text")
     finally:
         sample_path.unlink(missing_ok=True)
-    for ext in (".model", ".vocab"):
-        os.replace(str(prefix) + ".tmp" + ext, str(prefix) + ext)
+    for ext in (".vocab", ".model"):  # the .model last: it is what pretokenize reads
+        os.replace(str(staged) + ext, str(prefix) + ext)
     print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} "
           f"--vocab_size={vocab_size}")
 
@@ -154,6 +156,7 @@ _worker_tok = None
 def _init_worker(tok_meta):
     global _worker_tok  # each process builds its own tokenizer: SentencePiece objects do not pickle
     _worker_tok = load_tokenizer(tok_meta)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: no traceback per worker
 
 
 def _encode_chunk(texts):
@@ -186,12 +189,12 @@ def pretokenize():
     workers = num_workers or os.cpu_count()
     print(f"tokenizing {len(docs):,} documents with {tok} into {dt.name} using {workers} processes")
     splits = {}
-    for name, idx in (("train", train_idx), ("val", val_idx)):
-        n_tok = write_tokens(d / f"{name}.bin", encoded(tok, [docs[i] for i in idx], workers), dt)
-        splits[name] = {"file": f"{name}.bin", "documents": len(idx), "tokens": n_tok}
-        print(f"  {name}: {len(idx):,} documents, {n_tok:,} tokens -> {d / name}.bin")
-    # meta.json last: it only exists next to .bin files it describes
-    write_meta(d, dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits,
+    with DatasetUpdate(d) as up:  # the old dataset stays whole until every new file is complete
+        for name, idx in (("train", train_idx), ("val", val_idx)):
+            n_tok = write_tokens(up.path(f"{name}.bin"), encoded(tok, [docs[i] for i in idx], workers), dt)
+            splits[name] = {"file": f"{name}.bin", "documents": len(idx), "tokens": n_tok}
+            print(f"  {name}: {len(idx):,} documents, {n_tok:,} tokens -> {d / name}.bin")
+        up.commit(dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits,
                                val_fraction=val_fraction, seed=seed))
     print(f"wrote {d / 'meta.json'}")
 
@@ -238,20 +241,18 @@ def classify_examples(path):
     return out, names
 
 
-def write_sft(d, tok, examples, train_idx, val_idx, extra):
-    """examples: [(ids, labels)] from chat.render_chat, split by index; data.write_sft_split writes the
-    arrays of each split, then meta.json says "format": "sft"."""
+def write_sft(up, tok, examples, train_idx, val_idx, extra):
+    """examples: [(ids, labels)] from chat.render_chat, split by index and staged in the DatasetUpdate up;
+    meta.json says "format": "sft"."""
     dt = token_dtype(tok.vocab_size, dtype)
-    d.mkdir(parents=True, exist_ok=True)
     splits = {}
     for name, idx in (("train", train_idx), ("val", val_idx)):
-        info = splits[name] = write_sft_split(d, name, [examples[i] for i in idx], dt)
+        info = splits[name] = write_sft_split(up, name, [examples[i] for i in idx], dt)
         print(f"  {name}: {info['examples']:,} examples, {info['tokens']:,} tokens ({info['trained_tokens']:,} "
-              f"trained), example length median {info['median_example_tokens']}, max {info['max_example_tokens']} "
-              f"-> {d / name}.bin")
-    write_meta(d, dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits, format="sft",
-                               val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra))
-    print(f"wrote {d / 'meta.json'}")
+              f"trained), example length median {info['median_example_tokens']}, max {info['max_example_tokens']}")
+    up.commit(dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits, format="sft",
+                           val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra))
+    print(f"wrote {up.dir / 'meta.json'}")
 
 
 def sft_tokenizer():
@@ -285,7 +286,8 @@ def sft():
     examples = render_all(tok, convs)
     train_idx, val_idx = split_documents(len(examples), val_fraction, seed)  # by whole example, seeded
     print(f"{len(examples):,} conversations from {source}, split {len(train_idx):,} train / {len(val_idx):,} val")
-    write_sft(dataset_dir(), tok, examples, train_idx, val_idx, {"task": "sft"})
+    with DatasetUpdate(dataset_dir()) as up:
+        write_sft(up, tok, examples, train_idx, val_idx, {"task": "sft"})
 
 
 def classify():
@@ -302,15 +304,15 @@ def classify():
              for ix in by_label]
     train_idx = np.sort(np.concatenate([ix[tr] for ix, (tr, _) in zip(by_label, parts)]))
     val_idx = np.sort(np.concatenate([ix[va] for ix, (_, va) in zip(by_label, parts)]).astype(np.int64))
-    d = dataset_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    for name, idx in (("train", train_idx), ("val", val_idx)):  # the raw texts, for evaluate.py classify
-        write_docs(d / f"{name}.classify.jsonl", [{"text": rows[i][1], "label": rows[i][2]} for i in idx])
     counts = {lab: len(ix) for lab, ix in zip(names, by_label)}
     print(f"{len(rows):,} labelled texts from {source}, labels {counts}, stratified split "
           f"{len(train_idx):,} train / {len(val_idx):,} val")
-    write_sft(d, tok, examples, train_idx, val_idx, {"task": "classify", "labels": names,
-              "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
+    with DatasetUpdate(dataset_dir()) as up:
+        for name, idx in (("train", train_idx), ("val", val_idx)):  # the raw texts, for evaluate.py classify
+            write_docs(up.path(f"{name}.classify.jsonl"), [{"text": rows[i][1], "label": rows[i][2]} for i in idx],
+                       atomic=False)
+        write_sft(up, tok, examples, train_idx, val_idx, {"task": "classify", "labels": names,
+                  "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
 
 
 if __name__ == "__main__":
@@ -320,6 +322,9 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise UsageError(f"give a subcommand, one of {', '.join(commands)}; "
                          f"e.g. python tokenize_data.py download --source=stdlib")
-    from configurator import configure, print_config
+    from configurator import configure, print_config, require
     print_config(configure(globals(), sys.argv[2:]))
+    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes"),
+            non_negative=("num_workers", "show"), fraction=("val_fraction",))
+    lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder
     commands[sys.argv[1]]()

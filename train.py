@@ -7,7 +7,6 @@
 Settings are the globals below; a config file and --key=value flags override them (configurator.py).
 """
 import os
-import signal
 import sys
 import time
 
@@ -15,6 +14,7 @@ import time
 # I/O
 out_dir = "out"                 # checkpoints (ckpt.pt) and the metrics log (metrics.jsonl) go here
 init_from = "scratch"           # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint path to fine-tune from
+overwrite = False               # a scratch run may replace an existing out_dir/ckpt.pt (else it stops and says so)
 eval_interval = 200             # evaluate and checkpoint every this many iterations
 eval_iters = 20                 # validation batches per evaluation (a fixed set, the same every time)
 eval_only = False               # evaluate once and exit
@@ -22,6 +22,9 @@ sample_prompts = ()             # prompts completed after each evaluation, logge
 sample_max_new_tokens = 64      # length of each of those samples
 sample_temperature = 0.8        # 0 = greedy
 log_interval = 10               # read the loss from the device (a sync) only every this many iterations
+nonfinite = "stop"              # a nan/inf loss: 'stop' (error; the last good checkpoint is kept) or 'skip' the step
+                                # (checks every step: one host-device sync per step)
+stop_at_iter = 0                # >0: stop after this iteration as a stop signal would (save, exit); resume later
 progress = True                 # tqdm progress bar; off for plain log lines
 seed = 1337
 # data
@@ -29,7 +32,7 @@ data_root = "data"              # where datasets live: data_root/dataset/{train,
 dataset = "demo"
 batch_size = 16                 # sequences per micro-batch
 block_size = 256                # sequence length trained on (also the model's context, max_seq_len)
-gradient_accumulation_steps = 1 # micro-batches per optimizer step (total across DDP ranks)
+gradient_accumulation_steps = 1 # micro-batches per optimizer step on each process (DDP multiplies the tokens)
 # model
 dim = 288
 n_layers = 6
@@ -81,45 +84,66 @@ lora_targets = ("wq", "wk", "wv", "wo")  # linear layers to adapt (by name); "w1
 from runtime import handle_errors  # noqa: E402
 handle_errors()  # from here on, bad input ends the run with one line "error: ..." (runtime.py)
 from configurator import configure, print_config  # noqa: E402
-config = configure(globals(), sys.argv[1:])
+explicit = set()  # the keys this command line sets: a resumed run takes the others from its checkpoint
+config = configure(globals(), sys.argv[1:], explicit)
 # -----------------------------------------------------------------------------
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import optim  # noqa: E402
-from checkpoint import (MetricsLog, build_model, check_tokenizers, clean_state_dict, load_checkpoint,  # noqa: E402
-                        read_adapter, restore_training, save_checkpoint)
+from checkpoint import (FolderLock, MetricsLog, clean_state_dict, load_for_training, restore_training,  # noqa: E402
+                        resume_config, save_checkpoint)
+from configurator import require  # noqa: E402
 from data import Batches, check_token_ids  # noqa: E402
-from lora import add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
+from engine import complete  # noqa: E402
+from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, loss_metrics, score_batch  # noqa: E402
-from runtime import (MemoryMeter, UsageError, autocast as autocast_for, cap_gpu_memory, check,  # noqa: E402
-                     device_and_dtype, distributed_world, init_distributed, mfu, teardown_distributed)
+from runtime import (MemoryMeter, StopSignals, UsageError, autocast as autocast_for, cap_gpu_memory,  # noqa: E402
+                     check, device_and_dtype, distributed_world, gather, init_distributed, mfu, teardown_distributed)
 from tokenizer import load_tokenizer  # noqa: E402
+
+ddp, rank, local_rank, world_size = distributed_world()
+master = rank == 0
+notes = []
+if init_from == "resume":  # the run it continues: what this command line does not set comes from its checkpoint
+    config, notes = resume_config(os.path.join(out_dir, "ckpt.pt"), config, explicit)
+    globals().update(config)
+if warmup_iters > max_iters:
+    notes.append(f"warning: warmup_iters={warmup_iters} is past max_iters={max_iters}: the run never reaches its "
+                 f"peak learning rate")
 
 # ---- checks that need no data: fail before any work --------------------------------------------
 optim.check_settings(optimizer, config)
 check(lr_schedule in optim.SCHEDULES, f"lr_schedule='{lr_schedule}' is not one of {', '.join(optim.SCHEDULES)}")
-for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-            "log_interval"):
-    check(globals()[key] >= 1, f"{key}={globals()[key]} must be >= 1")
+require(config, positive=("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                          "eval_iters", "log_interval", "sample_max_new_tokens"),
+        non_negative=("warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "loss_chunk_size", "memory_cap_gb",
+                      "lora_rank", "stop_at_iter", "sample_temperature"), fraction=("dropout", "lora_dropout"))
+check(nonfinite in ("stop", "skip"), f"nonfinite='{nonfinite}' is not one of 'stop', 'skip'")
+check(not set(lora_targets) - set(LINEARS), f"lora_targets={lora_targets}: {sorted(set(lora_targets) - set(LINEARS))} "
+      f"match no linear layer; use names among {', '.join(LINEARS)}")
+check(all(isinstance(p, str) for p in sample_prompts), f"sample_prompts={sample_prompts!r} must be a tuple of strings")
 check(checkpoint_blocks >= 0 and (activation_checkpointing or not checkpoint_blocks),
       f"checkpoint_blocks={checkpoint_blocks} needs activation_checkpointing=True and a value >= 0 (0 = every block); "
       f"add --activation_checkpointing=True")
-ddp, rank, local_rank, world_size = distributed_world()
 
 # ---- device, precision, processes --------------------------------------------------------------
 device, device_type, dtype = device_and_dtype(device, dtype)
 if optimizer_in_backward:
     optim.check_in_backward(grad_clip, gradient_accumulation_steps, ddp, dtype)
+    check(nonfinite == "stop", "nonfinite='skip' cannot undo a step optimizer_in_backward=True has already taken; "
+                               "use --nonfinite=stop")
 if ddp:
     init_distributed(device_type)
-    check(gradient_accumulation_steps % world_size == 0, f"gradient_accumulation_steps={gradient_accumulation_steps} "
-                                                         f"is not divisible by the {world_size} DDP processes")
-    gradient_accumulation_steps //= world_size  # keep tokens per optimizer step independent of the world size
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
-master = rank == 0
+# one run per out_dir: a second train.py stops here; temp files a killed save left behind are removed
+lock = FolderLock(out_dir, "train.py run") if master else None
+ckpt_file = os.path.join(out_dir, "ckpt.pt")
+check(init_from != "scratch" or overwrite or not write_checkpoints or not os.path.exists(ckpt_file),
+      f"{ckpt_file} exists; continue it with --init_from=resume, or replace it with --overwrite=True (or use another "
+      f"out_dir)")
 if memory_cap_gb > 0:
     check(device_type == "cuda", f"memory_cap_gb={memory_cap_gb} needs a CUDA device (device is '{device}'); drop it")
     cap_gpu_memory(device, memory_cap_gb)
@@ -146,14 +170,6 @@ if batches.sft and master:
               f"{block_size + 1} tokens are truncated, {lost:,} of them lose every answer token")
 
 
-def get_batch(split, positions):
-    """Pinned + async copy on CUDA, so the host-to-device transfer overlaps the GPU's work on the last step."""
-    x, y = map(torch.from_numpy, batches.get(split, positions))
-    if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
 # The training sampler has its own generator so its state can be saved and restored exactly; the
 # evaluation batches are drawn once, so successive evaluations are directly comparable.
 sampler = torch.Generator().manual_seed(seed + 1000 * rank)
@@ -165,30 +181,22 @@ eval_positions = {s: [torch.randint(batches.size(s), (batch_size,), generator=_e
 memory = MemoryMeter(device)  # peak memory from here: the model, its gradients and optimizer, activations
 iter_num, best_val_loss, tokens_seen, resume_ckpt = 0, float("inf"), 0, None
 if init_from == "scratch":
-    try:
-        model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None,
-                               vocab_size=meta["vocab_size"], hidden_dim=hidden_dim or None, multiple_of=multiple_of,
-                               norm_eps=norm_eps, max_seq_len=block_size, dropout=dropout,
-                               tie_embeddings=tie_embeddings, rope_theta=rope_theta)
-    except ValueError as e:  # the model's own checks (heads that do not divide dim, ...)
+    try:  # 0 means "derive it" for these two; the model's own checks (heads that divide dim, ...) run here
+        model_args = ModelArgs.from_dict({**config, "n_kv_heads": n_kv_heads or None, "hidden_dim": hidden_dim or None,
+                                          "vocab_size": meta["vocab_size"], "max_seq_len": block_size})
+    except ValueError as e:
         raise UsageError(str(e))
     model = Transformer(model_args)
-else:
-    # 'resume' continues a run in out_dir exactly; a path starts a new run from its weights
-    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-    check(init_from != "resume" or os.path.exists(ckpt_path),
-          f"init_from='resume' but {ckpt_path} does not exist; train with init_from='scratch' first or fix out_dir")
-    # a LoRA run's ckpt.pt holds adapters (+ optimizer etc.) only; its weights come from the base it names
-    resume_ckpt = read_adapter(ckpt_path) if init_from == "resume" and lora_rank else load_checkpoint(ckpt_path)
-    base_ckpt = load_checkpoint(resume_ckpt["base_checkpoint"]) if "adapter" in resume_ckpt else resume_ckpt
-    base_path = os.path.abspath(resume_ckpt.get("base_checkpoint") or ckpt_path)
-    ckpt_tok = base_ckpt.get("tokenizer") or {}
-    check_tokenizers(base_ckpt.get("tokenizer"), meta["tokenizer"], f"checkpoint {ckpt_path} and {data_dir}",
-                     f"pretokenize the data with --tokenizer={ckpt_tok.get('path') or ckpt_tok.get('kind')}")
-    base_ckpt["model_args"]["dropout"] = dropout  # dropout is a training choice, not architecture
-    model = build_model(base_ckpt)
-    del base_ckpt
+else:  # 'resume' continues a run in out_dir exactly; a path starts a new run from its weights
+    ckpt_path = ckpt_file if init_from == "resume" else init_from
+    model, resume_ckpt, base_path = load_for_training(ckpt_path, init_from == "resume", lora_rank, meta["tokenizer"],
+                                                      data_dir, dropout)
     model_args = model.args
+    if init_from != "resume":  # a new run from these weights: their architecture wins, visibly, and is saved
+        arch = {k: v for k, v in model_args.to_dict().items() if k in config and k != "dropout"}
+        notes += [f"note: {k}={config[k]!r} ignored: the architecture comes from {ckpt_path} ({k}={v!r})"
+                  for k, v in arch.items() if k in explicit and config[k] != v]
+        config.update(arch)
     check(block_size <= model_args.max_seq_len, f"block_size={block_size} exceeds the checkpoint's context "
                                                 f"{model_args.max_seq_len}; lower block_size")
     check(model_args.vocab_size >= meta["vocab_size"], f"{data_dir} has vocab {meta['vocab_size']} but the "
@@ -215,8 +223,12 @@ opts = optim.make_optimizers(model.parameters(), optimizer, config, optim.use_fu
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 if lora_rank and master:
     print(memory_report(model, optimizer))
+resume_window, resume_evaluated = None, False
 if init_from == "resume":
     restore_training(resume_ckpt, ckpt_path, opts, scaler, sampler, rank, device)
+    resume_evaluated = resume_ckpt.get("evaluated", True)  # older checkpoints were only saved after evaluating
+    windows = resume_ckpt.get("log_window") or []
+    resume_window = windows[rank] if rank < len(windows) else None
 del resume_ckpt  # free the host copy of the weights
 
 raw_model = model
@@ -244,7 +256,7 @@ def evaluate():
     for split in ("train", "val"):
         sums = [0.0, 0, 0]
         for positions in eval_positions[split]:
-            x, y = get_batch(split, positions)
+            x, y = batches.get(split, positions, device)
             with autocast:
                 sums = [a + b for a, b in zip(sums, score_batch(raw_model, x, y))]
         out.update({f"{split}_{k}": v for k, v in loss_metrics(*sums).items()})
@@ -252,20 +264,23 @@ def evaluate():
     return out
 
 
-def gather(obj):
-    """The list of obj from every rank (a list of one without DDP)."""
-    if not ddp:
-        return [obj]
-    objs = [None] * world_size
-    dist.all_gather_object(objs, obj)
-    return objs
+def check_finite():
+    """Never continue from, or save, a nan/inf loss or weights: the last good checkpoint stays as it was."""
+    ok = (torch.isfinite(loss_acc) & torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()).float()
+    if ddp:  # every rank must stop together
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    check(ok.item() > 0, f"the loss or the weights became nan/inf by iter {iter_num}; stopped without saving, so "
+                         f"{ckpt_file} keeps the last good state: lower learning_rate, raise warmup_iters or set "
+                         f"grad_clip, then --init_from=resume (or train with --nonfinite=skip)")
 
 
-def save(sampler_state):
-    """Everything needed to continue this run exactly: weights, optimizer, position, RNG and sampler."""
+def save(sampler_state, evaluated):
+    """Everything needed to continue this run exactly: weights, optimizer, position, RNG, sampler, the log
+    window in progress, and whether this iteration's evaluation is done."""
+    check_finite()
     rng_cpu = gather(torch.get_rng_state())
     rng_cuda = gather(torch.cuda.get_rng_state(device)) if device_type == "cuda" else []
-    samplers = gather(sampler_state)
+    samplers, window = gather(sampler_state), gather((loss_acc.item(), n_acc))
     if not master or not write_checkpoints:
         return
     # a LoRA run saves its adapters only (a small file); the frozen base stays in base_checkpoint
@@ -275,39 +290,23 @@ def save(sampler_state):
                      "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                      "tokens_seen": tokens_seen, "config": config,
                      "tokenizer": meta["tokenizer"] if lora_rank else tokenizer_record,  # an adapter's base carries it
-                     "dataset": data_dir, "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers},
-                    os.path.join(out_dir, "ckpt.pt"))
+                     "dataset": data_dir, "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers,
+                     "log_window": window, "evaluated": evaluated}, ckpt_file)
 
 
 def sample_texts():
-    """Complete each of sample_prompts. A generator seeded afresh each time makes them repeatable and
-    comparable across evaluations, and leaves the global RNG and the data sampler alone: exact resume stays exact."""
-    tok, gen, out = load_tokenizer(tokenizer_record), torch.Generator(device=device).manual_seed(seed), []
+    """Complete each of sample_prompts. A generator seeded afresh each time makes them repeatable and comparable
+    across evaluations, and leaves the global RNG and the data sampler alone: exact resume stays exact."""
+    tok, gen = load_tokenizer(tokenizer_record), torch.Generator(device=device).manual_seed(seed)
     raw_model.eval()
-    for prompt in sample_prompts:
-        ids = tok.encode(prompt, bos=True)[-(block_size - 1):]  # leave room for at least one new token
-        with autocast:
-            y = raw_model.generate(torch.tensor([ids], device=device), sample_max_new_tokens,
-                                   temperature=sample_temperature, eos_id=tok.eos_id, generator=gen)[0].tolist()
-        new = y[len(ids):]
-        new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
-        out.append((prompt, tok.decode(ids + new)[len(tok.decode(ids)):]))  # decode whole: keeps the first space
+    with autocast:
+        out = [(p, complete(raw_model, tok, p, sample_max_new_tokens, sample_temperature, generator=gen))
+               for p in sample_prompts]
     raw_model.train()
     return out
 
 
-# ---- SIGINT/SIGTERM: finish the current step, save, exit cleanly -----------------------------
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
-
+signals = StopSignals()  # SIGINT/SIGTERM: finish the step, save, exit cleanly
 # ---- the loop ---------------------------------------------------------------------------------
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
@@ -317,6 +316,8 @@ if master:
     print(f"device {device}, dtype {dtype}, {world_size} process(es); model {raw_model.num_params() / 1e6:.2f}M "
           f"params; {tokens_per_iter:,} tokens per iteration; train {len(batches.tokens['train']):,} tokens, "
           f"val {len(batches.tokens['val']):,} tokens")
+    for line in notes:
+        print(line)
 metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if init_from == "resume" else None, master)
 
 bar = None
@@ -325,14 +326,16 @@ if progress and master:
     bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, disable=None)  # None: off without a terminal
     bar = None if bar.disable else bar
 say = bar.write if bar is not None else (lambda line: print(line, flush=True))
-start_iter, t_log, loss_acc, n_acc = iter_num, time.time(), torch.zeros((), device=device), 0
+start_iter, t_log, loss_acc, n_acc, skipped = iter_num, time.time(), torch.zeros((), device=device), 0, 0
+if resume_window:  # the log window the run was in when it saved: the next train line averages all of it
+    loss_acc, n_acc = torch.tensor(resume_window[0], device=device), resume_window[1]
 model.train()
 while True:
     lr = get_lr(iter_num)
     optim.set_lr(opts, lr)
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
 
-    resumed_here = iter_num == start_iter and init_from == "resume" and iter_num > 0  # evaluated before it saved
+    resumed_here = iter_num == start_iter and resume_evaluated  # this iteration's evaluation happened before the save
     if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not resumed_here:
         t_eval = time.time()
         scores = evaluate()
@@ -348,14 +351,14 @@ while True:
         if eval_only:
             break
         best_val_loss = min(best_val_loss, scores["val_loss"])
-        if iter_num > start_iter or init_from != "resume":
-            save(sampler_state)
+        if iter_num > start_iter or init_from != "resume" or not resume_evaluated:
+            save(sampler_state, evaluated=True)
     if iter_num >= max_iters:  # (a stop signal is handled after the step below, where it saves)
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches
-    micro_batches = [get_batch("train", torch.randint(batches.size("train"), (batch_size,), generator=sampler).tolist())
-                     for _ in range(gradient_accumulation_steps)]
+    micro_batches = [batches.get("train", torch.randint(batches.size("train"), (batch_size,), generator=sampler)
+                                 .tolist(), device) for _ in range(gradient_accumulation_steps)]
     # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks), not
     # per micro-batch: with masked targets (fine-tuning) micro-batches hold different numbers of
     # answer tokens, and averaging their means would over-weight the short ones.
@@ -363,6 +366,7 @@ while True:
     if ddp:
         dist.all_reduce(n_targets)  # stays on the device: no host sync
     scale = world_size / n_targets.clamp(min=1)  # DDP averages gradients over ranks; undo that here
+    step_loss = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(micro_batches):
         if ddp:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
@@ -370,14 +374,26 @@ while True:
             _, loss = model(x, y, reduction="sum", loss_chunk=loss_chunk_size)
             loss = loss * scale
         scaler.scale(loss).backward()
-        loss_acc += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
+        step_loss += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
+    skip = False
+    if nonfinite == "skip":  # a host sync per step, the price of looking at every loss
+        bad = (~torch.isfinite(step_loss)).float()
+        if ddp:
+            dist.all_reduce(bad)
+        skip = bad.item() > 0
+    if skip:
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        skipped += 1
+    else:
+        loss_acc += step_loss
     if grad_clip > 0:
         for o in opts:
             scaler.unscale_(o)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     else:
         grad_norm = torch.zeros(())
-    if not optimizer_in_backward:  # otherwise the hooks have already stepped every parameter
+    if not optimizer_in_backward and not skip:  # otherwise the hooks have already stepped every parameter
         for o in opts:
             scaler.step(o)
         scaler.update()
@@ -385,21 +401,25 @@ while True:
             o.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_seen += tokens_per_iter
-    n_acc += 1
+    n_acc += not skip
 
+    signalled = signals.requested
+    stop_requested = signalled or iter_num == stop_at_iter
     if ddp:  # every rank must stop on the same iteration
         flag = torch.tensor(float(stop_requested), device=device)
         dist.all_reduce(flag)
         stop_requested = flag.item() > 0
-    if iter_num % log_interval == 0 or stop_requested or iter_num == max_iters:
-        train_loss = loss_acc.item() / n_acc  # the only host-device sync of the loop
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        check_finite()  # the loop's one host-device sync, with the .item() below
+        train_loss = loss_acc.item() / max(n_acc, 1)
         dt = time.time() - t_log
         tok_s = n_acc * tokens_per_iter / dt
         step_mfu = mfu(raw_model.flops_per_token(block_size), tok_s / world_size, device)
         if master:
             metrics.write({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": step_mfu,
-                           "ms_per_iter": 1000 * dt / n_acc, "peak_mem_gb": memory.peak() / 2**30})
+                           "ms_per_iter": 1000 * dt / n_acc, "peak_mem_gb": memory.peak() / 2**30,
+                           **({"skipped": skipped} if nonfinite == "skip" else {})})
             msg = (f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s"
                    + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else ""))
             if bar is not None:
@@ -411,10 +431,10 @@ while True:
     if bar is not None:
         bar.update(1)
     if stop_requested:
-        save(sampler.get_state())
+        save(sampler.get_state(), evaluated=False)
         if master:
-            say(f"stopped by signal at iter {iter_num}; checkpoint saved to {out_dir}/ckpt.pt; "
-                f"continue with --init_from=resume")
+            say(f"stopped {'by signal' if signalled else 'as stop_at_iter says'} at iter {iter_num}; checkpoint saved "
+                f"to {ckpt_file}; continue with --init_from=resume")
         break
 
 if bar is not None:

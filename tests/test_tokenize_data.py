@@ -240,10 +240,11 @@ def test_meta_json_round_trip_through_data_py(tmp_path):
     assert np.array_equal(ds.open_split(d, "train"), train) and np.array_equal(ds.open_split(d, "val"), val)
     assert ds.check_token_ids(d, "val") == 69999
     examples = [([1, 5, 6, 7], [-100, -100, 6, 7]), ([1, 9], [-100, 9]), ([1, 2, 3], [-100, -100, -100])]
-    info = ds.write_sft_split(d, "train", examples, np.uint16)
-    assert (info["examples"], info["tokens"], info["trained_tokens"], info["max_example_tokens"]) == (3, 9, 3, 4)
-    meta["format"], meta["dtype"], meta["splits"]["train"] = "sft", "uint16", info
-    ds.write_meta(d, meta)
+    with ds.DatasetUpdate(d) as up:
+        info = ds.write_sft_split(up, "train", examples, np.uint16)
+        assert (info["examples"], info["tokens"], info["trained_tokens"], info["max_example_tokens"]) == (3, 9, 3, 4)
+        meta["format"], meta["dtype"], meta["splits"]["train"] = "sft", "uint16", info
+        up.commit(meta)
     tokens, mask, offsets = ds.open_sft(d, "train")
     assert list(offsets) == [0, 4, 6, 9] and list(tokens) == [1, 5, 6, 7, 1, 9, 1, 2, 3]
     assert list(mask) == [0, 0, 1, 1, 0, 1, 0, 0, 0]
