@@ -89,18 +89,25 @@ def apply_rope(x, cos, sin):
     Interleaved pairs are Meta's/llama2.c's layout; Hugging Face permutes wq/wk to use halves instead."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 3:  # (B, T, head_dim/2): each row at its own positions (batched decoding)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    else:  # (T, head_dim/2): every row at the same positions
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys and values for incremental decoding: no torch.cat per token, fixed shapes."""
-    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+    """Pre-allocated keys and values for incremental decoding: no torch.cat per token, fixed shapes. k and v,
+    if given, are the (batch, kv heads, context, head_dim) tensors to use, e.g. views of some rows of a larger
+    pool that a serving engine keeps for many requests."""
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device, k=None, v=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        k = torch.zeros(shape, dtype=dtype, device=device) if k is None else k
+        v = torch.zeros(shape, dtype=dtype, device=device) if v is None else v
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, start_pos, k, v):
         T = k.shape[2]
@@ -109,9 +116,15 @@ class KVCache(nn.Module):
         return self.k[:, :, :start_pos + T], self.v[:, :, :start_pos + T]
 
     def write(self, pos, k, v):
-        """Static-shape variant for decode_step: write one token at a tensor position, return whole buffers."""
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
+        """Static-shape variant for decode_step: write one token per row at a tensor position (one for all
+        rows, or one per row), return the whole buffers."""
+        if pos.numel() == 1:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, pos] = k[:, :, 0]
+            self.v[rows, :, pos] = v[:, :, 0]
         return self.k, self.v
 
 
@@ -140,7 +153,7 @@ class Attention(nn.Module):
             # so every step has identical shapes (what torch.compile/CUDA graphs need); costs reading
             # the unfilled part of the cache too
             k, v = self.cache.write(start_pos, k, v)
-            filled = (torch.arange(k.shape[2], device=x.device) <= start_pos)[None, :]  # (T=1, S)
+            filled = (torch.arange(k.shape[2], device=x.device)[None, :] <= start_pos[:, None])[:, None, None, :]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=filled, enable_gqa=self.n_kv_heads != self.n_heads)
             return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
         if self.cache is not None:
@@ -224,15 +237,15 @@ class Transformer(nn.Module):
         (B, 1, V), which is all sampling needs and avoids a (B, T, V) tensor.
         loss_chunk > 0 (training memory saver): the loss is computed loss_chunk tokens at a time and each
         chunk's logits are recomputed in backward, so the (B, T, V) logits never exist; returns (None, loss).
-        start_pos may be a 1-element long tensor for static-shape decoding (see decode_step)."""
+        start_pos may be a long tensor, of 1 or B elements, for static-shape decoding (see decode_step)."""
         B, T = tokens.shape
         static = isinstance(start_pos, torch.Tensor)  # no bounds check then: it would sync with the GPU
         if not static and start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of "
                              f"{self.args.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
-        if static:
-            cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]
+        if static:  # (1 or B, T=1, head_dim/2)
+            cos, sin = self.rope_cos[start_pos][:, None], self.rope_sin[start_pos][:, None]
         else:
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
@@ -298,8 +311,10 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     def decode_step(self, token, pos):
-        """One new token per row, token (B, 1), at position pos (a 1-element long tensor on the model's
-        device) -> logits (B, 1, V). Every call has the same shapes and no host sync, so
+        """One new token per row, token (B, 1), at position pos (a long tensor on the model's device: one
+        position for every row, or B of them, one per row) -> logits (B, 1, V). Rows at different positions
+        are how a server decodes requests of different lengths together. Every call has the same shapes and no
+        host sync, so
         torch.compile(mode="reduce-overhead") can replay it as one CUDA graph: at batch 1 decoding is
         bound by kernel-launch overhead, not by the GPU. Needs setup_cache and a filled prefix."""
         return self(token, start_pos=pos)[0]

@@ -152,3 +152,30 @@ def test_flops_per_token_matches_counted_matmul_flops():
                 _, loss = m(x, x)
                 loss.backward()
         assert counter.get_total_flops() == pytest.approx(m.flops_per_token(T) * 2 * T, rel=1e-3), kw
+
+
+def test_decode_step_with_a_position_per_row_equals_decoding_each_row_alone():
+    """What continuous batching needs: rows at different positions (prompts of different lengths, prefilled
+    one by one into views of a shared cache) decode together into the tokens each would get alone."""
+    from model import KVCache
+    m = tiny()
+    prompts = [torch.randint(0, 50, (1, n)) for n in (3, 9, 5)]
+    alone = [m.generate(p, 6, temperature=0)[0, p.shape[1]:].tolist() for p in prompts]
+    a = m.args
+    pool = [KVCache(3, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, torch.float32, "cpu") for _ in m.layers]
+    last = []
+    with torch.no_grad():
+        for row, p in enumerate(prompts):  # prefill each prompt into its own row of the pool
+            for layer, c in zip(m.layers, pool):
+                layer.attention.cache = KVCache(1, 0, 0, 0, None, None, k=c.k[row:row + 1], v=c.v[row:row + 1])
+            last.append(m(p)[0][:, -1].argmax(-1))
+        for layer, c in zip(m.layers, pool):
+            layer.attention.cache = c
+        tokens, pos = torch.stack(last), torch.tensor([p.shape[1] for p in prompts])
+        together = [tokens[:, 0].tolist()]
+        for _ in range(5):
+            tokens = m.decode_step(tokens, pos).argmax(-1)
+            pos += 1
+            together.append(tokens[:, 0].tolist())
+    m.clear_cache()
+    assert [list(col) for col in zip(*together)] == alone
