@@ -80,8 +80,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 from runtime import handle_errors  # noqa: E402
 if __name__ == "__main__":
     handle_errors()
-from configurator import configure, print_config, script_settings  # noqa: E402
+from configurator import configure, print_config, require, script_settings  # noqa: E402
 config = configure(globals(), sys.argv[1:])
+require(config, ("train_iters", "decode_batch", "decode_tokens"), ("batch_size", "seq_len", "memory_cap_gb"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
@@ -94,8 +95,8 @@ from model import ModelArgs, Transformer  # noqa: E402
 from runtime import UsageError, device_and_dtype, peak_flops  # noqa: E402
 
 # the one device/dtype rule, except that a trace-only call plans a GPU run, so it traces in bf16
-_device, _, dt = device_and_dtype(device, "bfloat16" if dtype == "auto" and trace_memory and not train_runs else dtype)
-dev = torch.device(_device)
+dev, _, dt = device_and_dtype(device, "bfloat16" if dtype == "auto" and trace_memory and not train_runs else dtype)
+dev = torch.device(dev)
 # the optimizer settings the trace builds its optimizers with: train.py's own defaults
 TRAIN_DEFAULTS = {k: v for k, (v, _) in script_settings(os.path.join(REPO, "train.py")).items()}
 

@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from chat import classification_messages, render_chat  # noqa: E402
-from checkpoint import load_any, tokenizer_for  # noqa: E402
+from checkpoint import check_tokenizers, load_any, tokenizer_for  # noqa: E402
+from configurator import configure, require  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
 from model import IGNORE_INDEX, loss_metrics, score_batch, token_logprobs  # noqa: E402
 from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
@@ -93,8 +94,11 @@ def split_metrics(model, data, n_max=0, window=0, batch=8, device="cpu", ctx=nul
 
 
 def loss():
-    model, _, dev, ctx = setup()  # scoring token ids needs no tokenizer
+    model, ckpt, dev, ctx = setup()  # scoring token ids needs no tokenizer, but they must be the model's ids
     data_dir = os.path.join(data_root, dataset)
+    tok = ckpt.get("tokenizer") or {}
+    check_tokenizers(ckpt.get("tokenizer"), load_meta(data_dir)["tokenizer"], f"checkpoint {checkpoint} and {data_dir}",
+                     f"pretokenize the data with --tokenizer={tok.get('path') or tok.get('kind')}")
     data = open_split(data_dir, split)  # stops with a one-line error on a missing, damaged or empty split
     top = check_token_ids(data_dir, split, model.args.vocab_size)
     if block_size > model.args.max_seq_len:
@@ -353,6 +357,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; "
                          f"e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
-    from configurator import configure
-    configure(globals(), sys.argv[2:])
+    config = configure(globals(), sys.argv[2:])
+    require(config, positive=("batch_size",), non_negative=("max_tokens", "block_size", "max_items"))
     report(COMMANDS[sys.argv[1]]())

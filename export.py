@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import (atomic_dir, atomic_file, build_model, clean_state_dict, load_checkpoint, load_with_adapter,
                         save_checkpoint)
-from configurator import configure, print_config
+from configurator import configure, print_config, require
 from formats import (LLAMA2C_HEADER, LLAMA2C_MAGIC, RUNC_NORM_EPS, RUNC_ROPE_THETA, gguf_name, hf_key, hf_module,
                      llama2c_order, permute_to_hf, rope_tables)
 from lora import merge_lora
@@ -373,6 +373,7 @@ def merged_checkpoint(base_path, adapter_path):
 def main():
     config = configure(globals(), sys.argv[1:])
     print_config(config)
+    require(config, non_negative=("group_size",))
     if format not in EXPORTS:
         raise UsageError(f"format={format!r} is not one of {', '.join(EXPORTS)}")
     if not out:
