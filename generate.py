@@ -31,6 +31,7 @@ configure(globals(), sys.argv[1:])
 import torch  # noqa: E402
 
 from checkpoint import load_any, tokenizer_for  # noqa: E402
+from engine import Engine, Request  # noqa: E402
 from model import check_sampling  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
 
@@ -64,35 +65,37 @@ def main():
         print("compiling the decode step (a minute or more on a CPU) ...", file=sys.stderr, flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
+    engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused
     if chat or interactive:
-        return chat_main(model, tok, gen, ctx, dev, step)
+        return chat_main(engine, gen, ctx)
     ids = tok.encode(read_prompt(), bos=True)
     check(len(ids) < model.args.max_seq_len, f"prompt is {len(ids)} tokens but the model's context is "
           f"{model.args.max_seq_len}; shorten the prompt to leave room for new tokens")
 
-    x = torch.tensor([ids], dtype=torch.long, device=dev)
     for i in range(num_samples):
-        on_token = None
         if stream:
             sys.stdout.write(tok.decode(ids))
-            decoder = tok.stream(ids[-1])
-            on_token = lambda t: (sys.stdout.write(decoder.add(t[0])), sys.stdout.flush())  # noqa: E731
+        req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=[tok.eos_id],
+                      on_text=write if stream else None)
         with ctx:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                               eos_id=tok.eos_id, generator=gen, on_token=on_token, decode_step=step)
-        new = y[0, len(ids):].tolist()
-        if tok.eos_id in new:
-            new = new[:new.index(tok.eos_id)]
-        sys.stdout.write(decoder.flush() if stream else tok.decode(ids + new))
+            engine.run([req])
+        # not streamed: the whole sequence decoded at once (the streamed pieces add up to the same text)
+        sys.stdout.write("" if stream else tok.decode(ids + req.completion_ids()))
         sys.stdout.write("\n" + ("---------------\n" if i < num_samples - 1 else ""))
         sys.stdout.flush()
 
 
-def chat_reply(model, tok, history, gen, ctx, dev, step=None):
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_reply(engine, history, gen, ctx):
     """Generate the assistant's next answer to history (a list of messages) up to <|end_of_turn|>,
     streaming it; returns its text. The oldest user/assistant pairs are dropped (from history itself)
     while the rendered conversation plus max_new_tokens would overflow the context."""
     from chat import chat_ids, render_chat
+    model, tok = engine.model, engine.tok
     eot = chat_ids(tok)[2]
     ids = render_chat(tok, history, add_generation_prompt=True)[0]
     while len(ids) + max_new_tokens > model.args.max_seq_len and len(history) > 1:
@@ -101,28 +104,21 @@ def chat_reply(model, tok, history, gen, ctx, dev, step=None):
         print(f"(dropped the oldest turn to fit the {model.args.max_seq_len}-token context)", file=sys.stderr)
     check(len(ids) < model.args.max_seq_len,
           f"the message is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; shorten it")
-    decoder = tok.stream(ids[-1])  # the answer only, not the rendered prompt
-    new = []
-
-    def on_token(t):
-        new.append(int(t[0]))
-        if stream and new[-1] != eot:
-            sys.stdout.write(decoder.add(new[-1]))
-            sys.stdout.flush()
+    req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=[eot],
+                  on_text=write if stream else None)  # streams the answer only, not the rendered prompt
     with ctx:
-        model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature=temperature, top_k=top_k or None,
-                       top_p=top_p, eos_id=eot, generator=gen, on_token=on_token, decode_step=step)
-    answer = tok.decode(new[:new.index(eot)] if eot in new else new)
-    sys.stdout.write((decoder.flush() if stream else answer) + "\n")
+        engine.run([req])
+    answer = tok.decode(req.completion_ids())
+    sys.stdout.write(("" if stream else answer) + "\n")
     sys.stdout.flush()
     return answer
 
 
-def chat_main(model, tok, gen, ctx, dev, step):
+def chat_main(engine, gen, ctx):
     if not interactive:
         text = read_prompt()
         for i in range(num_samples):
-            chat_reply(model, tok, [{"role": "user", "content": text}], gen, ctx, dev, step)
+            chat_reply(engine, [{"role": "user", "content": text}], gen, ctx)
             if i < num_samples - 1:
                 sys.stdout.write("---------------\n")
         return
@@ -130,7 +126,7 @@ def chat_main(model, tok, gen, ctx, dev, step):
     for line in sys.stdin:  # one user message per line; EOF ends the chat
         if line.strip():
             history.append({"role": "user", "content": line.strip()})
-            history.append({"role": "assistant", "content": chat_reply(model, tok, history, gen, ctx, dev, step)})
+            history.append({"role": "assistant", "content": chat_reply(engine, history, gen, ctx)})
 
 
 if __name__ == "__main__":
