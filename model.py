@@ -411,6 +411,8 @@ def score_batch(model, x, y, ignore_index=IGNORE_INDEX):
 
 
 def loss_metrics(loss_sum, correct, count):
-    """Mean loss per scored token, its perplexity (capped so a diverged model does not overflow) and accuracy."""
-    count = max(count, 1)
+    """Mean loss per scored token, its perplexity (capped so a diverged model does not overflow) and accuracy.
+    Nothing scored is nan, never a perfect 0 loss."""
+    if count == 0:
+        return {"loss": math.nan, "ppl": math.nan, "acc": math.nan}
     return {"loss": loss_sum / count, "ppl": math.exp(min(loss_sum / count, 50.0)), "acc": correct / count}

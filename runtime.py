@@ -28,13 +28,16 @@ def _one_line(exc):
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         fix = {errno.ENOSPC: "free some disk space or write elsewhere",
+               errno.EFBIG: "the file outgrew what this process may write (ulimit -f) or the file system holds",
                errno.EDQUOT: "free some disk space or write elsewhere",
                errno.EACCES: "choose a location you may write to (or fix its permissions)",
                errno.EPERM: "choose a location you may write to (or fix its permissions)",
                errno.EROFS: "the file system is read-only: write elsewhere",
                errno.EISDIR: "that path is a folder: pass a file path",
                errno.ENOTDIR: "a part of that path is a file, not a folder: fix the path",
-               errno.ENOENT: "check the path"}.get(exc.errno, "check the path, its permissions and free disk space")
+               errno.ENOENT: "check the path",
+               errno.EEXIST: "a file of that name is in the way of a folder: pass another path",
+               }.get(exc.errno, "check the path, its permissions and free disk space")
         return f"{exc.strerror or exc}:{where}; {fix}"
     return None
 
@@ -50,10 +53,14 @@ def handle_errors():
         if issubclass(kind, KeyboardInterrupt):
             # quietly, and as the status a shell gives a process stopped by Ctrl-C; the `with` blocks that
             # write files have already removed their temporary files while the exception unwound
+            import atexit
+            atexit._run_exitfuncs()  # e.g. release a folder lock
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
-        line = _one_line(exc)
+        line, seen = None, exc
+        while line is None and seen is not None:  # e.g. torch.save's RuntimeError raised while closing after ENOSPC
+            line, seen = _one_line(seen), seen.__cause__ or seen.__context__
         if line is None:
             return previous(kind, exc, tb)  # a bug, not bad input: the traceback is what helps
         if not quiet:

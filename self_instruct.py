@@ -45,7 +45,7 @@ blacklist = ("image", "images", "graph", "graphs", "picture", "pictures", "file"
 # -----------------------------------------------------------------------------
 from runtime import handle_errors  # noqa: E402
 handle_errors()
-from configurator import configure, print_config  # noqa: E402
+from configurator import configure, print_config, require  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 from rapidfuzz.distance import LCSseq  # noqa: E402
 from rapidfuzz.process import cdist  # noqa: E402
 
-from runtime import UsageError, check  # noqa: E402
+from runtime import UsageError, check, device_and_dtype  # noqa: E402
 
 INPUT, OUTPUT = re.compile(r"Input\s*\d*\s*:"), re.compile(r"Output\s*\d*\s*:")
 BLACKLIST = re.compile(r"\b(" + "|".join(map(re.escape, blacklist)) + r")\b", re.I) if blacklist else None
@@ -331,7 +331,7 @@ def local_completer():
     import torch
     from chat import chat_ids, render_chat
     from checkpoint import load_any, tokenizer_for
-    from runtime import autocast, device_and_dtype
+    from runtime import autocast
     from tokenizer import SPECIAL_TOKENS
 
     class StopGeneration(Exception):
@@ -418,12 +418,13 @@ def main():
                                               "--api_base=http://HOST:PORT/v1 (an OpenAI-compatible server)")
     check(not api_base or api_base.startswith(("http://", "https://")),
           f"api_base='{api_base}' is not an http(s) URL; pass e.g. --api_base=http://127.0.0.1:8000/v1")
-    check(min(num_tasks, request_batch_size, max_instances, api_retries, api_concurrency, max_idle_rounds,
-              num_prompt_instructions, num_machine_instructions + 1) >= 1 and 0 < top_p <= 1 and temperature >= 0
-          and num_machine_instructions <= num_prompt_instructions and 0 < rouge_threshold <= 1
-          and prompt_style in ("auto", "chat", "plain"),
-          "the counts must be >= 1 (num_machine_instructions >= 0 and <= num_prompt_instructions), rouge_threshold "
-          "and top_p in (0, 1], temperature >= 0 and prompt_style auto, chat or plain; see the settings printed above")
+    require(config, positive=("num_tasks", "request_batch_size", "max_instances", "api_retries", "api_concurrency",
+                              "max_idle_rounds", "num_prompt_instructions", "top_p", "rouge_threshold"),
+            non_negative=("num_machine_instructions", "temperature"), fraction=("top_p", "rouge_threshold"))
+    check(num_machine_instructions <= num_prompt_instructions, f"num_machine_instructions={num_machine_instructions} "
+          f"is more than num_prompt_instructions={num_prompt_instructions}; lower it")
+    check(prompt_style in ("auto", "chat", "plain"), f"prompt_style='{prompt_style}' is not one of auto, chat, plain")
+    device_and_dtype(device, dtype) if checkpoint else None  # a device this machine lacks stops before any work
     seeds, docs = read_seed_tasks(seed_tasks), read_domain(domain_file) if domain_file else []
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a+b") as f:  # appends only: even after seek(), every write lands at the end

@@ -334,6 +334,9 @@ def load_tokenizer(meta):
         raise UsageError(f"unknown tokenizer kind {meta.get('kind')!r} in metadata; "
                          f"re-run python tokenize_data.py pretokenize")
     spec = meta["path"] or "gpt2"
+    if meta["kind"] == "sentencepiece" and not meta.get("path") and meta.get("model_proto") is None:
+        raise UsageError("the tokenizer metadata names no SentencePiece model and carries none; pass "
+                         "--tokenizer=path/to/tokenizer.model")
     if meta.get("model_proto") is not None:  # a checkpoint carries its SentencePiece model: no file needed
         tok = _sentencepiece(meta["path"], meta.get("special_tokens", ()), model_proto=bytes(meta["model_proto"]))
     else:

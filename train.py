@@ -163,9 +163,11 @@ for split in ("train", "val"):
 tokenizer_record = meta["tokenizer"]
 if tokenizer_record.get("kind") == "sentencepiece" and tokenizer_record.get("path"):
     tokenizer_record = load_tokenizer(tokenizer_record).to_meta(embed=True)
-if batches.sft and master:
-    for s in ("train", "val"):
-        cut, lost = batches.truncation_report(s)
+for s in ("train", "val") if batches.sft else ():
+    cut, lost = batches.truncation_report(s)
+    check(lost < batches.size(s), f"every {s} example loses all its answer tokens at block_size={block_size}: nothing "
+                                  f"to train on or score; raise block_size or shorten the examples")
+    if master:
         print(f"SFT {s}: {batches.size(s):,} examples, padded per batch; {cut:,} longer than block_size+1="
               f"{block_size + 1} tokens are truncated, {lost:,} of them lose every answer token")
 
@@ -244,10 +246,6 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def get_lr(it):
-    return optim.lr_at(it, lr_schedule, learning_rate, min_lr, warmup_iters, max_iters, lr_decay_iters)
-
-
 @torch.no_grad()
 def evaluate():
     """Loss, perplexity and next-token accuracy on the fixed evaluation batches of each split."""
@@ -269,9 +267,10 @@ def check_finite():
     ok = (torch.isfinite(loss_acc) & torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()).float()
     if ddp:  # every rank must stop together
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    check(ok.item() > 0, f"the loss or the weights became nan/inf by iter {iter_num}; stopped without saving, so "
-                         f"{ckpt_file} keeps the last good state: lower learning_rate, raise warmup_iters or set "
-                         f"grad_clip, then --init_from=resume (or train with --nonfinite=skip)")
+    kept = f", so {ckpt_file} keeps the last good state" if os.path.exists(ckpt_file) else ""
+    check(ok.item() > 0, f"the loss or the weights became nan/inf by iter {iter_num}; stopped without saving{kept}: "
+                         f"lower learning_rate, raise warmup_iters or set grad_clip, then --init_from=resume (or train "
+                         f"with --nonfinite=skip)")
 
 
 def save(sampler_state, evaluated):
@@ -327,11 +326,12 @@ if progress and master:
     bar = None if bar.disable else bar
 say = bar.write if bar is not None else (lambda line: print(line, flush=True))
 start_iter, t_log, loss_acc, n_acc, skipped = iter_num, time.time(), torch.zeros((), device=device), 0, 0
+log_iter = iter_num  # where the log window began: timings are per iteration of the window
 if resume_window:  # the log window the run was in when it saved: the next train line averages all of it
     loss_acc, n_acc = torch.tensor(resume_window[0], device=device), resume_window[1]
 model.train()
 while True:
-    lr = get_lr(iter_num)
+    lr = optim.lr_at(iter_num, lr_schedule, learning_rate, min_lr, warmup_iters, max_iters, lr_decay_iters)
     optim.set_lr(opts, lr)
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
 
@@ -375,24 +375,27 @@ while True:
             loss = loss * scale
         scaler.scale(loss).backward()
         step_loss += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
-    skip = False
-    if nonfinite == "skip":  # a host sync per step, the price of looking at every loss
-        bad = (~torch.isfinite(step_loss)).float()
-        if ddp:
-            dist.all_reduce(bad)
-        skip = bad.item() > 0
-    if skip:
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        skipped += 1
-    else:
-        loss_acc += step_loss
     if grad_clip > 0:
         for o in opts:
             scaler.unscale_(o)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     else:
         grad_norm = torch.zeros(())
+    skip = False
+    if nonfinite == "skip":  # a host sync per step, the price of looking at every loss and gradient
+        grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
+        bad = (~(torch.isfinite(step_loss) & torch.isfinite(torch.stack(grads).norm()))).float()
+        if ddp:
+            dist.all_reduce(bad)
+        skip = bad.item() > 0
+    if skip:
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # as the scaler does for an inf gradient: a smaller scale, no step
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        skipped += 1
+    else:
+        loss_acc += step_loss
     if not optimizer_in_backward and not skip:  # otherwise the hooks have already stepped every parameter
         for o in opts:
             scaler.step(o)
@@ -411,22 +414,22 @@ while True:
         stop_requested = flag.item() > 0
     if iter_num % log_interval == 0 or iter_num == max_iters:
         check_finite()  # the loop's one host-device sync, with the .item() below
-        train_loss = loss_acc.item() / max(n_acc, 1)
-        dt = time.time() - t_log
-        tok_s = n_acc * tokens_per_iter / dt
+        train_loss = loss_acc.item() / n_acc if n_acc else None  # None: every step of the window was skipped
+        dt, steps = time.time() - t_log, max(1, iter_num - log_iter)
+        tok_s = steps * tokens_per_iter / dt
         step_mfu = mfu(raw_model.flops_per_token(block_size), tok_s / world_size, device)
         if master:
             metrics.write({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": step_mfu,
-                           "ms_per_iter": 1000 * dt / n_acc, "peak_mem_gb": memory.peak() / 2**30,
+                           "ms_per_iter": 1000 * dt / steps, "peak_mem_gb": memory.peak() / 2**30,
                            **({"skipped": skipped} if nonfinite == "skip" else {})})
-            msg = (f"loss {train_loss:.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s"
+            msg = (f"loss {train_loss or float('nan'):.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s"
                    + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else ""))
             if bar is not None:
                 bar.set_postfix_str(msg)
             else:
                 print(f"iter {iter_num}: {msg}", flush=True)
-        t_log, loss_acc, n_acc = time.time(), torch.zeros((), device=device), 0
+        t_log, log_iter, loss_acc, n_acc = time.time(), iter_num, torch.zeros((), device=device), 0
         memory.reset()  # peak_mem_gb is per log window: the next one must not inherit compile/eval peaks
     if bar is not None:
         bar.update(1)

@@ -26,3 +26,45 @@ def test_config_mistakes(tmp_path, script):
     one_line_error(run_script(script, *verb, "missing.py", cwd=tmp_path, check=False), "config file 'missing.py' not found")
     (tmp_path / "broken.py").write_text("x = (\n")
     one_line_error(run_script(script, *verb, "broken.py", cwd=tmp_path, check=False), "failed: SyntaxError")
+
+
+def settings(script):
+    from configurator import script_settings
+    return script_settings(REPO / script)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_none_where_a_value_is_needed_and_a_device_that_does_not_exist(tmp_path, script):
+    verb = SUBCOMMAND.get(script, [])
+    key = next(k for k, (v, _) in settings(script).items() if v is not None and not isinstance(v, (tuple, list)))
+    one_line_error(run_script(script, *verb, f"--{key}=None", cwd=tmp_path, check=False), f"'{key}'", "needs a value")
+    if "device" in settings(script):  # a device is only used with a local model there
+        local = ["--checkpoint=missing.pt"] if script == "self_instruct.py" else []
+        proc = run_script(script, *verb, *local, "--device=tpu9", cwd=tmp_path, check=False)
+        one_line_error(proc, "device='tpu9'")
+
+
+# values of the right type but impossible meaning: each stops before any work, naming the key
+IMPOSSIBLE = [
+    ("train.py", ["--batch_size=0"], "batch_size=0 must be > 0"),
+    ("train.py", ["--dropout=1.5"], "dropout=1.5 must be in [0, 1]"),
+    ("train.py", ["--learning_rate=-0.001"], "learning_rate=-0.001 must be > 0"),
+    ("train.py", ["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
+    ("train.py", ["--sample_temperature=-1"], "sample_temperature=-1.0 must be >= 0"),
+    ("train.py", ["--lora_targets=('wq','nope')"], "['nope'] match no linear layer"),
+    ("train.py", ["--nonfinite=ignore"], "nonfinite='ignore' is not one of"),
+    ("generate.py", ["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
+    ("generate.py", ["--max_new_tokens=0"], "must both be >= 1"),
+    ("evaluate.py", ["loss", "--batch_size=0"], "batch_size=0 must be > 0"),
+    ("evaluate.py", ["hellaswag", "--max_items=-5"], "max_items=-5 must be >= 0"),
+    ("export.py", ["--group_size=-32"], "group_size=-32 must be >= 0"),
+    ("bench.py", ["--train_iters=0"], "train_iters=0 must be > 0"),
+    ("tokenize_data.py", ["pretokenize", "--val_fraction=1.5"], "val_fraction=1.5 must be in [0, 1]"),
+    ("tokenize_data.py", ["train_vocab", "--vocab_size=0"], "vocab_size=0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("script,flags,fragment", IMPOSSIBLE, ids=[f"{s}{f}" for s, f, _ in IMPOSSIBLE])
+def test_impossible_values_stop_before_any_work(tmp_path, script, flags, fragment):
+    one_line_error(run_script(script, *flags, cwd=tmp_path, check=False), fragment)
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())  # nothing was written
