@@ -71,8 +71,8 @@ prom.Gauge("llamaforge_queue_depth", "requests waiting for a batch row", registr
 prom.Gauge("llamaforge_running_requests", "requests in the running batch", registry=REGISTRY).set_function(
     lambda: len(S.engine.active) if S.engine else 0)
 LATENCY = prom.Histogram("llamaforge_request_latency_seconds", "submit to done", buckets=BUCKETS, registry=REGISTRY)
-FIRST_TOKEN = prom.Histogram("llamaforge_time_to_first_token_seconds", "submit to first token (or end)", buckets=BUCKETS,
-                             registry=REGISTRY)
+FIRST_TOKEN = prom.Histogram("llamaforge_time_to_first_token_seconds", "submit to first token (or end)",
+                             buckets=BUCKETS, registry=REGISTRY)
 
 
 class ApiError(Exception):

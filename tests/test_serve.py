@@ -36,12 +36,13 @@ def served(tmp_path_factory):
 def start(root, *args):
     """serve.py on a free port (it prints the address it got); (process, base URL)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log = open(root / f"server{len(list(root.glob('server*.log')))}.log", "w")
+    log = open(root / f"server{len(list(root.glob('server*.log')))}.log", "w")  # stderr: tracebacks, if any
     proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--checkpoint=tiny", "--port=0", "--device=cpu",
                              *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     found = re.search(r"http://127\.0\.0\.1:\d+", line)
     assert found, (line, open(log.name).read())
+    proc.log = log.name
     return proc, found.group()
 
 
@@ -51,12 +52,16 @@ def wait_ready(base, timeout=60):
         if call(base, "GET", "/health")[0] == 200:
             return
         time.sleep(0.05)
-    raise AssertionError(f"{base} not ready after {timeout} s")
+    raise AssertionError(f"{base} not ready after {timeout} s: {call(base, 'GET', '/health')}")
 
 
 def stop(proc):
     proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"serve.py did not stop within 20 s of SIGTERM:\n{open(proc.log).read()[-3000:]}")
 
 
 def call(base, method, path, body=None, key=KEY, raw=None):
@@ -243,13 +248,14 @@ def test_health_and_every_route_answer_503_until_the_model_is_loaded(served):
     try:
         for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")):
             status, answer, headers = call(base, method, path, {"prompt": "x"})
-            assert status == 503 and answer["error"]["code"] == "model_loading" and headers["Retry-After"]
+            assert status == 503 and answer["error"]["code"] == "model_loading" and headers["Retry-After"], answer
         with pytest.raises(openai.InternalServerError):
             openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0).models.list()
         with open(fifo, "wb") as f:
             f.write(llama2c_tokenizer_bytes(tok))
         wait_ready(base, 30)
-        assert call(base, "POST", "/v1/completions", {"prompt": "import", "max_tokens": 3})[0] == 200
+        status, answer, _ = call(base, "POST", "/v1/completions", {"prompt": "import", "max_tokens": 3})
+        assert status == 200, (answer, open(proc.log).read()[-3000:])
     finally:
         stop(proc)
 
@@ -301,8 +307,19 @@ def test_a_client_that_hangs_up_cancels_its_generation(small):
     assert call(small, "POST", "/v1/completions", {"prompt": "import", "max_tokens": 3})[0] == 200
 
 
-def test_serve_refuses_what_cannot_work(tmp_path):
+def test_loadgen_reports_every_level_and_only_429s_under_load(small, tmp_path):
+    out = run_script("loadgen.py", f"--url={small}", "--clients=1,4", "--duration=1.5", "--max_tokens=8",
+                     "--json_out=load.json", cwd=tmp_path)
+    levels = json.loads((tmp_path / "load.json").read_text())["levels"]
+    assert [r["clients"] for r in levels] == [1, 4] and all(r["requests"] > 0 for r in levels)
+    assert all(set(r["not_200"]) <= {"429"} for r in levels) and "out tok/s" in out.stdout
+    assert levels[0]["output_tokens_per_s"] > 0 and levels[1]["p99_s"] >= levels[1]["p50_s"] > 0
+
+
+def test_loadgen_and_serve_refuse_what_cannot_work(tmp_path):
     from conftest import one_line_error
+    one_line_error(run_script("loadgen.py", "--url=http://127.0.0.1:9", "--duration=1", cwd=tmp_path, check=False),
+                   "cannot reach")
     one_line_error(run_script("serve.py", "--checkpoint=nope.pt", "--port=0", cwd=tmp_path, check=False), "not found")
     one_line_error(run_script("serve.py", "--max_batch=0", cwd=tmp_path, check=False), "max_batch")
 
@@ -341,8 +358,8 @@ def test_lm_eval_local_completions_scores_hellaswag_as_evaluate_py_does(tmp_path
     try:
         wait_ready(base)
         env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-                              f"model=stories260K,base_url={base}/v1/completions,tokenizer_backend=remote,max_length=512",
+        args = f"model=stories260K,base_url={base}/v1/completions,tokenizer_backend=remote,max_length=512"
+        run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
                               "--tasks", "hellaswag_local", "--include_path", str(tmp_path / "tasks"),
                               "--output_path", str(tmp_path / "out"), "--log_samples"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
