@@ -5,142 +5,37 @@ A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_a
 "rng": ..., "sampler": ...}. It is written atomically and read with torch.load(weights_only=True),
 which refuses pickled code: opening a checkpoint from a stranger cannot run their code.
 """
-import contextlib
 import json
 import os
-import shutil
-import tempfile
+import struct
 
 import torch
 
-from formats import read_foreign
+from formats import LLAMA2C_MAGIC, read_llama2c
+from hf import read_hf
 from lora import apply_adapter
 from model import ModelArgs, Transformer
-from runtime import UsageError
+from runtime import UsageError, atomic_file
 from tokenizer import load_tokenizer, make_tokenizer, tokenizer_mismatch
-
-TMP_PREFIX = ".tmp-"  # what atomic writes name their files and folders until they are complete
-
-
-def current_umask():
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yields a temporary path beside `path`; when the body finishes it is fsynced and renamed onto `path`,
-    and if the body fails it is removed. Rename is atomic on POSIX and the data reaches the disk before
-    it: a crash, a power cut or a full disk mid-write leaves the previous file intact, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a folder; pass a file path to write to")
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode of a new file
-    try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(directory)  # the rename itself
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """The same for a folder: filled under a temporary name, fsynced, then swapped in whole (an old folder
-    of that name is removed only after the new one is in place)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    if os.path.isfile(path):
-        raise UsageError(f"{path} is a file; pass a folder path to write to")
-    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual mode of a new one
-    try:
-        yield tmp
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())  # some writers make 0600 files
-            fsync_path(os.path.join(tmp, name))
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
-        fsync_path(parent)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def remove_stale_temps(folder):
-    """Delete what atomic writes of a killed process left behind in folder (it never reached its real
-    name, so nothing refers to it); returns the names removed."""
-    removed = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(TMP_PREFIX):
-                p = os.path.join(folder, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
-                removed.append(name)
-    return removed
-
-
-class FolderLock:
-    """One writer per folder. The lock is an flock on folder/.lock, which holds the owner's pid for the message;
-    the kernel drops it when the owner dies however it dies, so a lock left by a killed run is simply taken
-    over (no stale-lock guessing, no pid-reuse mistakes). Released, and its file removed, when the process
-    exits normally (or by release())."""
-
-    def __init__(self, folder, what):
-        import atexit
-        import fcntl
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, ".lock")
-        while True:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
-                os.close(self.fd)
-                raise UsageError(f"{folder} is in use by another {what} (process {owner}); wait for it to finish or "
-                                 f"stop it, or use another folder")
-            try:  # the previous owner may have removed the file between our open and our lock: lock the new one
-                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(self.fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-        self.stale = remove_stale_temps(folder)  # only now is nobody else writing here
-        atexit.register(self.release)
-
-    def release(self):
-        if self.fd is not None:
-            os.remove(self.path)  # before unlocking, so a waiting process never locks a file about to vanish
-            os.close(self.fd)
-            self.fd = None
-
 
 def save_checkpoint(ckpt, path):
     """Atomically (see atomic_file): the previous checkpoint survives any failure to write this one."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
+
+
+def read_foreign(path):
+    """A checkpoint dict if path is a llama2.c model file or a Hugging Face folder, else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
+            and not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return read_hf(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if path.endswith(".bin") or (len(head) == 4 and struct.unpack("<I", head)[0] == LLAMA2C_MAGIC):
+            return read_llama2c(path)
+    return None
 
 
 def read_pt(path, what, fix, map_location="cpu", mmap=False):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import fsync_path, atomic_file
 from model import IGNORE_INDEX
-from runtime import UsageError
+from runtime import UsageError, atomic_file, fsync_path
 
 JOURNAL, STAGED = ".update.json", ".new-"  # the commit record of an update, and the prefix of its new files
 

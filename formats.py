@@ -1,10 +1,10 @@
-"""Readers for other tools' model files, and the name tables export.py shares with them.
+"""Other tools' model files, one home per format (Hugging Face's is hf.py): llama2.c's model and tokenizer
+files, read and written; llama.cpp's GGUF, written; and the one tensor-name table for HF and GGUF.
 
-load_checkpoint (checkpoint.py) calls read_foreign(path) first, so every script that takes a checkpoint
-also takes a llama2.c model file (.bin: legacy, version 1 or version 2 / Q8_0) or a Hugging Face Llama
-folder (config.json + model.safetensors, or shards listed in model.safetensors.index.json). Both become
-the same checkpoint dict train.py writes. Sizes and header fields are checked before a single weight
-is read, so a truncated download is one line of error, not a reshape crash deep inside numpy.
+checkpoint.load_checkpoint reads llama2.c files through read_llama2c, so every script that takes a checkpoint
+also takes a llama2.c model file (.bin: legacy, version 1 or version 2 / Q8_0). Sizes and header fields are
+checked before a single weight is read, so a truncated download is one line of error, not a reshape crash
+deep inside numpy. Writers write through runtime's atomic writer: a failed export leaves nothing behind.
 
 Tensor names: ours (llama2.c's) -> Hugging Face (hf_key) and GGUF (gguf_name), from one table (NAMES).
 """
@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, precompute_rope
-from runtime import UsageError
-from tokenizer import make_tokenizer
+from runtime import UsageError, atomic_file
 
 LLAMA2C_MAGIC = 0x616b3432  # "ak42" as a little-endian uint32: llama2.c's versioned files start with it
 LLAMA2C_HEADER = 256        # versioned files pad their header to 256 bytes
@@ -40,20 +39,6 @@ def imported_ckpt(state, args, source, fmt, tokenizer=None):
         state["output.weight"] = state["tok_embeddings.weight"]
     return {"model": state, "model_args": args.to_dict(), "config": {"imported_from": os.path.abspath(source),
             "format": fmt}, "tokenizer": tokenizer, "iter_num": 0, "best_val_loss": None}
-
-
-def read_foreign(path):
-    """A checkpoint dict if path is a llama2.c model file or a Hugging Face folder, else None."""
-    path = os.fspath(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
-            and not os.path.isfile(os.path.join(path, "ckpt.pt")):
-        return read_hf(path)
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if path.endswith(".bin") or (len(head) == 4 and struct.unpack("<I", head)[0] == LLAMA2C_MAGIC):
-            return read_llama2c(path)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,19 +146,83 @@ def rope_tables(args):
     return precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face Llama folders
-
-def permute_to_hf(w, n_heads):
-    """Rows of wq/wk (or of a LoRA B feeding them) from interleaved rotary pairs (x0,x1),(x2,x3)... to
-    HF's halves (x0,x2,...,x1,x3,...): the permute of transformers' convert_llama_weights_to_hf."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+def f32_bytes(t):
+    return t.detach().float().cpu().numpy().astype("<f4").tobytes()
 
 
-def permute_from_hf(w, n_heads):
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+def pick_group_size(args, requested=0):
+    """runq.c quantizes activations in the same groups, so the group must divide dim and hidden_dim."""
+    sizes = [requested] if requested else [64, 32, 16, 8, 4, 2, 1]
+    for gs in sizes:
+        if gs > 0 and args.dim % gs == 0 and args.hidden_dim % gs == 0:
+            return gs
+    raise UsageError(f"group_size={requested} does not divide dim={args.dim} and hidden_dim="
+                     f"{args.hidden_dim}; pass a divisor of both or group_size=0 to pick one")
+
+
+def quantize_q8(w, gs):
+    """Symmetric int8 in groups of gs (llama2.c's Q8_0): w ~ q * scale, q in [-127, 127]."""
+    w = w.detach().float().reshape(-1, gs)
+    scale = w.abs().max(dim=1).values / 127.0
+    q = torch.round(w / torch.where(scale == 0, 1.0, scale)[:, None]).to(torch.int8)  # all-zero group: q = 0
+    return q, scale
+
+
+def write_llama2c(state, args, path, version=0, group_size=0):
+    """version 0: legacy fp32 (run.c); 1: fp32 with a 256-byte header; 2: Q8_0 (runq.c)."""
+    if abs(args.norm_eps - RUNC_NORM_EPS) > 1e-12 or args.rope_theta != RUNC_ROPE_THETA:
+        raise UsageError(f"llama2.c files cannot store norm_eps={args.norm_eps} or rope_theta={args.rope_theta} "
+                         f"(run.c hard-codes 1e-5 and 10000); export to --format=hf or gguf_* instead")
+    gs = pick_group_size(args, group_size) if version == 2 else None
+    h = dict(dim=args.dim, hidden_dim=args.hidden_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+             n_kv_heads=args.n_kv_heads, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
+             shared=args.tie_embeddings, group_size=gs)
+    fields = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size,
+              args.max_seq_len]
+    if version == 0:
+        if not args.tie_embeddings:
+            fields[5] = -fields[5]  # legacy's only way to say "the classifier has its own weights"
+        header = struct.pack("<7i", *fields)
+    else:
+        header = struct.pack("<Ii7iB", LLAMA2C_MAGIC, version, *fields, int(args.tie_embeddings))
+        if version == 2:
+            header += struct.pack("<i", gs)  # at byte 37, unaligned, exactly as llama2.c writes it
+        header += b"\0" * (LLAMA2C_HEADER - len(header))
+    cos, sin = rope_tables(args)
+    extra = {"rope.cos": cos, "rope.sin": sin}
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        for name, _, how in llama2c_order(version, h):
+            t = extra[name] if how == "rope" else state[name]
+            if how == "q8":
+                q, scale = quantize_q8(t, gs)
+                f.write(q.numpy().tobytes())
+                f.write(f32_bytes(scale))
+            else:
+                f.write(f32_bytes(t))
+    return gs
+
+
+def write_llama2c_tokenizer(tok, path):
+    """run.c's tokenizer file from a SentencePiece vocab, byte-identical to llama2.c's tokenizer.py."""
+    if tok is None or tok.kind != "sentencepiece":
+        raise UsageError(f"the llama2.c tokenizer file holds SentencePiece vocabularies only, not "
+                         f"{getattr(tok, 'kind', 'no tokenizer')}; pass --tokenizer=path/to/tokenizer.model")
+    sp = tok.backend
+    pieces, scores = [], []
+    for i in range(tok.vocab_size):
+        if i >= sp.vocab_size():  # specials we appended after the SentencePiece vocab: their text, score 0
+            pieces.append(tok.id_to_special[i].encode())
+            scores.append(0.0)
+            continue
+        p = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, sp.id_to_piece(i))
+        pieces.append(p.replace("\u2581", " ").encode("utf-8"))  # run.c wants real spaces, not "▁"
+        scores.append(sp.get_score(i))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<I", max(len(p) for p in pieces)))
+        for p, s in zip(pieces, scores):
+            f.write(struct.pack("<fI", s, len(p)))
+            f.write(p)
 
 
 # ---- the one name table: our tensor (llama2.c's names) -> (Hugging Face name, GGUF name); {i} is the layer
@@ -214,90 +263,100 @@ def hf_module(kind):
     return NAMES[kind if kind in NAMES else kind + ".weight"][0].split(".")[-2]
 
 
-def read_hf(folder, tokenizer=None):
-    from safetensors.torch import load_file
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError(f"a JSON {type(cfg).__name__}, not an object")
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise UsageError(f"{folder}/config.json is not a Hugging Face config ({type(e).__name__}: {str(e)[:120]}); "
-                         f"re-download or re-export the folder")
-    if cfg.get("model_type") != "llama":
-        raise UsageError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; only Llama "
-                         f"(model_type 'llama') folders can be imported")
-    try:
-        args, tied = hf_model_args(folder, cfg)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-        raise UsageError(f"{folder}/config.json does not describe a Llama model ({type(e).__name__}: {str(e)[:120]}); "
-                         f"re-download or re-export the folder")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{index} is damaged ({type(e).__name__}: {str(e)[:120]}); re-download the folder")
+# ---------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): written with the gguf package, llama.cpp's own
+
+def check_vocab(tok, args, fmt):
+    if tok is not None and tok.vocab_size > args.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.vocab_size} ids but the model only {args.vocab_size} "
+                         f"rows; {fmt} cannot pair them: pass the tokenizer the model was trained with")
+
+
+def gpt2_files(tok):
+    """(encoder.json, vocab.bpe) paths for a tiktoken GPT-2 tokenizer, which HF and GGUF both need."""
+    folder = tok.path if tok.path and os.path.isdir(tok.path) else os.path.dirname(tok.path or "")
+    enc, bpe = os.path.join(folder, "encoder.json"), os.path.join(folder, "vocab.bpe")
+    if not (tok.path and os.path.isfile(enc) and os.path.isfile(bpe)):
+        raise UsageError("exporting a GPT-2 tokenizer needs its BPE files; pass --tokenizer=path/to/folder "
+                         "holding encoder.json + vocab.bpe (e.g. shared/data/gpt2_bpe)")
+    return enc, bpe
+
+
+def gguf_vocab(writer, tok, args):
+    """tokenizer.ggml.*: llama.cpp wants one entry per embedding row, so padded rows get [PADn] names."""
+    import gguf
+    T = gguf.TokenType
+    check_vocab(tok, args, "GGUF")
+    if tok.kind == "sentencepiece":
+        sp = tok.backend
+        tokens, scores, types = [], [], []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i))
+            scores.append(sp.get_score(i))
+            types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
+                         T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
+        writer.add_tokenizer_model("llama")
+        writer.add_unk_token_id(sp.unk_id())
     else:
-        files = ["model.safetensors"]
-    hf = {}
-    for name in files:
-        p = os.path.join(folder, name)
-        if not os.path.isfile(p):
-            raise UsageError(f"{p} not found; a Hugging Face import needs safetensors weights "
-                             f"(convert .bin weights with transformers' save_pretrained(safe_serialization=True))")
-        try:
-            hf.update(load_file(p))
-        except Exception as e:
-            raise UsageError(f"cannot read {p} ({str(e).splitlines()[0][:200]}); it is truncated or corrupt")
-    names = ["tok_embeddings.weight", "norm.weight"] + [k for i in range(args.n_layers) for k in layer_keys(i).values()]
-    if not tied:
-        names.append("output.weight")
-    missing = [hf_key(n) for n in names if hf_key(n) not in hf]
-    if missing:
-        raise UsageError(f"{folder} lacks {len(missing)} tensors its config.json promises (e.g. "
-                         f"{missing[:2]}); the download is incomplete")
-    state, kv = {}, args.n_kv_heads
-    for n in names:
-        w = hf[hf_key(n)]
-        if n.endswith("attention.wq.weight"):
-            w = permute_from_hf(w, args.n_heads)
-        elif n.endswith("attention.wk.weight"):
-            w = permute_from_hf(w, kv)
-        state[n] = w
-    if tokenizer is None:
-        tokenizer = hf_tokenizer_meta(folder)
-    return imported_ckpt(state, args, folder, "hf", tokenizer)
+        enc, bpe = gpt2_files(tok)
+        with open(enc) as f:
+            vocab = json.load(f)
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        types = [T.CONTROL if t == "<|endoftext|>" else T.NORMAL for t in tokens]
+        scores = None
+        with open(bpe, encoding="utf-8") as f:
+            merges = [line for line in f.read().split("\n")[1:] if line]  # first line is "#version: 0.2"
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_merges(merges)
+    for i in range(len(tokens), args.vocab_size):  # our appended specials, then padding rows
+        tokens.append(tok.id_to_special.get(i, f"[PAD{i}]"))
+        types.append(T.CONTROL if i in tok.id_to_special else T.UNUSED)
+        if scores is not None:
+            scores.append(0.0)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    if scores is not None:
+        writer.add_token_scores(scores)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(tok.kind == "sentencepiece")
 
 
-def hf_model_args(folder, cfg):
-    """(ModelArgs, tied) from a Hugging Face config dict; UsageError for what our model cannot be."""
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    unsupported = {"rope type": rope_type != "default",
-                   "attention/mlp bias": cfg.get("attention_bias") or cfg.get("mlp_bias"),
-                   "activation": cfg.get("hidden_act", "silu") != "silu",
-                   "head_dim": head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]}
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise UsageError(f"{folder} uses {', '.join(bad)} that llamaforge's model does not have; "
-                         f"only plain Llama (default rope, no biases, silu) can be imported")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 2048),
-                     tie_embeddings=tied, rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
-    return args, tied
-
-
-def hf_tokenizer_meta(folder):
-    """Our tokenizer meta for the tokenizer files a HF folder carries, or None if it has none we read."""
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        return make_tokenizer(os.path.join(folder, "tokenizer.model")).to_meta()
-    if all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.bpe", "encoder.json")):
-        return make_tokenizer(folder).to_meta()  # GPT-2 BPE files our HF export writes beside vocab.json
-    return None
+def export_gguf(state, args, tok, path, qtype="f16"):
+    import gguf
+    if tok is None:
+        raise UsageError("a GGUF file must carry its tokenizer and this checkpoint records none; "
+                         "pass --tokenizer=path/to/tokenizer.model (or gpt2 BPE folder)")
+    Q = gguf.GGMLQuantizationType
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name("llamaforge")
+        w.add_context_length(args.max_seq_len)
+        w.add_embedding_length(args.dim)
+        w.add_block_count(args.n_layers)
+        w.add_feed_forward_length(args.hidden_dim)
+        w.add_head_count(args.n_heads)
+        w.add_head_count_kv(args.n_kv_heads)
+        w.add_layer_norm_rms_eps(args.norm_eps)
+        w.add_rope_dimension_count(args.dim // args.n_heads)
+        w.add_rope_freq_base(args.rope_theta)
+        w.add_vocab_size(args.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        gguf_vocab(w, tok, args)
+        for name, t in state.items():
+            if name == "output.weight" and args.tie_embeddings:
+                continue  # llama.cpp falls back to token_embd when there is no output tensor
+            # llama.cpp's converter permutes HF's q/k back to Meta's interleaved rotary pairs, which is
+            # our layout already: q and k go in unchanged
+            a = t.detach().float().numpy()
+            if a.ndim == 1:
+                w.add_tensor(gguf_name(name), a.astype(np.float32))  # norms stay fp32, as llama.cpp keeps them
+            elif qtype == "q8_0" and a.shape[1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+                w.add_tensor(gguf_name(name), gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+            else:  # rows not a multiple of Q8_0's 32-value block stay F16, as llama.cpp's converter does
+                w.add_tensor(gguf_name(name), a.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
-from checkpoint import TMP_PREFIX, FolderLock, atomic_file, load_checkpoint
+from checkpoint import load_checkpoint
 from data import DatasetUpdate, dataset_meta, split_documents, token_dtype, write_sft_split, write_tokens
-from runtime import UsageError, handle_errors
+from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, handle_errors
 from sources import load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
-from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
+from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
 # where things go
@@ -123,24 +123,31 @@ def train_vocab():
             total += len(docs[i].encode())
             if total >= vocab_max_bytes:
                 break
+    n_special = len(SPECIAL_TOKENS)
+    check(vocab_size > 259 + n_special, f"vocab_size={vocab_size} leaves no room for merges: the 256 byte pieces, "
+          f"<unk> <s> </s> and {n_special} chat tokens take {259 + n_special}; pass a larger --vocab_size")
     print(f"training a {vocab_size}-token SentencePiece BPE on {total / 1e6:.1f} MB of {d / DOCS}")
     try:
         # llama2.c's train_vocab settings (themselves Meta's Llama 2 ones), plus our chat specials
         spm.SentencePieceTrainer.train(
-            input=str(sample_path), model_prefix=str(staged), model_type="bpe", vocab_size=vocab_size,
+            input=str(sample_path), model_prefix=str(staged), model_type="bpe", vocab_size=vocab_size - n_special,
             input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
             split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
             unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
             add_dummy_prefix=True,  # as llama2.c / Llama 2: " the" and "the" at text start are one piece
             # Llama 2 keeps runs of spaces (llama2.c's default collapses them): code indentation survives
             remove_extra_whitespaces=False,
-            user_defined_symbols=SPECIAL_TOKENS,  # chat specials become real single pieces
             minloglevel=2)  # SentencePiece's INFO log is hundreds of lines
     except RuntimeError as e:
         raise UsageError(f"SentencePiece could not train a {vocab_size}-token vocab on {d / DOCS} "
                          f"({str(e).splitlines()[0]}); try a larger --vocab_size or more text")
     finally:
         sample_path.unlink(missing_ok=True)
+    # the chat specials become real single pieces at the end, after the merges: ids 0-2 control, 3-258 bytes
+    staged_model = Path(str(staged) + ".model")
+    staged_model.write_bytes(append_user_pieces(staged_model.read_bytes(), SPECIAL_TOKENS))
+    with open(str(staged) + ".vocab", "a", encoding="utf-8") as f:
+        f.writelines(f"{s}\t0\n" for s in SPECIAL_TOKENS)
     for ext in (".vocab", ".model"):  # the .model last: it is what pretokenize reads
         os.replace(str(staged) + ext, str(prefix) + ext)
     print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} "

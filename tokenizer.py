@@ -230,6 +230,27 @@ class Llama2cTokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
 
+def append_user_pieces(model_proto, pieces):
+    """A serialized SentencePiece model with `pieces` appended as USER_DEFINED pieces (score 0): the ids after
+    every trained piece. Trained vocabularies get the chat specials this way, not through SentencePiece's
+    user_defined_symbols, which would put them at ids 3.. and push the 256 byte pieces to 3+len(pieces): run.c
+    and llama2.c's tokenizer assume the bytes at 3..258. Appending a repeated field's element to a serialized
+    protobuf message is appending its bytes (ModelProto.pieces = field 1; SentencePiece: piece 1, score 2, type 3)."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    out = bytes(model_proto)
+    for p in pieces:
+        text = p.encode()
+        body = b"\x0a" + varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + varint(4)
+        out += b"\x0a" + varint(len(body)) + body
+    return out
+
+
 # ---- building
 
 def _sentencepiece(path, special_tokens, model_proto=None):

@@ -92,15 +92,16 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import optim  # noqa: E402
-from checkpoint import (FolderLock, MetricsLog, clean_state_dict, load_for_training, restore_training,  # noqa: E402
-                        resume_config, save_checkpoint)
+from checkpoint import (MetricsLog, clean_state_dict, load_for_training, restore_training, resume_config,  # noqa: E402
+                        save_checkpoint)
 from configurator import require  # noqa: E402
 from data import Batches, check_token_ids  # noqa: E402
 from engine import complete  # noqa: E402
 from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, loss_metrics, score_batch  # noqa: E402
-from runtime import (MemoryMeter, StopSignals, UsageError, autocast as autocast_for, cap_gpu_memory,  # noqa: E402
-                     check, device_and_dtype, distributed_world, gather, init_distributed, mfu, teardown_distributed)
+from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, autocast as autocast_for,  # noqa: E402
+                     cap_gpu_memory, check, device_and_dtype, distributed_world, gather, init_distributed, mfu,
+                     teardown_distributed)
 from tokenizer import load_tokenizer  # noqa: E402
 
 ddp, rank, local_rank, world_size = distributed_world()

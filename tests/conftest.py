@@ -52,6 +52,18 @@ def make_dataset(root, name="tiny", n_tokens=20000, vocab_size=64, seed=0, dtype
     return d, toks
 
 
+def trained_vocab(root, vocab_size=400, stdlib_bytes=300_000):
+    """A SentencePiece vocab trained by tokenize_data.py train_vocab itself, on part of the stdlib (~2 s)."""
+    import tokenize_data as td
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(data_root=str(root), dataset="demo", source="stdlib", stdlib_max_bytes=stdlib_bytes,
+                         vocab_size=vocab_size).items():
+            mp.setattr(td, k, v)
+        td.download()
+        td.train_vocab()
+    return Path(root) / "demo" / f"tok{vocab_size}.model"
+
+
 def one_line_error(proc, *fragments):
     """The property every script keeps for bad input: a non-zero exit, no traceback, and a last line
     `error: ...` that holds each fragment."""

@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 import export  # noqa: E402
-from checkpoint import build_model, current_umask, load_checkpoint, load_model  # noqa: E402
+from checkpoint import build_model, load_checkpoint, load_model  # noqa: E402
+from runtime import current_umask  # noqa: E402
 from runtime import UsageError  # noqa: E402
 from tokenizer import Llama2cTokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -97,8 +98,34 @@ def test_llama2c_tokenizer_file_byte_identical(tmp_path, name):
     assert tok.encode(text, bos=True) == [1] + spm.SentencePieceProcessor(model_file=str(src)).encode(text)
 
 
+need_runc = pytest.mark.skipif(not os.environ.get("LLAMA2C_RUN"), reason="set LLAMA2C_RUN to a compiled llama2.c run.c binary")
+
+
+@need_runc
+def test_runc_encodes_a_prompt_of_newlines_and_tabs_as_we_do(tmp_path):
+    """run.c on our export of a model with a vocab trained our way: its greedy text from a prompt of newlines,
+    tabs and a byte-fallback character is ours, so it read the prompt as the same ids."""
+    from conftest import trained_vocab
+    from tokenizer import make_tokenizer
+    tok = make_tokenizer(trained_vocab(tmp_path))
+    m = tiny(vocab=tok.vocab_size, seed=3)
+    export.write_llama2c(state(m), m.args, tmp_path / "m.bin", version=0)
+    export.write_llama2c_tokenizer(tok, tmp_path / "t.bin")
+    prompt = "def f(x):\n\treturn  x\n\n\t# é"
+    r = subprocess.run([os.environ["LLAMA2C_RUN"], str(tmp_path / "m.bin"), "-z", str(tmp_path / "t.bin"), "-t", "0",
+                        "-n", "40", "-i", prompt], capture_output=True)
+    ids = tok.encode(prompt, bos=True)
+    y = m.generate(torch.tensor([ids]), max_new_tokens=41 - len(ids), temperature=0)[0].tolist()  # run.c: -n counts
+    # positions after BOS
+    # what run.c prints: each token's bytes, except lone bytes that are neither printable nor space (its safe_printf)
+    runc = Llama2cTokenizer(str(tmp_path / "t.bin"))
+    pieces = [runc.token_bytes(prev, i) for prev, i in zip(y, y[1:])]
+    printed = b"".join(p for p in pieces if len(p) != 1 or 0x20 <= p[0] <= 0x7E or 0x09 <= p[0] <= 0x0D)
+    assert r.stdout == printed + b"\n"
+
+
 @need_stories
-@pytest.mark.skipif(not os.environ.get("LLAMA2C_RUN"), reason="set LLAMA2C_RUN to a compiled llama2.c run.c binary")
+@need_runc
 def test_runc_reads_our_export(tmp_path):
     """An independent C reader: llama2.c's run.c on our legacy file (untied head: the negative-vocab path)."""
     model, _ = load_model(str(STORIES / "stories260K.bin"))

@@ -7,8 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import tokenize_data as td  # noqa: E402
 from runtime import UsageError  # noqa: E402
+from conftest import trained_vocab  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,14 +25,7 @@ TEXT = ("def f(x):\n    return x + 12345\n\n\n  two  spaces  \ttab\n"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 400-token vocab trained by our own train_vocab on ~300 KB of the stdlib."""
-    root = tmp_path_factory.mktemp("data")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(data_root=str(root), dataset="demo", source="stdlib", stdlib_max_bytes=300_000,
-                         vocab_size=400).items():
-            mp.setattr(td, k, v)
-        td.download()
-        td.train_vocab()
-    return make_tokenizer(root / "demo" / "tok400.model")
+    return make_tokenizer(trained_vocab(tmp_path_factory.mktemp("data")))
 
 
 def stream(tok, ids):
@@ -43,8 +36,11 @@ def stream(tok, ids):
 def test_trained_sentencepiece_round_trip_and_specials(trained):
     tok = trained
     assert tok.kind == "sentencepiece" and tok.vocab_size == 400
-    # specials were trained in as user_defined_symbols: real pieces inside the 400, right after <unk> <s> </s>
-    assert tok.special_ids == {"<|user|>": 3, "<|assistant|>": 4, "<|end_of_turn|>": 5}
+    # specials are real pieces inside the 400, after the merges: llama2.c's layout (<unk> <s> </s>, then the 256
+    # byte pieces at 3..258) holds, as run.c assumes
+    assert tok.special_ids == {"<|user|>": 397, "<|assistant|>": 398, "<|end_of_turn|>": 399}
+    assert [tok.backend.id_to_piece(i) for i in (3, 258)] == ["<0x00>", "<0xFF>"]
+    assert all(tok.backend.is_byte(i) for i in range(3, 259))
     for s, i in tok.special_ids.items():
         assert tok.encode(s) == [i] and tok.decode([i]) == s
     ids = tok.encode(TEXT, bos=True, eos=True)
@@ -163,3 +159,17 @@ def test_stream_decoder_equals_decode_token_by_token(trained):
             decoder = tok.stream(ids[prefix - 1] if prefix else None)
             text = "".join(decoder.add(i) for i in ids[prefix:]) + decoder.flush()
             assert tok.decode(ids[:prefix]) + text == tok.decode(ids), ids
+
+
+def test_exported_tokenizer_bin_encodes_like_us_as_run_c_reads_it(trained, tmp_path):
+    """run.c reads tokenizer.bin assuming the byte pieces at 3..258 (byte b is id b + 3) and encodes by merging
+    the best-scoring pair; Llama2cTokenizer does exactly that. Every byte and a prompt of newlines and tabs
+    must get our ids."""
+    import export
+    from tokenizer import Llama2cTokenizer
+    export.write_llama2c_tokenizer(trained, tmp_path / "tok.bin")
+    runc = Llama2cTokenizer(str(tmp_path / "tok.bin"))
+    assert runc.byte_ids == list(range(3, 259))  # run.c's fixed offset is right for our vocab
+    every_byte = "".join(chr(c) for c in range(1, 256)) + "\U0001D11E"  # a 4-byte character too
+    for text in (every_byte, "def f(x):\n\treturn  x\n\n\t\tdone\n", " leading", "a\r\nb"):
+        assert runc.encode(text, bos=True) == trained.encode(text, bos=True), text
