@@ -15,6 +15,22 @@ from runtime import UsageError
 from tokenizer import ASSISTANT, END_OF_TURN, USER
 
 
+# What render_chat renders, as a Jinja chat template, for tools that render a conversation to text and then
+# tokenize it (transformers' apply_chat_template, llama.cpp --jinja): with the specials cut out, each text piece
+# encodes on its own, as render_chat encodes each message
+JINJA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}{{ '" + USER + "' + ns.system + message['content'] + '" + END_OF_TURN + "' }}"
+    "{% set ns.system = '' %}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + END_OF_TURN + "' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}")
+
+
+def has_chat_tokens(tok):
+    return all(s in getattr(tok, "special_ids", {}) for s in (USER, ASSISTANT, END_OF_TURN))
+
+
 def chat_ids(tok):
     """(user, assistant, end_of_turn) ids; a clear error if the tokenizer was built without them."""
     missing = [s for s in (USER, ASSISTANT, END_OF_TURN) if s not in tok.special_ids]

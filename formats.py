@@ -15,8 +15,10 @@ import struct
 import numpy as np
 import torch
 
+from chat import JINJA_TEMPLATE, has_chat_tokens
 from model import ModelArgs, precompute_rope
 from runtime import UsageError, atomic_file
+from tokenizer import END_OF_TURN
 
 LLAMA2C_MAGIC = 0x616b3432  # "ak42" as a little-endian uint32: llama2.c's versioned files start with it
 LLAMA2C_HEADER = 256        # versioned files pad their header to 256 bytes
@@ -296,6 +298,7 @@ def gguf_vocab(writer, tok, args):
             types.append(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
                          T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL)
         writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
         writer.add_unk_token_id(sp.unk_id())
     else:
         enc, bpe = gpt2_files(tok)
@@ -309,11 +312,16 @@ def gguf_vocab(writer, tok, args):
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_merges(merges)
-    for i in range(len(tokens), args.vocab_size):  # our appended specials, then padding rows
-        tokens.append(tok.id_to_special.get(i, f"[PAD{i}]"))
-        types.append(T.CONTROL if i in tok.id_to_special else T.UNUSED)
-        if scores is not None:
-            scores.append(0.0)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), args.vocab_size)]  # appended specials, padding rows
+    types += [T.UNUSED] * (len(tokens) - len(types))
+    # the chat specials are CONTROL tokens with score -1000, as llama.cpp's converter marks added special tokens:
+    # llama.cpp then matches them whole in a prompt (with special parsing on) and never makes them of pieces
+    for i, s in tok.id_to_special.items():
+        tokens[i], types[i] = s, T.CONTROL
+    if scores is not None:
+        scores += [-1000.0] * (len(tokens) - len(scores))
+        for i in tok.id_to_special:
+            scores[i] = -1000.0
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     if scores is not None:
@@ -321,6 +329,10 @@ def gguf_vocab(writer, tok, args):
     writer.add_bos_token_id(tok.bos_id)
     writer.add_eos_token_id(tok.eos_id)
     writer.add_add_bos_token(tok.kind == "sentencepiece")
+    writer.add_add_eos_token(False)
+    if has_chat_tokens(tok):  # end of generation at the end of a turn (llama.cpp puts the EOT id in its EOG set)
+        writer.add_eot_token_id(tok.special_ids[END_OF_TURN])
+        writer.add_chat_template(JINJA_TEMPLATE)
 
 
 def export_gguf(state, args, tok, path, qtype="f16"):
@@ -340,9 +352,12 @@ def export_gguf(state, args, tok, path, qtype="f16"):
         w.add_head_count_kv(args.n_kv_heads)
         w.add_layer_norm_rms_eps(args.norm_eps)
         w.add_rope_dimension_count(args.dim // args.n_heads)
+        w.add_key_length(args.dim // args.n_heads)
+        w.add_value_length(args.dim // args.n_heads)
         w.add_rope_freq_base(args.rope_theta)
         w.add_vocab_size(args.vocab_size)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         gguf_vocab(w, tok, args)
         for name, t in state.items():
             if name == "output.weight" and args.tie_embeddings:

@@ -8,10 +8,11 @@ import shutil
 
 import torch
 
+from chat import JINJA_TEMPLATE, has_chat_tokens
 from formats import check_vocab, gpt2_files, hf_key, hf_module, imported_ckpt, layer_keys
 from model import ModelArgs
 from runtime import UsageError, atomic_dir
-from tokenizer import make_tokenizer
+from tokenizer import END_OF_TURN, make_tokenizer, normalizer_spec
 
 
 def permute_to_hf(w, n_heads):
@@ -141,17 +142,63 @@ def hf_config(args, tok, dtype_name):
             "torch_dtype": dtype_name, "dtype": dtype_name}
 
 
+def tokenizer_json(tok):
+    """A tokenizers-library tokenizer.json that encodes exactly as our SentencePiece BPE does, or None where the
+    model's normalization (e.g. nmt_nfkc) has no exact equivalent. transformers' own conversion of a
+    tokenizer.model drops or merges leading and repeated spaces (" a", "\\n    return" come out differently).
+    Merges are every split of a piece into two pieces, ranked by the merged piece's score: SentencePiece's BPE
+    always merges the best-scoring result first."""
+    sp, spec = tok.backend, normalizer_spec(tok.backend.serialized_model_proto())
+    if spec["name"] != "identity":
+        return None
+    n = sp.vocab_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    merges = sorted((-sp.get_score(i), i, vocab[p[:k]], p[:k], p[k:]) for i, p in enumerate(vocab)
+                    if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or i in tok.id_to_special)
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+    replace = lambda find, by, how="String": {"type": "Replace", "pattern": {how: find}, "content": by}  # noqa: E731
+    normalizer = []  # \A, \z: the regexes are Oniguruma's, where ^ and $ also match at line breaks
+    if spec["remove_extra_whitespaces"]:  # SentencePiece strips the ends and collapses runs of spaces (only " ")
+        normalizer = [replace(r"\A +| +\z", "", "Regex"), replace(" {2,}", " ", "Regex")]
+    normalizer += [{"type": "Prepend", "prepend": "\u2581"}] if spec["add_dummy_prefix"] else []
+    decoder = [replace("\u2581", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]
+    decoder += [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if spec["add_dummy_prefix"] else []
+    controls = [(i, sp.id_to_piece(i)) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()) if i >= 0]
+    bos = sp.id_to_piece(sp.bos_id())
+    with_bos = lambda seq, type_id: [{"SpecialToken": {"id": bos, "type_id": type_id}},  # noqa: E731
+                                     {"Sequence": {"id": seq, "type_id": type_id}}]
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}
+                             for i, s in sorted(controls + list(tok.id_to_special.items()))],
+            "normalizer": {"type": "Sequence", "normalizers": normalizer + [replace(" ", "\u2581")]},
+            "pre_tokenizer": None,
+            "post_processor": {"type": "TemplateProcessing", "single": with_bos("A", 0),
+                               "pair": with_bos("A", 0) + with_bos("B", 1),
+                               "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}}},
+            "decoder": {"type": "Sequence", "decoders": decoder},
+            "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                      "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                      "merges": [[a, b] for *_, a, b in merges]}}
+
+
 def write_hf_tokenizer(tok, folder, args):
     specials = {i: s for s, i in tok.special_ids.items()}
     added = {str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
                       "single_word": False} for i, s in specials.items()}
     if tok.kind == "sentencepiece":
         sp = tok.backend
-        shutil.copyfile(tok.path, os.path.join(folder, "tokenizer.model"))
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:  # the model itself: its file may be gone
+            f.write(sp.serialized_model_proto())
         names = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                  "unk_token": sp.id_to_piece(sp.unk_id())}
-        config = {"tokenizer_class": "LlamaTokenizer", **names, "add_bos_token": True, "add_eos_token": False,
-                  "legacy": True, "clean_up_tokenization_spaces": False}
+        fast = tokenizer_json(tok)
+        if fast is not None:  # the generic fast tokenizer takes tokenizer.json as it is
+            with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+                json.dump(fast, f, ensure_ascii=False)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer", **names,
+                  "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False}
     else:
         enc, bpe = gpt2_files(tok)
         for src, dst in ((enc, "vocab.json"), (bpe, "merges.txt"), (enc, "encoder.json"), (bpe, "vocab.bpe")):
@@ -159,6 +206,8 @@ def write_hf_tokenizer(tok, folder, args):
         names = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
         config = {"tokenizer_class": "GPT2Tokenizer", **names, "add_prefix_space": False}
     config.update(model_max_length=args.max_seq_len, added_tokens_decoder=added)
+    if has_chat_tokens(tok):
+        config["chat_template"] = JINJA_TEMPLATE
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
@@ -177,8 +226,12 @@ def export_hf(state, args, tok, folder, dtype_name="float32"):
         cfg = hf_config(args, tok, dtype_name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
+        # a chat model ends its answer with <|end_of_turn|>: generate() must stop there as generate.py --chat does
+        chat = tok is not None and has_chat_tokens(tok)
+        stops = [cfg["eos_token_id"]] + ([tok.special_ids[END_OF_TURN]] if chat else [])
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, f, indent=2)
+            json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": stops if len(stops) > 1 else stops[0]}, f,
+                      indent=2)
         if tok is not None:
             write_hf_tokenizer(tok, tmp, args)
 

@@ -230,6 +230,46 @@ class Llama2cTokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
 
+def _varint(buf, i):
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n, i, shift = n | (b & 0x7F) << shift, i + 1, shift + 7
+        if b < 0x80:
+            return n, i
+
+
+def _proto_fields(buf):
+    """(field number, value) of a serialized protobuf message: varints as ints, everything else as bytes."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        else:
+            n = {1: 8, 5: 4}[wire]
+            v, i = buf[i:i + n], i + n
+        yield key >> 3, v
+
+
+def normalizer_spec(model_proto):
+    """What a SentencePiece model does to text before BPE (its NormalizerSpec, ModelProto field 3): the rule
+    name, whether it adds a dummy-prefix space, whether it collapses runs of spaces and strips the ends."""
+    spec = {"name": "nmt_nfkc", "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    for field, value in _proto_fields(model_proto):
+        if field == 3:
+            for f, v in _proto_fields(value):
+                if f == 1:
+                    spec["name"] = v.decode()
+                elif f in (3, 4):
+                    spec[{3: "add_dummy_prefix", 4: "remove_extra_whitespaces"}[f]] = bool(v)
+    return spec
+
+
 def append_user_pieces(model_proto, pieces):
     """A serialized SentencePiece model with `pieces` appended as USER_DEFINED pieces (score 0): the ids after
     every trained piece. Trained vocabularies get the chat specials this way, not through SentencePiece's

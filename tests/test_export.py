@@ -220,6 +220,7 @@ def test_hf_export_loads_in_transformers_and_matches(tmp_path, tie, n_kv):
     umask = current_umask()  # exported like any new folder and file, not mkdtemp's private 0700
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "hf" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     x = torch.randint(0, 96, (2, 24))
