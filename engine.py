@@ -273,7 +273,7 @@ class Engine:
         before temperature or top-k/top-p, as OpenAI's API reports it."""
         logp = F.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
-        top = logp.topk(n, dim=-1) if n else None
+        top = logp.topk(min(n, logp.shape[-1]), dim=-1) if n else None  # a toy vocab may hold fewer than n
         alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if n else [[]] * len(chosen)
         return list(zip(chosen, alts))
 

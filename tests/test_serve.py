@@ -150,6 +150,18 @@ def test_stop_strings_cut_the_text_streamed_or_not(client):
     assert chunks[-1].usage.completion_tokens == cut.usage.completion_tokens > 0
 
 
+def test_a_seeded_request_samples_the_same_text_alone_and_among_others(client):
+    ask = lambda seed: client.completions.create(model="tiny", prompt="def loads(s):", max_tokens=30,  # noqa: E731
+                                                 temperature=1.0, top_p=0.95, seed=seed).choices[0].text
+    alone, crowd = ask(7), {}
+    threads = [threading.Thread(target=lambda s=s: crowd.__setitem__(s, ask(s))) for s in (1, 7, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert crowd[7] == alone and len(set(crowd.values())) == 4  # its own generator: the others do not matter
+
+
 def test_chat_follows_the_template_and_stops_at_the_end_of_turn(served, client):
     from chat import chat_ids, render_chat
     _, model, tok = served
