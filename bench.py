@@ -35,7 +35,7 @@ import weakref
 sizes = "tiny"                      # comma-separated names from SIZES below
 optimizers = "adamw"                # comma-separated: adamw, sgd
 compile = (False,)                  # torch.compile the model: each value is one setting of the sweep
-activation_checkpointing = (False,)
+activation_checkpointing = (False,)  # recompute blocks in backward: a sweep of True/False values
 checkpoint_blocks = (0,)            # with activation_checkpointing: recompute only the first N blocks (0 = all)
 optimizer_in_backward = (False,)    # runs with True use grad_clip=0 (global-norm clipping cannot be done then)
 loss_chunk_size = 0                 # train.py's loss_chunk_size for every run (0 = full logits)
@@ -56,7 +56,7 @@ llama2c_dir = ""                    # a llama2.c checkout: also time its own tra
 find_max = False                    # search LADDER for the largest size that trains under memory_cap_gb
 device = "auto"                     # 'auto', 'cpu', 'cuda'
 dtype = "auto"                      # as train.py: bf16 on CUDA, fp32 on CPU
-out_json = "bench.json"
+out_json = "bench.json"              # every result as JSON, written here
 # -----------------------------------------------------------------------------
 # name: architecture plus the default batch and context. Vocab 32000 is Llama 2's SentencePiece vocab;
 # 15M/42M/110M are llama2.c's stories models; embeddings are tied, as in llama2.c.

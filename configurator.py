@@ -13,7 +13,7 @@ import difflib
 import os
 import sys
 
-from runtime import UsageError
+from runtime import HelpRequested, UsageError
 
 
 def config_keys(namespace):
@@ -58,12 +58,15 @@ def parse_value(text):
         return text  # a bare word such as --device=cuda is a string
 
 
-def configure(namespace, argv, explicit=None):
+def configure(namespace, argv, explicit=None, only=None):
     """Override namespace's config globals from a config file and --key=value flags in argv.
     Returns the dict of config keys and their final values (saved into checkpoints). If given, the set
-    `explicit` receives the keys the file or the flags set (train.py's resume keeps the others)."""
+    `explicit` receives the keys the file or the flags set (train.py's resume keeps the others).
+    -h/--help raises HelpRequested with the settings (those in `only`, if given) and their meanings."""
     keys = config_keys(namespace)
     explicit = set() if explicit is None else explicit
+    if "-h" in argv or "--help" in argv:
+        raise HelpRequested(help_text(namespace, only))
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
@@ -106,10 +109,24 @@ def require(config, positive=(), non_negative=(), fraction=()):
                 raise UsageError(f"{k}={config[k]!r} must be {what}")
 
 
-def print_config(config, file=sys.stdout):
-    width = max(len(k) for k in config) if config else 0
-    for k, v in config.items():
+def print_config(config, file=sys.stdout, only=None):
+    """The settings a run uses (`only`: those that matter to a subcommand), one per line."""
+    shown = {k: v for k, v in config.items() if only is None or k in only}
+    width = max(len(k) for k in shown) if shown else 0
+    for k, v in shown.items():
         print(f"  {k:<{width}} = {v!r}", file=file)
+
+
+def help_text(namespace, only=None):
+    """The script's docstring, then each setting with its default and the comment that defines it."""
+    path = namespace.get("__file__")
+    settings = script_settings(path) if path else {k: (namespace[k], "") for k in config_keys(namespace)}
+    shown = {k: d for k, d in settings.items() if only is None or k in only}
+    width = max(len(f"{k}={v!r}") for k, (v, _) in shown.items()) if shown else 0
+    lines = [(namespace.get("__doc__") or "").strip(), "", "settings (defaults; override with a config.py file, "
+             "then --key=value):"]
+    lines += [f"  --{f'{k}={v!r}':<{width}}  {meaning}" for k, (v, meaning) in shown.items()]
+    return "\n".join(lines)
 
 
 def script_settings(path):
@@ -126,7 +143,9 @@ def script_settings(path):
             alone = tok.line[:tok.start[1]].strip() == "" and tok.start[1] > 0
             comments[tok.start[0]] = (alone, tok.string.lstrip("#").strip())
     out = {}
-    for node in ast.parse(source).body:
+    for node in ast.parse(source).body:  # the settings block ends at the first function or configure() call
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) or "configure(" in ast.get_source_segment(source, node):
+            break
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         key = node.targets[0].id

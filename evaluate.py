@@ -26,7 +26,7 @@ dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 oth
 json_out = ""                   # also write the results to this JSON file
 # loss
 data_root = "data"              # pretokenized datasets live in data_root/dataset (tokenize_data.py pretokenize)
-dataset = "demo"
+dataset = "demo"                # the dataset folder under data_root (loss, classify)
 split = "val"                   # any split in the dataset's meta.json
 max_tokens = 0                  # score only the first this-many tokens of the split; 0 = the whole split
 block_size = 0                  # window length; 0 = the model's context (max_seq_len)
@@ -352,11 +352,19 @@ def classify():
 
 COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": classify}
 
+# the settings each subcommand reads: --help shows these only
+MODEL = "checkpoint adapter tokenizer device dtype json_out "
+USES = {"loss": MODEL + "data_root dataset split max_tokens block_size batch_size",
+        "hellaswag": MODEL + "hellaswag_file max_items", "classify": MODEL + "data_root dataset split max_items",
+        "plot": "runs out logx json_out"}
+
 if __name__ == "__main__":
     handle_errors()
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        configure(globals(), ["--help"])
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; "
                          f"e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
-    config = configure(globals(), sys.argv[2:])
+    config = configure(globals(), sys.argv[2:], only=USES[sys.argv[1]].split())
     require(config, positive=("batch_size",), non_negative=("max_tokens", "block_size", "max_items"))
     report(COMMANDS[sys.argv[1]]())

@@ -12,7 +12,7 @@ max_new_tokens = 256            # stop after this many new tokens (or at end of 
 temperature = 0.8               # 0 = greedy (argmax); higher = more random
 top_k = 200                     # sample only from the k most likely tokens; 0 disables
 top_p = 1.0                     # nucleus sampling: the smallest set of tokens with this much probability; 1.0 disables
-seed = 1337
+seed = 1337                     # seeds sampling (greedy ignores it)
 device = "auto"                 # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, fp32 otherwise), 'float32', 'bfloat16', ...
 tokenizer = ""                  # instead of the checkpoint's: a SentencePiece .model, 'gpt2', or a llama2.c .bin

@@ -21,6 +21,10 @@ class UsageError(Exception):
     """Bad input, settings or files. The message names the problem and the fix, in one line."""
 
 
+class HelpRequested(Exception):
+    """--help: the script's settings, printed by the handler, which then exits with status 0."""
+
+
 def _one_line(exc):
     """The `error: ...` line for an exception that escaped a script, or None for a real bug."""
     if isinstance(exc, UsageError):
@@ -54,6 +58,12 @@ def handle_errors():
 
     def hook(kind, exc, tb):
         quiet = int(os.environ.get("RANK", "0")) != 0
+        if issubclass(kind, HelpRequested):
+            try:
+                print(exc, flush=True)
+            except BrokenPipeError:  # `--help | head`
+                pass
+            os._exit(0)
         if issubclass(kind, KeyboardInterrupt):
             # quietly, and as the status a shell gives a process stopped by Ctrl-C; the `with` blocks that
             # write files have already removed their temporary files while the exception unwound

@@ -322,15 +322,26 @@ def classify():
                   "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
 
 
+# the settings each subcommand reads: --help and the printed config show these only
+USES = {"download": "data_root dataset source hf_config hf_split text_field txt_split max_docs stdlib_max_bytes",
+        "train_vocab": "data_root dataset source vocab_size vocab_max_bytes seed",
+        "pretokenize": "data_root dataset source vocab_size tokenizer chat_specials val_fraction seed dtype num_workers",
+        "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding show",
+        "classify": "data_root dataset source tokenizer vocab_size text_field label_field label_names max_docs "
+                    "val_fraction seed dtype encoding show"}
+
 if __name__ == "__main__":
     handle_errors()
+    from configurator import configure, print_config, require
     commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft,
                 "classify": classify}
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        configure(globals(), ["--help"])
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise UsageError(f"give a subcommand, one of {', '.join(commands)}; "
                          f"e.g. python tokenize_data.py download --source=stdlib")
-    from configurator import configure, print_config, require
-    print_config(configure(globals(), sys.argv[2:]))
+    uses = USES[sys.argv[1]].split()
+    print_config(configure(globals(), sys.argv[2:], only=uses), only=uses)
     require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes"),
             non_negative=("num_workers", "show"), fraction=("val_fraction",))
     lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder

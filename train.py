@@ -26,24 +26,24 @@ nonfinite = "stop"              # a nan/inf loss: 'stop' (error; the last good c
                                 # (checks every step: one host-device sync per step)
 stop_at_iter = 0                # >0: stop after this iteration as a stop signal would (save, exit); resume later
 progress = True                 # tqdm progress bar; off for plain log lines
-seed = 1337
+seed = 1337                     # seeds init, dropout, the data sampler and the evaluation batches
 # data
 data_root = "data"              # where datasets live: data_root/dataset/{train,val}.bin + meta.json
-dataset = "demo"
+dataset = "demo"                # the dataset folder under data_root
 batch_size = 16                 # sequences per micro-batch
 block_size = 256                # sequence length trained on (also the model's context, max_seq_len)
 gradient_accumulation_steps = 1 # micro-batches per optimizer step on each process (DDP multiplies the tokens)
 # model
-dim = 288
-n_layers = 6
-n_heads = 6
+dim = 288                       # model width (embedding size)
+n_layers = 6                    # transformer blocks
+n_heads = 6                     # attention heads
 n_kv_heads = 0                  # 0 = same as n_heads; fewer gives grouped-query attention
-multiple_of = 32
+multiple_of = 32                # SwiGLU hidden size is rounded up to a multiple of this
 hidden_dim = 0                  # 0 = Llama's 8/3*dim rule rounded to multiple_of
-dropout = 0.0
-tie_embeddings = True
-norm_eps = 1e-5
-rope_theta = 10000.0
+dropout = 0.0                   # dropout on embeddings, attention and residual branches
+tie_embeddings = True           # share the token embedding with the output head (llama2.c does)
+norm_eps = 1e-5                 # RMSNorm epsilon
+rope_theta = 10000.0            # rotary embedding base
 # optimizer
 optimizer = "adamw"             # 'adamw' or 'sgd' (momentum; half AdamW's state memory)
 learning_rate = 5e-4            # peak learning rate
@@ -55,10 +55,10 @@ nesterov = True                 # SGD
 grad_clip = 1.0                 # clip the global grad norm to this; 0 disables
 # learning-rate schedule
 lr_schedule = "cosine"          # 'cosine' (warmup then cosine to min_lr), 'constant' (warmup then flat), 'onecycle'
-max_iters = 2000
-warmup_iters = 100
+max_iters = 2000                # optimizer steps of the whole run
+warmup_iters = 100              # linear warmup steps
 lr_decay_iters = 0              # cosine reaches min_lr here; 0 = max_iters
-min_lr = 5e-5
+min_lr = 5e-5                   # floor of the cosine and one-cycle schedules
 # system
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU),

@@ -68,3 +68,23 @@ IMPOSSIBLE = [
 def test_impossible_values_stop_before_any_work(tmp_path, script, flags, fragment):
     one_line_error(run_script(script, *flags, cwd=tmp_path, check=False), fragment)
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_its_meaning_and_exits_0(tmp_path, script):
+    verb = SUBCOMMAND.get(script, [])
+    for flag in ("--help", "-h"):  # -h is not a config file name
+        proc = run_script(script, *verb, flag, cwd=tmp_path)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = {line.split("=")[0].strip(): line for line in proc.stdout.splitlines() if line.startswith("  --")}
+    shown = {k[2:] for k in lines}
+    for key, (_, meaning) in settings(script).items():
+        assert meaning, f"{script}: setting {key} has no comment saying what it means"
+        if not verb:  # subcommands show only the settings they read
+            assert key in shown and meaning in lines[f"--{key}"], key
+
+
+def test_readme_documents_every_setting_of_every_script():
+    readme = (REPO / "README.md").read_text()
+    missing = {s: [k for k in settings(s) if f"`{k}`" not in readme and f"`{k}=" not in readme] for s in SCRIPTS}
+    assert not {s: m for s, m in missing.items() if m}, missing
