@@ -325,8 +325,10 @@ def classify():
 # the settings each subcommand reads: --help and the printed config show these only
 USES = {"download": "data_root dataset source hf_config hf_split text_field txt_split max_docs stdlib_max_bytes",
         "train_vocab": "data_root dataset source vocab_size vocab_max_bytes seed",
-        "pretokenize": "data_root dataset source vocab_size tokenizer chat_specials val_fraction seed dtype num_workers",
-        "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding show",
+        "pretokenize": "data_root dataset source vocab_size tokenizer chat_specials val_fraction seed dtype "
+                       "num_workers",
+        "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding "
+               "show",
         "classify": "data_root dataset source tokenizer vocab_size text_field label_field label_names max_docs "
                     "val_fraction seed dtype encoding show"}
 
