@@ -83,10 +83,11 @@ def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
 
 
 def test_ddp_two_cpu_processes(tmp_path, data):
+    """The README command with a short run: torchrun, 2 CPU processes, the default accumulation (per process)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
            f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'ddp'}", *TINY,
-           "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=1", "--device=cpu", "--log_interval=1"]
+           "--max_iters=6", "--eval_interval=3", "--device=cpu", "--log_interval=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -149,3 +150,35 @@ def test_error_tokenizer_mismatch(tmp_path, data):
                  tokenizer={"kind": "tiktoken", "path": None, "special_tokens": [], "vocab_size": 64, "bos_id": 1, "eos_id": 2})
     proc = train(tmp_path, f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", dataset="other", check=False)
     expect_error(proc, "tokenizer mismatch")
+
+
+def test_plain_log_lines_without_a_terminal_and_resume_notes(tmp_path, data):
+    """progress=True (the default) with stdout a pipe, as under nohup or CI: the per-interval lines are printed.
+    Resuming says from where, and warns when the schedule changed or warmup outlasts the run."""
+    flags = [f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'out'}", "--dim=32",
+             "--n_layers=2", "--n_heads=4", "--batch_size=4", "--block_size=32", "--eval_iters=2", "--log_interval=2"]
+    proc = run_script("train.py", *flags, "--max_iters=4", "--eval_interval=4")
+    assert "iter 2: loss" in proc.stdout and "iter 4: loss" in proc.stdout
+    proc = run_script("train.py", *flags[2:3], "--init_from=resume", "--max_iters=6", "--warmup_iters=10")
+    assert f"resuming {tmp_path / 'out' / 'ckpt.pt'} from iter 4 of 6" in proc.stdout
+    assert "warning: max_iters changed from 4 to 6" in proc.stdout and "warmup_iters=10 is past max_iters=6" in proc.stdout
+    assert read_metrics(tmp_path / "out", "train")[-1]["iter"] == 6  # and the rest of the settings came back
+    proc = run_script("train.py", *flags[2:3], "--init_from=resume", "--dim=64", check=False)
+    expect_error(proc, "dim=64 but", "was trained with dim=32", "--init_from=")
+    proc = run_script("train.py", *flags[2:3], "--init_from=resume", "--optimizer=sgd", check=False)
+    expect_error(proc, "optimizer='sgd' but", "optimizer='adamw'")
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="trains the demo model in 2 processes (~3 min on 2 "
+                    "cores); set LLAMAFORGE_SLOW=1")
+def test_the_readme_ddp_command_as_written(tmp_path):
+    """`torchrun --standalone --nproc_per_node=2 train.py config/demo.py` on the demo data, word for word."""
+    for cmd in (["download", "--source=stdlib"], ["train_vocab", "--dataset=demo", "--vocab_size=512"],
+                ["pretokenize", "--dataset=demo", "--vocab_size=512"]):
+        run_script("tokenize_data.py", *cmd, cwd=tmp_path, timeout=600)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+                           str(REPO / "config" / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "out" / "demo", "eval")[-1]["iter"] == 300
