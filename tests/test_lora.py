@@ -106,3 +106,30 @@ def test_lora_errors(env):
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: lora_rank > 0 adapts")
     proc = train(root, f"--init_from={base}", "--lora_rank=4", "--lora_targets=('nope',)", "--out_dir=e2", check=False)
     assert "match no linear layer" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_peft_export_command_loads_in_peft_with_our_logits(env, tmp_path):
+    """export.py --format=peft: the adapter alone, on the Hugging Face export of its base, as PEFT loads it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    root, base, other = env
+    train(root, f"--init_from={base}", "--lora_rank=4", "--max_iters=6", "--eval_interval=6", "--learning_rate=3e-2",
+          "--warmup_iters=0", "--lora_targets=('wq','wk','w2')", f"--out_dir={tmp_path / 'ad'}")
+    ad = tmp_path / "ad" / "ckpt.pt"
+    run_script("export.py", f"--checkpoint={base}", "--format=hf", f"--out={tmp_path / 'hf'}", cwd=root)
+    run_script("export.py", f"--checkpoint={tmp_path / 'hf'}", f"--adapter={ad}", "--format=peft",
+               f"--out={tmp_path / 'peft'}", cwd=root)
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                        tmp_path / "peft").eval()
+    from checkpoint import load_with_adapter
+    ours = load_with_adapter(str(base), str(ad))[0]
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert (hf(input_ids=x).logits - ours(x, x)[0]).abs().max().item() < 1e-4
+    export_other = run_script("export.py", f"--checkpoint={tmp_path / 'hf'}", f"--adapter={ad}", "--format=peft",
+                              f"--out={tmp_path / 'x'}", cwd=root, check=False)
+    assert export_other.returncode == 0  # the HF export is the same weights: accepted
+    run_script("export.py", f"--checkpoint={other}", "--format=hf", f"--out={tmp_path / 'hf_other'}", cwd=root)
+    proc = run_script("export.py", f"--checkpoint={tmp_path / 'hf_other'}", f"--adapter={ad}", "--format=peft",
+                      f"--out={tmp_path / 'y'}", cwd=root, check=False)
+    assert proc.returncode != 0 and "different base model" in proc.stderr.strip().splitlines()[-1]
