@@ -24,6 +24,13 @@ from runtime import UsageError
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it overflows to inf and NaN probabilities
 
 
+def end_ids(tok):
+    """The ids that end a document: EOS, and BOS too. llama2.c's data separates documents by BOS alone (its models
+    end a story by starting the next one, where run.c stops), ours starts every document with BOS: either way a
+    BOS in generated text is the start of another document, never part of this one."""
+    return sorted({tok.eos_id, tok.bos_id} - {None})
+
+
 class StopText:
     """Cuts generated text at the first of some stop strings. Text whose end could still grow into a stop string
     is held back until the next piece rules that out, so nothing of a stop string is ever shown."""
@@ -326,7 +333,7 @@ def complete(model, tok, prompt, max_new_tokens, temperature=0.8, top_k=None, to
     EOS). The prompt is encoded with BOS and cut from the left to leave room for at least one new token; the
     answer is decoded in context, so its first space survives."""
     ids = tok.encode(prompt, bos=True)[-(model.args.max_seq_len - 1):]
-    stops = [tok.eos_id] if stop_ids is None else list(stop_ids)
+    stops = end_ids(tok) if stop_ids is None else list(stop_ids)
     req = Request(ids, max_new_tokens, temperature, top_k, top_p, generator=generator, stop_ids=stops)
     Engine(model, tok, max_batch=1).run([req])
     return req.text

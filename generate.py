@@ -25,13 +25,14 @@ compile = False                 # compile the per-token decode step (CUDA graphs
 from runtime import handle_errors  # noqa: E402
 handle_errors()
 from configurator import configure  # noqa: E402
-configure(globals(), sys.argv[1:])
+explicit = set()  # the settings this command line gives: chat fits an unset reply length to the context
+configure(globals(), sys.argv[1:], explicit)
 # -----------------------------------------------------------------------------
 
 import torch  # noqa: E402
 
 from checkpoint import load_any, tokenizer_for  # noqa: E402
-from engine import Engine, Request  # noqa: E402
+from engine import Engine, Request, end_ids  # noqa: E402
 from model import check_sampling  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
 
@@ -75,7 +76,7 @@ def main():
     for i in range(num_samples):
         if stream:
             sys.stdout.write(tok.decode(ids))
-        req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=[tok.eos_id],
+        req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=end_ids(tok),
                       on_text=write if stream else None)
         with ctx:
             engine.run([req])
@@ -97,14 +98,18 @@ def chat_reply(engine, history, gen, ctx):
     from chat import chat_ids, render_chat
     model, tok = engine.model, engine.tok
     eot = chat_ids(tok)[2]
+    # unless set, a reply may take a quarter of the context: the default 256 would leave a 128-token model no
+    # room for any earlier turn, and every new message would start the conversation over
+    context = model.args.max_seq_len
+    reply = max_new_tokens if "max_new_tokens" in explicit else min(max_new_tokens, max(16, context // 4))
     ids = render_chat(tok, history, add_generation_prompt=True)[0]
-    while len(ids) + max_new_tokens > model.args.max_seq_len and len(history) > 1:
+    while len(ids) + reply > model.args.max_seq_len and len(history) > 1:
         del history[:2]
         ids = render_chat(tok, history, add_generation_prompt=True)[0]
         print(f"(dropped the oldest turn to fit the {model.args.max_seq_len}-token context)", file=sys.stderr)
     check(len(ids) < model.args.max_seq_len,
           f"the message is {len(ids)} tokens but the model's context is {model.args.max_seq_len}; shorten it")
-    req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=[eot],
+    req = Request(ids, reply, temperature, top_k or None, top_p, generator=gen, stop_ids=[eot, *end_ids(tok)],
                   on_text=write if stream else None)  # streams the answer only, not the rendered prompt
     with ctx:
         engine.run([req])
@@ -123,7 +128,13 @@ def chat_main(engine, gen, ctx):
                 sys.stdout.write("---------------\n")
         return
     history = []
-    for line in sys.stdin:  # one user message per line; EOF ends the chat
+    while True:  # one user message per line; EOF (Ctrl-D) ends the chat
+        sys.stderr.write("> ")  # the input marker, on stderr: stdout holds the conversation's answers only
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            sys.stderr.write("\n")
+            return
         if line.strip():
             history.append({"role": "user", "content": line.strip()})
             history.append({"role": "assistant", "content": chat_reply(engine, history, gen, ctx)})

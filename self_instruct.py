@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 from rapidfuzz.distance import LCSseq  # noqa: E402
 from rapidfuzz.process import cdist  # noqa: E402
 
+from engine import end_ids  # noqa: E402
 from runtime import UsageError, check, device_and_dtype  # noqa: E402
 
 INPUT, OUTPUT = re.compile(r"Input\s*\d*\s*:"), re.compile(r"Output\s*\d*\s*:")
@@ -326,44 +327,33 @@ def api_completer():
 
 
 def local_completer():
-    """One of our checkpoints, a prompt at a time (model.generate has no padding, so prompts of different lengths
-    cannot share a batch). A vocab with the chat tokens gets chat.py's template, unless prompt_style says plain."""
+    """One of our checkpoints, through the generation engine: a call's prompts decode together, each ends at its
+    stop ids and strings. A vocab with the chat tokens gets chat.py's template, unless prompt_style says plain."""
     import torch
     from chat import chat_ids, render_chat
     from checkpoint import load_any, tokenizer_for
+    from engine import Engine, Request
     from runtime import autocast
     from tokenizer import SPECIAL_TOKENS
-
-    class StopGeneration(Exception):
-        """Raised from model.generate's on_token hook to end a reply at a stop string: generate has no stop hook."""
     dev, dev_type, dt = device_and_dtype(device, dtype)
     model, ckpt = load_any(checkpoint, adapter, dev)
     tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
     chat = prompt_style == "chat" or (prompt_style == "auto" and all(s in tok.special_ids for s in SPECIAL_TOKENS))
-    stop_ids = {tok.eos_id, chat_ids(tok)[2]} if chat else {tok.eos_id}
-    gen, ctx = torch.Generator(device=dev).manual_seed(seed), autocast(dev_type, dt)
+    stop_ids = set(end_ids(tok)) | ({chat_ids(tok)[2]} if chat else set())
+    gen, engine = torch.Generator().manual_seed(seed), Engine(model, tok, max_batch=8, autocast=autocast(dev_type, dt))
     print(f"generating with {checkpoint} ({'chat template' if chat else 'plain completion'})")
 
-    def one(prompt, max_new, temp, p, stop):
-        ids = render_chat(tok, [{"role": "user", "content": prompt}], True)[0] if chat else tok.encode(prompt, bos=True)
-        check(len(ids) < model.args.max_seq_len, f"a prompt of {len(ids)} tokens does not fit the model's context of "
-              f"{model.args.max_seq_len}; lower num_prompt_instructions or domain_max_chars, or use a longer context")
-        decoder, text = tok.stream(ids[-1]), [""]
-
-        def on_token(t):
-            text[0] += "" if int(t[0]) in stop_ids else decoder.add(int(t[0]))
-            if int(t[0]) in stop_ids or any(s in text[0] for s in stop):
-                raise StopGeneration
-        try:
-            with ctx, torch.no_grad():
-                model.generate(torch.tensor([ids], device=dev), max_new, temperature=temp, top_p=p, generator=gen,
-                               on_token=on_token)
-            finish = "length"
-        except StopGeneration:
-            finish = "stop"
-        cut = min([text[0].find(s) for s in stop if s in text[0]], default=len(text[0]))  # a stop is not returned
-        return text[0][:cut], finish
-    return lambda prompts, *args: [one(p, *args) for p in prompts]
+    def complete(prompts, max_new, temp, p, stop):
+        reqs = []
+        for prompt in prompts:
+            ids = render_chat(tok, [{"role": "user", "content": prompt}], True)[0] if chat else \
+                tok.encode(prompt, bos=True)
+            check(len(ids) < model.args.max_seq_len, f"a prompt of {len(ids)} tokens does not fit the model's context "
+                  f"of {model.args.max_seq_len}; lower num_prompt_instructions or domain_max_chars, or use a longer one")
+            reqs.append(Request(ids, max_new, temp, None, p, seed=int(torch.randint(2**62, (), generator=gen)),
+                                stop_ids=stop_ids, stop=stop))  # a seed each: the same text alone or in a batch
+        return [(r.text, r.finish_reason) for r in engine.run(reqs)]
+    return complete
 
 
 # ---- the loop -------------------------------------------------------------------------------------------

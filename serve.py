@@ -52,7 +52,7 @@ from starlette.routing import Route  # noqa: E402
 
 from chat import chat_ids, render_chat  # noqa: E402
 from checkpoint import load_any, tokenizer_for  # noqa: E402
-from engine import Engine, Request  # noqa: E402
+from engine import Engine, Request, end_ids  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
 
 S = SimpleNamespace(engine=None, tok=None, name="", context=0, specials={}, error=None)  # filled by load()
@@ -288,7 +288,7 @@ async def completions(request):
     prompts = prompt_list(body)
     encoded = [with_bos(S.tok.encode(p) if isinstance(p, str) else p) for p in prompts]
     texts = [p if isinstance(p, str) else S.tok.decode(p) for p in prompts] if echo else [""] * len(prompts)
-    reqs = [Request(ids, stop_ids=[S.tok.eos_id], logprobs=n, prompt_logprobs=echo and n is not None, **settings)
+    reqs = [Request(ids, stop_ids=end_ids(S.tok), logprobs=n, prompt_logprobs=echo and n is not None, **settings)
             for ids, _ in encoded]
 
     def chunk(i, text, finish):
@@ -323,7 +323,7 @@ async def chat_completions(request):
         raise ApiError(400, "chat log-probs are not supported; /v1/completions returns them (logprobs, echo)",
                        code="unsupported_value", param="logprobs")
     ids = render_chat(S.tok, messages, add_generation_prompt=True)[0]
-    r = Request(ids, stop_ids=[chat_ids(S.tok)[2], S.tok.eos_id], **settings)
+    r = Request(ids, stop_ids=[chat_ids(S.tok)[2], *end_ids(S.tok)], **settings)
 
     def chunk(i, text, finish):
         return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": None,

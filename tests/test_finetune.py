@@ -162,6 +162,10 @@ def test_sft_training_and_chat_generation_stop_at_end_of_turn(env):
     long = "the cat sat on the mat and the dog ran\n" * 4  # 4 turns overflow the 64-token context
     proc = chat_stdin(root, long, "--max_new_tokens=10")
     assert proc.stdout.splitlines() == ["good dog"] * 4 and "dropped the oldest turn" in proc.stderr
+    # the default max_new_tokens (256) must not crowd earlier turns out of a 64-token context: unless given, a reply
+    # may take a quarter of it; the input marker goes to stderr, before each message and at the end of input
+    proc = chat_stdin(root, "the ball\nthe dog\n")
+    assert proc.stdout.splitlines() == ["good dog"] * 2 and "dropped" not in proc.stderr and proc.stderr.count("> ") == 3
 
 
 def chat_stdin(root, text, *args):

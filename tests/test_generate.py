@@ -1,5 +1,8 @@
 """The whole workflow through the CLIs, as a user runs it: download -> train_vocab -> pretokenize ->
 train -> generate; then generate.py's options and its one-line errors."""
+import os
+import subprocess
+
 import pytest
 
 from conftest import one_line_error, run_script
@@ -68,3 +71,24 @@ def test_generate_runs_a_llama2c_model_with_its_bin_tokenizer(tmp_path):
                      "--max_new_tokens=40", cwd=tmp_path)
     assert out.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside")
     one_line_error(run_script("generate.py", f"--checkpoint={model}", cwd=tmp_path, check=False), "no tokenizer")
+
+
+def test_a_llama2c_model_stops_where_its_story_ends_as_run_c_does(tmp_path):
+    """llama2.c models separate documents by BOS alone: stories260K ends its greedy story by starting the next
+    one (BOS at position 346), where run.c stops. generate.py stops there too instead of gluing on a second story."""
+    from conftest import shared
+    model, tok = shared("stories260K", "stories260K.bin"), shared("stories260K", "tok512.bin")
+    out = run_script("generate.py", f"--checkpoint={model}", f"--tokenizer={tok}", "--temperature=0",
+                     "--max_new_tokens=500", cwd=tmp_path).stdout
+    import torch
+    from checkpoint import load_model
+    from tokenizer import Llama2cTokenizer
+    m, _ = load_model(str(model))
+    ids = m.generate(torch.tensor([[1]]), 500, temperature=0)[0].tolist()
+    end = ids.index(1, 1)  # the next document's BOS
+    assert out == Llama2cTokenizer(str(tok)).decode(ids[:end]) + "\n" and end == 346
+    assert out.count("Once upon a time") == 1
+    if os.environ.get("LLAMA2C_RUN"):  # run.c prints the same story and stops at the same place
+        r = subprocess.run([os.environ["LLAMA2C_RUN"], str(model), "-z", str(tok), "-t", "0", "-n", "500"],
+                           capture_output=True, text=True)
+        assert r.stdout == out

@@ -476,7 +476,8 @@ def test_local_replies_are_model_generate_cut_at_the_stop(tiny, monkeypatch, sty
     ids = render_chat(tok, [{"role": "user", "content": prompt}], True)[0] if style == "chat" else \
         tok.encode(prompt, bos=True)
     new = model.generate(torch.tensor([ids]), 30, temperature=0.0)[0, len(ids):].tolist()
-    stops = [i for i in new if i in (tok.eos_id, tok.special_ids["<|end_of_turn|>"] if style == "chat" else -1)]
+    ends = (tok.eos_id, tok.bos_id, tok.special_ids["<|end_of_turn|>"] if style == "chat" else -1)  # BOS: a new doc
+    stops = [i for i in new if i in ends]
     new = new[:new.index(stops[0])] if stops else new
     text = tok.decode(ids + new)[len(tok.decode(ids)):]
     assert len(text) > 12
