@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from model import IGNORE_INDEX, KVCache, check_sampling, sample_next
+from model import IGNORE_INDEX, KVCache, check_sampling, continuation_logprobs, sample_next
 from runtime import UsageError
 
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it overflows to inf and NaN probabilities
@@ -337,3 +337,18 @@ def complete(model, tok, prompt, max_new_tokens, temperature=0.8, top_k=None, to
     req = Request(ids, max_new_tokens, temperature, top_k, top_p, generator=generator, stop_ids=stops)
     Engine(model, tok, max_batch=1).run([req])
     return req.text
+
+
+@torch.no_grad()
+def predict_labels(model, tok, texts, labels):
+    """The label a classifier gives each text, constrained to the label set: every label's answer (its tokens and
+    <|end_of_turn|>, rendered exactly as training rendered it) is scored by its summed log-prob after chat.py's
+    classification prompt, and the best one wins, so the model can only ever answer with a label."""
+    from chat import classification_messages, render_chat
+    out = []
+    for text in texts:
+        prompt = render_chat(tok, classification_messages(text, labels), add_generation_prompt=True)[0]
+        answers = [render_chat(tok, classification_messages(text, labels, lab))[0][len(prompt):] for lab in labels]
+        scores = continuation_logprobs(model, prompt, answers)
+        out.append(labels[max(range(len(labels)), key=lambda i: scores[i][0])])
+    return out

@@ -43,11 +43,11 @@ logx = False                    # log-scale the tokens axis (shows early trainin
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from chat import classification_messages, render_chat  # noqa: E402
 from checkpoint import check_tokenizers, load_any, tokenizer_for  # noqa: E402
 from configurator import configure, require  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
-from model import IGNORE_INDEX, loss_metrics, score_batch, token_logprobs  # noqa: E402
+from engine import predict_labels  # noqa: E402
+from model import continuation_logprobs, loss_metrics, score_batch  # noqa: E402
 from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
 from sources import jsonl  # noqa: E402
 
@@ -112,34 +112,6 @@ def loss():
 
 # ---- scoring continuations: HellaSwag here, classification later ------------------------------
 
-@torch.no_grad()
-def score_continuations(model, context_ids, continuation_ids_list, device="cpu", ctx=nullcontext()):
-    """[(sum of log p(continuation tokens | context), number of continuation tokens)] for each
-    continuation, all in one batch. When context + continuation exceeds the model's context, the
-    context loses tokens from its left (the end, nearest the continuation, matters most); a
-    continuation longer than the whole context keeps only its first max_seq_len tokens."""
-    L = model.args.max_seq_len
-    conts = [list(c)[:L] for c in continuation_ids_list]
-    if any(len(c) == 0 for c in conts):
-        raise ValueError("an empty continuation has no tokens to score")
-    keep = max(1, L + 1 - max(len(c) for c in conts))  # the last token is only a target, never an input
-    context_ids = list(context_ids)[-keep:]
-    if not context_ids:
-        raise ValueError("the context must hold at least one token (e.g. BOS) to predict the first continuation token")
-    rows = [context_ids + c for c in conts]
-    T = max(len(r) for r in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal attention never looks at it
-    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (r, c) in enumerate(zip(rows, conts)):
-        x[i, :len(r) - 1] = torch.tensor(r[:-1])
-        y[i, len(context_ids) - 1:len(r) - 1] = torch.tensor(c)  # targets only where a continuation token is predicted
-    x, y = x.to(device), y.to(device)
-    with ctx:
-        logits, _ = model(x, y, reduction="sum")
-    logp = token_logprobs(logits, y).double()
-    return [(float(s), len(c)) for s, c in zip(logp.sum(-1).tolist(), conts)]
-
-
 def clean_hellaswag(text):
     """The cleaning the harnesses apply to the official file (WikiHow items carry [header], [title],
     [step] markup); the preprocessed variant is already clean and passes through unchanged."""
@@ -192,7 +164,8 @@ def hellaswag_scores(model, tok, items, device="cpu", ctx=nullcontext(), log_eve
     for k, item in enumerate(items, 1):
         ctx_ids, cont_ids = encode_item(tok, item["ctx"], item["endings"])
         truncated += len(ctx_ids) + max(len(c) for c in cont_ids) - 1 > model.args.max_seq_len
-        scores = score_continuations(model, ctx_ids, cont_ids, device, ctx)
+        with ctx:
+            scores = continuation_logprobs(model, ctx_ids, cont_ids)
         logp = [s for s, _ in scores]
         norm = [s / len(e) for s, e in zip(logp, item["endings"])]
         correct += int(np.argmax(logp)) == item["label"]
@@ -334,12 +307,9 @@ def classify():
     rows = [r for _, r in jsonl(path)][:max_items or None]
     if not rows:
         raise UsageError(f"{path} holds no examples; re-run python tokenize_data.py classify with more data")
-    t0, pred = time.time(), []
-    for r in rows:
-        prompt = render_chat(tok, classification_messages(r["text"], labels), add_generation_prompt=True)[0]
-        answers = [render_chat(tok, classification_messages(r["text"], labels, lab))[0][len(prompt):] for lab in labels]
-        scores = score_continuations(model, prompt, answers, dev, ctx)
-        pred.append(labels[max(range(len(labels)), key=lambda i: scores[i][0])])
+    t0 = time.time()
+    with ctx:
+        pred = predict_labels(model, tok, [r["text"] for r in rows], labels)
     gold = [r["label"] for r in rows]
     train_path = os.path.join(data_dir, "train.classify.jsonl")  # the majority class is the train split's
     train_labels = [r["label"] for _, r in jsonl(train_path)] if os.path.isfile(train_path) else gold

@@ -349,7 +349,8 @@ def local_completer():
             ids = render_chat(tok, [{"role": "user", "content": prompt}], True)[0] if chat else \
                 tok.encode(prompt, bos=True)
             check(len(ids) < model.args.max_seq_len, f"a prompt of {len(ids)} tokens does not fit the model's context "
-                  f"of {model.args.max_seq_len}; lower num_prompt_instructions or domain_max_chars, or use a longer one")
+                  f"of {model.args.max_seq_len}; lower num_prompt_instructions or domain_max_chars, or use a longer "
+                  f"one")
             reqs.append(Request(ids, max_new, temp, None, p, seed=int(torch.randint(2**62, (), generator=gen)),
                                 stop_ids=stop_ids, stop=stop))  # a seed each: the same text alone or in a batch
         return [(r.text, r.finish_reason) for r in engine.run(reqs)]

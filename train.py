@@ -237,7 +237,7 @@ del resume_ckpt  # free the host copy of the weights
 raw_model = model
 raw_model.checkpoint_blocks = (checkpoint_blocks or raw_model.args.n_layers) if activation_checkpointing else 0
 if compile and master:  # compiling happens at the first step, silently: say what the wait is
-    print(f"compiling the model at the first step ({'minutes on a CPU' if device_type == 'cpu' else 'a minute or two'})")
+    print(f"compiling the model at the first step ({'minutes on a CPU' if device_type == 'cpu' else 'a minute'})")
 if compile and optimizer_in_backward:
     # one graph per block: a whole-model graph hands back every gradient at once when its backward ends, so
     # the hooks would step only once all gradients exist and this mode's memory saving would be lost

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import model as model_lib
 from checkpoint import save_checkpoint
 import conftest
 from conftest import REPO, TINY, make_dataset, read_metrics, run_script, shared
@@ -60,12 +61,12 @@ def reference_logprob(model, context, cont):
 def test_score_continuations_batched_equals_one_at_a_time_and_truncates_left():
     model = tiny_model()
     ctx, conts = [1, 5, 9, 3], [[7], [8, 2, 4], [11, 12]]
-    got = evaluate.score_continuations(model, ctx, conts)
+    got = model_lib.continuation_logprobs(model, ctx, conts)
     for (lp, n), c in zip(got, conts):
         assert n == len(c) and math.isclose(lp, reference_logprob(model, ctx, c), rel_tol=1e-5, abs_tol=1e-5)
     # 20 context tokens + 3 do not fit a context of 16: keep the last 16 + 1 - 3 = 14 context tokens
     long_ctx = list(range(1, 21))
-    got = evaluate.score_continuations(model, long_ctx, [[5, 6, 7], [9]])
+    got = model_lib.continuation_logprobs(model, long_ctx, [[5, 6, 7], [9]])
     assert math.isclose(got[0][0], reference_logprob(model, long_ctx[-14:], [5, 6, 7]), rel_tol=1e-5)
     assert math.isclose(got[1][0], reference_logprob(model, long_ctx[-14:], [9]), rel_tol=1e-5)
 
@@ -112,7 +113,7 @@ def test_hellaswag_fixture_answer_known_by_construction():
     model = BigramModel(table)
     for it in items:  # the scores are exactly the hand-computed log-probs
         ctx_ids, cont_ids = evaluate.encode_item(CharTokenizer(), it["ctx"], it["endings"])
-        got = [lp for lp, _ in evaluate.score_continuations(model, ctx_ids, cont_ids)]
+        got = [lp for lp, _ in model_lib.continuation_logprobs(model, ctx_ids, cont_ids)]
         want = [hand_logprob(table, it["ctx"], e) for e in it["endings"]]
         np.testing.assert_allclose(got, want, rtol=1e-5)
     res = evaluate.hellaswag_scores(model, CharTokenizer(), items)

@@ -359,6 +359,7 @@ def test_lm_eval_local_completions_scores_hellaswag_as_evaluate_py_does(tmp_path
     evaluate.py hellaswag on the same 40 items of the real validation set with the real stories260K model."""
     pytest.importorskip("lm_eval")
     import evaluate
+    import model as model_lib
     from checkpoint import load_any, tokenizer_for
     from conftest import shared
     model_bin, tok_file = shared("stories260K", "stories260K.bin"), shared("stories260K", "tok512.model")
@@ -387,7 +388,7 @@ def test_lm_eval_local_completions_scores_hellaswag_as_evaluate_py_does(tmp_path
     tok = tokenizer_for(ckpt, str(tok_file), model.args.vocab_size)
     for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines():
         sample = json.loads(line)
-        ref = evaluate.score_continuations(model, *evaluate.encode_item(tok, sample["doc"]["ctx"],
+        ref = model_lib.continuation_logprobs(model, *evaluate.encode_item(tok, sample["doc"]["ctx"],
                                                                         sample["doc"]["endings"]))
         got = [float(r[0]) for r in sample["filtered_resps"]]
         assert max(abs(a - b) for a, (b, _) in zip(got, ref)) < 1e-3, (sample["doc_id"], got, ref)
