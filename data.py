@@ -297,3 +297,24 @@ class Batches:
         cut = np.minimum(offs[1:], offs[:-1] + self.block_size + 1)
         trained = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # answer tokens left after truncation
         return int((cut < offs[1:]).sum()), int((trained[cut] == trained[offs[:-1]]).sum())
+
+    def sft_notes(self):
+        """SFT: one line per split on truncation; refuses a split whose examples all lose their answers (it would
+        train nothing and score nothing)."""
+        notes = []
+        for s in ("train", "val") if self.sft else ():
+            cut, lost = self.truncation_report(s)
+            if lost == self.size(s):
+                raise UsageError(f"every {s} example loses all its answer tokens at block_size={self.block_size}: "
+                                 f"nothing to train on or score; raise block_size or shorten the examples")
+            notes.append(f"SFT {s}: {self.size(s):,} examples, padded per batch; {cut:,} longer than block_size+1="
+                         f"{self.block_size + 1} tokens are truncated, {lost:,} of them lose every answer token")
+        return notes
+
+    def classify_examples(self, split, n):
+        """The first n (text, label) pairs of a classification dataset's split, [] for other data."""
+        path = self.dir / f"{split}.classify.jsonl"
+        if self.meta.get("task") != "classify" or not path.is_file():
+            return []
+        from sources import jsonl
+        return [(r["text"], r["label"]) for _, r in zip(range(n), (r for _, r in jsonl(path)))]

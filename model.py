@@ -410,6 +410,15 @@ def score_batch(model, x, y, ignore_index=IGNORE_INDEX):
     return loss.item(), ((logits.argmax(-1) == y) & valid).sum().item(), valid.sum().item()
 
 
+def evaluate_batches(model, batches):
+    """Loss, perplexity and next-token accuracy over an iterable of (x, y) batches, every scored token counting
+    once (not a mean of batch means: masked batches hold different numbers of targets)."""
+    sums = [0.0, 0, 0]
+    for x, y in batches:
+        sums = [a + b for a, b in zip(sums, score_batch(model, x, y))]
+    return loss_metrics(*sums)
+
+
 def loss_metrics(loss_sum, correct, count):
     """Mean loss per scored token, its perplexity (capped so a diverged model does not overflow) and accuracy.
     Nothing scored is nan, never a perfect 0 loss."""

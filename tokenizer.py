@@ -389,6 +389,13 @@ def tokenizer_mismatch(a, b):
     return None
 
 
+def embedded(meta):
+    """The meta of a SentencePiece tokenizer with its model's own bytes in it (what checkpoints carry)."""
+    if meta.get("kind") == "sentencepiece" and meta.get("path"):
+        return load_tokenizer(meta).to_meta(embed=True)
+    return meta
+
+
 def load_tokenizer(meta):
     """Rebuild the tokenizer described by Tokenizer.to_meta() (e.g. meta["tokenizer"] of a dataset)."""
     if meta.get("kind") not in ("sentencepiece", "tiktoken"):

@@ -96,13 +96,13 @@ from checkpoint import (MetricsLog, clean_state_dict, load_for_training, restore
                         save_checkpoint)
 from configurator import require  # noqa: E402
 from data import Batches, check_token_ids  # noqa: E402
-from engine import complete  # noqa: E402
+from engine import complete, predict_labels  # noqa: E402
 from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
-from model import IGNORE_INDEX, ModelArgs, Transformer, loss_metrics, score_batch  # noqa: E402
+from model import IGNORE_INDEX, ModelArgs, Transformer, evaluate_batches  # noqa: E402
 from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, autocast as autocast_for,  # noqa: E402
                      cap_gpu_memory, check, device_and_dtype, distributed_world, gather, init_distributed, mfu,
                      teardown_distributed)
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import embedded, load_tokenizer  # noqa: E402
 
 ddp, rank, local_rank, world_size = distributed_world()
 master = rank == 0
@@ -161,16 +161,11 @@ for split in ("train", "val"):
     check_token_ids(data_dir, split, meta["vocab_size"])
 # Checkpoints carry the tokenizer itself (a SentencePiece model is a few hundred KB), not only its path,
 # so they decode on another machine; loading it here also checks the file still matches the data.
-tokenizer_record = meta["tokenizer"]
-if tokenizer_record.get("kind") == "sentencepiece" and tokenizer_record.get("path"):
-    tokenizer_record = load_tokenizer(tokenizer_record).to_meta(embed=True)
-for s in ("train", "val") if batches.sft else ():
-    cut, lost = batches.truncation_report(s)
-    check(lost < batches.size(s), f"every {s} example loses all its answer tokens at block_size={block_size}: nothing "
-                                  f"to train on or score; raise block_size or shorten the examples")
-    if master:
-        print(f"SFT {s}: {batches.size(s):,} examples, padded per batch; {cut:,} longer than block_size+1="
-              f"{block_size + 1} tokens are truncated, {lost:,} of them lose every answer token")
+tokenizer_record = embedded(meta["tokenizer"])
+notes += batches.sft_notes()
+# a classifier's log shows the accuracy that matters, its label accuracy: the constrained prediction evaluate.py
+# makes (the answer-token accuracy of val_acc counts easy tokens such as <|end_of_turn|> too)
+label_examples = batches.classify_examples("val", eval_iters * batch_size)
 
 
 # The training sampler has its own generator so its state can be saved and restored exactly; the
@@ -250,17 +245,20 @@ if ddp:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate():
-    """Loss, perplexity and next-token accuracy on the fixed evaluation batches of each split."""
+    """Loss, perplexity and next-token accuracy on the fixed evaluation batches of each split (and a classifier's
+    label accuracy on the first eval_iters * batch_size val texts)."""
     out = {}
     model.eval()
-    for split in ("train", "val"):
-        sums = [0.0, 0, 0]
-        for positions in eval_positions[split]:
-            x, y = batches.get(split, positions, device)
-            with autocast:
-                sums = [a + b for a, b in zip(sums, score_batch(raw_model, x, y))]
-        out.update({f"{split}_{k}": v for k, v in loss_metrics(*sums).items()})
+    with autocast:
+        for split in ("train", "val"):
+            scores = evaluate_batches(raw_model, (batches.get(split, p, device) for p in eval_positions[split]))
+            out.update({f"{split}_{k}": v for k, v in scores.items()})
+        if label_examples:
+            guesses = predict_labels(raw_model, load_tokenizer(tokenizer_record), [t for t, _ in label_examples],
+                                     meta["labels"])
+            out["val_label_acc"] = sum(g == lab for g, (_, lab) in zip(guesses, label_examples)) / len(label_examples)
     model.train()
     return out
 
@@ -344,8 +342,10 @@ while True:
         scores = evaluate()
         t_log += time.time() - t_eval  # keep evaluation out of the tokens/s figure
         if master:
+            acc = (f"val label acc {scores['val_label_acc']:.3f}" if "val_label_acc" in scores else
+                   f"val {'answer token ' if batches.sft else ''}acc {scores['val_acc']:.3f}")
             say(f"iter {iter_num}: train loss {scores['train_loss']:.4f}, val loss {scores['val_loss']:.4f}, "
-                f"val ppl {scores['val_ppl']:.2f}, val acc {scores['val_acc']:.3f}")
+                f"val ppl {scores['val_ppl']:.2f}, {acc}")
             metrics.write({"type": "eval", "iter": iter_num, "tokens": tokens_seen, **scores})
             for prompt, text in sample_texts() if sample_prompts else []:
                 say(f"sample: {prompt!r} -> {text!r}")

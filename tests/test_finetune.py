@@ -258,6 +258,9 @@ def test_classification_data_metrics_and_constrained_predictions(env):
                                 cwd=root).stdout.strip().splitlines()[-1])
     assert res["examples"] == 6 and res["accuracy"] == 1.0 and res["macro_f1"] == 1.0
     assert res["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]] and res["majority_accuracy"] == pytest.approx(1 / 3)
+    # the training log's label accuracy is the constrained prediction evaluate.py makes, on the same 6 texts
+    first, last = read_metrics(root / "cls", "eval")[0], read_metrics(root / "cls", "eval")[-1]
+    assert last["val_label_acc"] == res["accuracy"] and first["val_label_acc"] < 1.0
 
 
 def test_classification_metrics_against_hand_computed_values():
