@@ -5,6 +5,7 @@ A checkpoint is a dict of plain data and tensors: {"model": state_dict, "model_a
 "rng": ..., "sampler": ...}. It is written atomically and read with torch.load(weights_only=True),
 which refuses pickled code: opening a checkpoint from a stranger cannot run their code.
 """
+import hashlib
 import json
 import os
 import struct
@@ -236,11 +237,30 @@ def restore_training(ckpt, where, opts, scaler, sampler, rank, device):
 
 class MetricsLog:
     """A run's metrics.jsonl: one JSON line per record. A new run starts a new log; a resumed one keeps the
-    lines up to its checkpoint and drops the rest, which it will write again, identically."""
+    lines up to its checkpoint and drops the rest, which it will write again, identically. The same numbers
+    can go to TensorBoard (event files in tensorboard_dir; a resumed run purges the steps it repeats) and to
+    Weights & Biases (project wandb_project; one run id per out_dir, so a resumed run continues its run)."""
 
-    def __init__(self, path, resume_iter=None, enabled=True):
-        self.path, self.enabled = path, enabled
-        if not enabled or not os.path.exists(path):
+    def __init__(self, path, resume_iter=None, enabled=True, tensorboard_dir="", wandb_project="", config=None):
+        self.path, self.enabled, self.tb, self.wandb = path, enabled, None, None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("tensorboard=True needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(tensorboard_dir, purge_step=resume_iter)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("wandb_project needs the wandb package: pip install wandb (WANDB_MODE=offline to "
+                                 "log without an account)")
+            run_id = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(project=wandb_project, id=run_id, resume="allow", config=config,
+                                    dir=os.path.dirname(os.path.abspath(path)))
+        if not os.path.exists(path):
             return
         if resume_iter is None:
             os.remove(path)
@@ -251,6 +271,24 @@ class MetricsLog:
             f.writelines(kept)
 
     def write(self, record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        kind, step = record.get("type", "log"), record.get("iter", 0)
+        numbers = {f"{kind}/{k}": v for k, v in record.items() if k not in ("type", "iter")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+            if kind == "sample":
+                self.tb.add_text(f"sample/{record['prompt']}", record["text"], step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers if kind != "sample" else {f"sample/{record['prompt']}": record["text"]}, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -225,6 +225,18 @@ def gather(obj):
     return objs
 
 
+def any_rank(flag):
+    """Whether flag (a bool or a 0-dim tensor) is true on any rank: decisions every rank must take together
+    (stop here, skip this step, refuse a nan). A host sync; the flag itself outside torch.distributed."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.as_tensor(flag).float().reshape(()).to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 class StopSignals:
     """SIGINT/SIGTERM ask a training loop to finish its step, save and exit cleanly instead of dying."""
 

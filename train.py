@@ -74,6 +74,9 @@ optimizer_in_backward = False   # step each parameter from a hook as soon as its
 loss_chunk_size = 0             # >0: vocab head + loss over this many tokens at a time, recomputed in backward: no
                                 # (B,T,V) logits
 memory_cap_gb = 0.0             # >0 on CUDA: cap this process at this many GiB of GPU memory (emulates a 24 GB card)
+tensorboard = False             # also log the metrics to TensorBoard event files in out_dir/tensorboard
+wandb_project = ""              # also log them to Weights & Biases under this project ("" = off; WANDB_MODE=offline
+                                # logs without an account)
 write_checkpoints = True        # False: never write ckpt.pt (benchmarks and smoke runs)
 # LoRA (lora.py): train low-rank adapters on a frozen base given by init_from; ckpt.pt then holds adapters only
 lora_rank = 0                   # rank r of each adapter; 0 = off (train every weight)
@@ -99,7 +102,7 @@ from data import Batches, check_token_ids  # noqa: E402
 from engine import complete, predict_labels  # noqa: E402
 from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, evaluate_batches  # noqa: E402
-from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, autocast as autocast_for,  # noqa: E402
+from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, any_rank, autocast as autocast_for,  # noqa
                      cap_gpu_memory, check, device_and_dtype, distributed_world, gather, init_distributed, mfu,
                      teardown_distributed)
 from tokenizer import embedded, load_tokenizer  # noqa: E402
@@ -265,13 +268,11 @@ def evaluate():
 
 def check_finite():
     """Never continue from, or save, a nan/inf loss or weights: the last good checkpoint stays as it was."""
-    ok = (torch.isfinite(loss_acc) & torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()).float()
-    if ddp:  # every rank must stop together
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    ok = torch.isfinite(loss_acc) & torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
     kept = f", so {ckpt_file} keeps the last good state" if os.path.exists(ckpt_file) else ""
-    check(ok.item() > 0, f"the loss or the weights became nan/inf by iter {iter_num}; stopped without saving{kept}: "
-                         f"lower learning_rate, raise warmup_iters or set grad_clip, then --init_from=resume (or train "
-                         f"with --nonfinite=skip)")
+    check(not any_rank(~ok), f"the loss or the weights became nan/inf by iter {iter_num}; stopped without saving"
+                             f"{kept}: lower learning_rate, raise warmup_iters or set grad_clip, then "
+                             f"--init_from=resume (or train with --nonfinite=skip)")
 
 
 def save(sampler_state, evaluated):
@@ -318,7 +319,8 @@ if master:
           f"val {len(batches.tokens['val']):,} tokens")
     for line in notes:
         print(line)
-metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if init_from == "resume" else None, master)
+metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), iter_num if init_from == "resume" else None, master,
+                     os.path.join(out_dir, "tensorboard") if tensorboard else "", wandb_project, config)
 
 bar = None
 if progress and master:
@@ -387,10 +389,7 @@ while True:
     skip = False
     if nonfinite == "skip":  # a host sync per step, the price of looking at every loss and gradient
         grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
-        bad = (~(torch.isfinite(step_loss) & torch.isfinite(torch.stack(grads).norm()))).float()
-        if ddp:
-            dist.all_reduce(bad)
-        skip = bad.item() > 0
+        skip = any_rank(~(torch.isfinite(step_loss) & torch.isfinite(torch.stack(grads).norm())))
     if skip:
         for o in opts:
             o.zero_grad(set_to_none=True)
@@ -410,11 +409,7 @@ while True:
     n_acc += not skip
 
     signalled = signals.requested
-    stop_requested = signalled or iter_num == stop_at_iter
-    if ddp:  # every rank must stop on the same iteration
-        flag = torch.tensor(float(stop_requested), device=device)
-        dist.all_reduce(flag)
-        stop_requested = flag.item() > 0
+    stop_requested = any_rank(signalled or iter_num == stop_at_iter)  # every rank stops on the same iteration
     if iter_num % log_interval == 0 or iter_num == max_iters:
         check_finite()  # the loop's one host-device sync, with the .item() below
         train_loss = loss_acc.item() / n_acc if n_acc else None  # None: every step of the window was skipped
@@ -445,6 +440,7 @@ while True:
 
 if bar is not None:
     bar.close()
+metrics.close()
 if ddp:
     del model  # the DDP wrapper's reducer holds the process group (see teardown_distributed)
     teardown_distributed()

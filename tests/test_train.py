@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -182,3 +183,40 @@ def test_the_readme_ddp_command_as_written(tmp_path):
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(tmp_path / "out" / "demo", "eval")[-1]["iter"] == 300
+
+
+def wandb_history(path):
+    """The logged rows of an offline W&B run file: a 7-byte header, then LevelDB-style log records (4-byte CRC,
+    2-byte length, 1-byte type: full, first, middle, last) in 32 KiB blocks, each a wandb Record protobuf."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, block, buf, rows = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_tensorboard_and_wandb_offline_get_the_metrics_jsonl_numbers(tmp_path, data):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "out")}
+    common = ["--max_iters=6", "--eval_interval=3", "--log_interval=2", "--tensorboard=True", "--wandb_project=t"]
+    run_script("train.py", f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'out'}", *TINY,
+               *common, env=env)
+    train_log = [(r["iter"], pytest.approx(r["loss"])) for r in read_metrics(tmp_path / "out", "train")]
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == train_log
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [0, 3, 6]
+    rows = wandb_history(next((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == train_log
