@@ -2,7 +2,8 @@
 
 A dataset is a folder (data/README.md describes it):
     meta.json                      {"tokenizer": {...}, "vocab_size", "dtype", "bos_id", "eos_id", "splits": {...}}
-    train.bin, val.bin             token ids (uint16 or uint32), documents as BOS doc EOS BOS doc EOS ...
+    train.bin, train-00001.bin ... token ids (uint16 or uint32), documents as BOS doc EOS BOS doc EOS ..., in
+    val.bin, ...                   shards of bounded size that readers see as one sequence (TokenStream)
 and for fine-tuning data ("format": "sft") per split also
     {split}.mask.bin               uint8, 1 where the loss trains on the token
     {split}.offsets.bin            int64, example i is tokens[offsets[i]:offsets[i+1]]
@@ -32,6 +33,28 @@ def token_dtype(n_vocab, name="auto"):
     return np.dtype(name)
 
 
+SPLIT_BLOCK = 1_000_000  # documents per block of the train/val split: its memory does not grow with the corpus
+
+
+class DocumentSplit:
+    """Which of n documents (in corpus order) are val: a seeded split of each block of SPLIT_BLOCK documents,
+    round(frac * block) of them val. For a corpus of up to SPLIT_BLOCK documents that is split_documents(n, frac,
+    seed) itself; a larger one never holds more than one block's indices in memory."""
+
+    def __init__(self, n, frac, seed):
+        if n < 2:
+            split_documents(n, frac, seed)  # its error: too few documents to split
+        self.n, self.frac, self.seed, self.block, self.val = n, frac, seed, -1, set()
+
+    def is_val(self, i):
+        block = i // SPLIT_BLOCK
+        if block != self.block:
+            size = min(SPLIT_BLOCK, self.n - block * SPLIT_BLOCK)
+            val = split_documents(size, self.frac, self.seed + block)[1] if size > 1 else []  # 1 left over: train
+            self.block, self.val = block, set(val.tolist() if len(val) else [])
+        return i % SPLIT_BLOCK in self.val
+
+
 def split_documents(n, frac, seed):
     """Indices of train and val documents. The split is by whole document (a seeded permutation), so
     no text the model trains on is evaluated as val; each split keeps the corpus order."""
@@ -51,6 +74,57 @@ def meta_files(meta):
     for info in meta.get("splits", {}).values():
         names |= {info[k] for k in ("file", "mask", "offsets") if k in info} | set(info.get("files", []))
     return names | set(meta.get("classify_files", {}).values())
+
+
+def split_files(info):
+    """The token files of a split's meta.json entry, in order (older datasets name one "file")."""
+    return info.get("files") or [info["file"]]
+
+
+class TokenStream:
+    """A split's tokens as one read-only sequence however many shard files hold them: len(), [i], [a:b] (across
+    shard boundaries), chunks() for a full scan. Sampling windows from it is uniform over tokens, as from one
+    file. Every access maps the files afresh: a long-lived memmap leaks memory."""
+
+    def __init__(self, paths, dtype):
+        self.paths, self.dtype = [str(p) for p in paths], np.dtype(dtype)
+        self.starts = np.cumsum([0] + [os.path.getsize(p) // self.dtype.itemsize for p in self.paths])
+        self.filename = self.paths[0] + (f" (and {len(self.paths) - 1} more shards)" if len(self.paths) > 1 else "")
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def read(self, a, b):
+        """Tokens [a, b) as a numpy array."""
+        out, k = [], int(np.searchsorted(self.starts, a, side="right")) - 1
+        while a < b:
+            take = min(b, int(self.starts[k + 1])) - a
+            part = np.memmap(self.paths[k], dtype=self.dtype, mode="r")[a - self.starts[k]:a - self.starts[k] + take]
+            out.append(np.array(part))
+            a, k = a + take, k + 1
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, _ = key.indices(len(self))
+            return self.read(a, b) if b > a else np.empty(0, self.dtype)
+        if not -len(self) <= key < len(self):
+            raise IndexError(f"token {key} of a split of {len(self)}")
+        return self.read(key % len(self), key % len(self) + 1)[0]
+
+    def __iter__(self):
+        for chunk in self.chunks(1 << 20):
+            yield from chunk
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def tolist(self):
+        return self[:].tolist()
+
+    def chunks(self, n):
+        for a in range(0, len(self), n):
+            yield self[a:a + n]
 
 
 def finish_update(data_dir):
@@ -129,14 +203,46 @@ def dataset_meta(tok_meta, vocab_size, dtype, bos_id, eos_id, splits, **extra):
             "eos_id": eos_id, "splits": splits, **extra}
 
 
-def write_token_dataset(data_dir, splits, tok_meta, vocab_size, bos_id=1, eos_id=2, dtype="auto", **extra):
-    """A whole pretraining dataset from in-memory token arrays {split: ids}: what benchmarks and tests use."""
+class ShardWriter:
+    """A split's token files in a DatasetUpdate, one document at a time: a new shard once a shard holds
+    max_tokens (at a document boundary, so a document never spans two files). The first is {split}.bin, then
+    {split}-00001.bin, ... close() returns the split's meta.json entry."""
+
+    def __init__(self, update, split, dtype, max_tokens):
+        self.update, self.split, self.dtype, self.max_tokens = update, split, np.dtype(dtype), max_tokens
+        self.files, self.f, self.in_shard, self.tokens, self.documents = [], None, 0, 0, 0
+
+    def add(self, ids):
+        if self.f is None or self.in_shard >= self.max_tokens:
+            if self.f is not None:
+                self.f.close()
+            name = f"{self.split}.bin" if not self.files else f"{self.split}-{len(self.files):05d}.bin"
+            self.files.append(name)
+            self.f, self.in_shard = open(self.update.path(name), "wb"), 0
+        arr = np.asarray(ids, dtype=self.dtype)
+        self.f.write(arr.tobytes())
+        self.in_shard += len(arr)
+        self.tokens += len(arr)
+        self.documents += 1
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+        return {"files": self.files, "documents": self.documents, "tokens": self.tokens}
+
+
+def write_token_dataset(data_dir, splits, tok_meta, vocab_size, bos_id=1, eos_id=2, dtype="auto", shard_tokens=0,
+                        **extra):
+    """A whole pretraining dataset from in-memory token arrays {split: ids} (shards of shard_tokens if given):
+    what benchmarks and tests use."""
     dt = token_dtype(vocab_size, dtype)
     info = {}
     with DatasetUpdate(data_dir) as up:
         for name, ids in splits.items():
-            n = write_tokens(up.path(f"{name}.bin"), [ids], dt)
-            info[name] = {"file": f"{name}.bin", "documents": 1, "tokens": n}
+            w = ShardWriter(up, name, dt, shard_tokens or len(ids))
+            for a in range(0, len(ids), shard_tokens or max(1, len(ids))):
+                w.add(ids[a:a + (shard_tokens or len(ids))])
+            info[name] = {**w.close(), "documents": 1}
         up.commit(dataset_meta(tok_meta, vocab_size, dt, bos_id, eos_id, info, **extra))
     return Path(data_dir)
 
@@ -182,18 +288,18 @@ def open_split(data_dir, split):
     if split not in meta["splits"]:
         raise UsageError(f"{d}/meta.json has no split '{split}' (it has {list(meta['splits'])}); "
                          f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    path = d / meta["splits"][split]["file"]
-    if not path.is_file():
-        raise UsageError(f"{path} not found; re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    dt = np.dtype(meta["dtype"])
-    size = path.stat().st_size
-    if size % dt.itemsize:
-        raise UsageError(f"{path} holds {size:,} bytes, not a whole number of {dt.name} tokens; "
-                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    if size == 0:
-        raise UsageError(f"{path} is empty; add more documents or change --val_fraction, then "
-                         f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
-    return np.memmap(path, dtype=dt, mode="r")
+    dt, paths = np.dtype(meta["dtype"]), [d / f for f in split_files(meta["splits"][split])]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path} not found; re-run python tokenize_data.py pretokenize --dataset={d.name}")
+        size = path.stat().st_size
+        if size % dt.itemsize:
+            raise UsageError(f"{path} holds {size:,} bytes, not a whole number of {dt.name} tokens; "
+                             f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+        if size == 0:
+            raise UsageError(f"{path} is empty; add more documents or change --val_fraction, then "
+                             f"re-run python tokenize_data.py pretokenize --dataset={d.name}")
+    return TokenStream(paths, dt)
 
 
 def check_token_ids(data_dir, split, vocab_size=None):
@@ -201,7 +307,7 @@ def check_token_ids(data_dir, split, vocab_size=None):
     Reads the file once in 16M-token chunks: about a second per GB. Returns the largest id."""
     data = open_split(data_dir, split)
     limit = vocab_size or load_meta(data_dir)["vocab_size"]
-    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
+    top = max(int(chunk.max()) for chunk in data.chunks(1 << 24))
     if top >= limit:
         raise UsageError(f"{data.filename} holds token id {top:,} but the vocab has only {limit:,} ids; "
                          f"re-run python tokenize_data.py pretokenize --dataset={Path(data_dir).name} "
@@ -231,9 +337,8 @@ def open_sft(data_dir, split):
 
 def window_batch(tokens, positions, block_size):
     """Inputs and next-token targets (int64, B x block_size) of the windows starting at positions."""
-    x = np.stack([tokens[i:i + block_size] for i in positions]).astype(np.int64)
-    y = np.stack([tokens[i + 1:i + 1 + block_size] for i in positions]).astype(np.int64)
-    return x, y
+    rows = np.stack([tokens[i:i + block_size + 1] for i in positions]).astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]
 
 
 def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
@@ -280,9 +385,7 @@ class Batches:
         if self.sft:
             x, y = sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
         else:
-            arr = self.tokens[split]
-            data = np.memmap(arr.filename, dtype=arr.dtype, mode="r")  # fresh per batch: a long-lived one leaks
-            x, y = window_batch(data, positions, self.block_size)
+            x, y = window_batch(self.tokens[split], positions, self.block_size)
         if device is None:
             return x, y
         import torch

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from model import IGNORE_INDEX, KVCache, check_sampling, continuation_logprobs, sample_next
+from model import IGNORE_INDEX, KVCache, check_sampling, sample_next, token_logprobs
 from runtime import UsageError
 
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it overflows to inf and NaN probabilities
@@ -337,6 +337,34 @@ def complete(model, tok, prompt, max_new_tokens, temperature=0.8, top_k=None, to
     req = Request(ids, max_new_tokens, temperature, top_k, top_p, generator=generator, stop_ids=stops)
     Engine(model, tok, max_batch=1).run([req])
     return req.text
+
+
+@torch.no_grad()
+def continuation_logprobs(model, context_ids, continuation_ids_list):
+    """[(sum of log p(continuation tokens | context), number of continuation tokens)] for each
+    continuation, all in one batch. When context + continuation exceeds the model's context, the
+    context loses tokens from its left (the end, nearest the continuation, matters most); a
+    continuation longer than the whole context keeps only its first max_seq_len tokens."""
+    L = model.args.max_seq_len
+    conts = [list(c)[:L] for c in continuation_ids_list]
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("an empty continuation has no tokens to score")
+    keep = max(1, L + 1 - max(len(c) for c in conts))  # the last token is only a target, never an input
+    context_ids = list(context_ids)[-keep:]
+    if not context_ids:
+        raise ValueError("the context must hold at least one token (e.g. BOS) to predict the first continuation token")
+    rows = [context_ids + c for c in conts]
+    T = max(len(r) for r in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal attention never looks at it
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (r, c) in enumerate(zip(rows, conts)):
+        x[i, :len(r) - 1] = torch.tensor(r[:-1])
+        y[i, len(context_ids) - 1:len(r) - 1] = torch.tensor(c)  # targets only where a continuation token is predicted
+    weight = next(model.parameters(), None)
+    device = weight.device if weight is not None else "cpu"
+    logits, _ = model(x.to(device), y.to(device), reduction="sum")
+    logp = token_logprobs(logits, y.to(device)).double()
+    return [(float(s), len(c)) for s, c in zip(logp.sum(-1).tolist(), conts)]
 
 
 @torch.no_grad()

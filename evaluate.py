@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from checkpoint import check_tokenizers, load_any, tokenizer_for  # noqa: E402
 from configurator import configure, require  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
-from engine import predict_labels  # noqa: E402
-from model import continuation_logprobs, loss_metrics, score_batch  # noqa: E402
+from engine import continuation_logprobs, predict_labels  # noqa: E402
+from model import loss_metrics, score_batch  # noqa: E402
 from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
 from sources import jsonl  # noqa: E402
 

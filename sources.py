@@ -5,6 +5,7 @@ Every reader stops on a bad record with its file and line number.
 import csv
 import glob
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -15,10 +16,10 @@ LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 
 
 def stdlib_docs(max_bytes):
-    """The running Python's own standard library: real, varied text every machine has."""
+    """The running Python's own standard library, one file at a time: real, varied text every machine has."""
     import sysconfig
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
+    total = 0
     for p in sorted(root.rglob("*.py")):  # sorted: the same corpus on every run
         if "site-packages" in p.parts:
             continue
@@ -30,9 +31,8 @@ def stdlib_docs(max_bytes):
             continue
         if total + len(text.encode()) > max_bytes:
             break
-        docs.append(text)
         total += len(text.encode())
-    return docs
+        yield text
 
 
 def first_bad_json_line(files):
@@ -50,8 +50,9 @@ def first_bad_json_line(files):
 
 
 def load_texts(source, text_field="text", hf_config="", hf_split="train", txt_split="paragraph"):
-    """The documents of a Hub dataset or of local files. Both go through datasets.load_dataset, so the
-    offline-tested local path is the same code users run against the Hub."""
+    """The documents of a Hub dataset or of local files, one at a time: streamed, so a corpus larger than
+    memory passes through. Both go through datasets.load_dataset(streaming=True), so the offline-tested local
+    path is the same code users run against the Hub."""
     import datasets
     datasets.disable_progress_bars()
     local = source.endswith(tuple(LOCAL_LOADERS)) or glob.glob(source)
@@ -66,27 +67,34 @@ def load_texts(source, text_field="text", hf_config="", hf_split="train", txt_sp
                              f"{', '.join(LOCAL_LOADERS)} per download")
         loader = LOCAL_LOADERS[exts.pop()]
         kwargs = {"sample_by": txt_split} if loader == "text" else {}
-        try:
-            ds = datasets.load_dataset(loader, data_files={hf_split: files}, split=hf_split, **kwargs)
-        except Exception as e:
+        args = (loader,), dict(data_files={hf_split: files}, split=hf_split, streaming=True, **kwargs)
+    else:
+        loader, args = None, ((source, hf_config or None), dict(split=hf_split, streaming=True))
+    try:
+        rows = iter(datasets.load_dataset(*args[0], **args[1]))
+        first = next(rows, None)
+    except Exception as e:
+        if local:
             bad = first_bad_json_line(files)
             where = f"{bad}" if bad else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise UsageError(f"could not read {source} ({where}); fix the file (one JSON object per line for .jsonl)")
-    else:
-        try:
-            ds = datasets.load_dataset(source, hf_config or None, split=hf_split)
-        except Exception as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise UsageError(f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
-                             f"check the name and your internet connection, or pass local files with "
-                             f"--source=path/*.jsonl")
-    if text_field not in ds.column_names:
-        raise UsageError(f"{source} has no column '{text_field}' (it has {ds.column_names}); "
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UsageError(f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: {msg}); "
+                         f"check the name and your internet connection, or pass local files with --source=path/*.jsonl")
+    if first is None:
+        return
+    if text_field not in first:
+        raise UsageError(f"{source} has no column '{text_field}' (it has {sorted(first)}); "
                          f"pass --text_field=<one of those>")
-    texts = list(ds[text_field])
-    if local and loader == "text":  # paragraphs split on "\n\n" keep the rest of a longer blank run
-        texts = [t.strip("\n") for t in texts]
-    return texts
+    try:
+        for row in itertools.chain([first], rows):  # a paragraph split at "\n\n" keeps the rest of a longer run
+            yield row[text_field].strip("\n") if loader == "text" else row[text_field]
+    except Exception as e:  # a bad line further in: datasets raises mid-stream
+        if isinstance(e, UsageError) or not local:
+            raise
+        bad = first_bad_json_line(files)
+        raise UsageError(f"could not read {source} ({bad or type(e).__name__}); fix the file (one JSON object per "
+                         f"line for .jsonl)")
 
 
 def jsonl(path, expect="JSON", fix="fix or delete that line", parse=lambda record: record):

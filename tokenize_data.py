@@ -16,15 +16,16 @@ The format it writes (and train.py/evaluate.py read) lives in data.py; importing
 import contextlib
 import json
 import os
-import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
 from checkpoint import load_checkpoint
-from data import DatasetUpdate, dataset_meta, split_documents, token_dtype, write_sft_split, write_tokens
+from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
+                  write_sft_split)
 from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, handle_errors
 from sources import load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
@@ -51,7 +52,8 @@ chat_specials = True      # give the chat specials ids (appended to gpt2/Llama v
 val_fraction = 0.05       # fraction of documents held out for val (at least 1)
 seed = 1337               # seeds the train/val document split and the vocab sample
 dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
-num_workers = 0           # processes for pretokenize (0 = all CPU cores)
+num_workers = 0           # pretokenize: the tokenizer's encoding threads (0 = all CPU cores)
+shard_tokens = 1 << 28    # pretokenize: tokens per shard file at most (268M: 512 MiB of uint16)
 # sft / classify (source = a local .json/.jsonl/.csv/.txt file; tokenizer may also be a checkpoint .pt)
 sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories"
                           # (TinyStories-Instruct .txt)
@@ -59,6 +61,7 @@ label_field = "label"     # classify: the column holding the label (text_field h
 label_names = ()          # classify: the label set, in order; numeric labels index into it (0 -> label_names[0])
 encoding = "auto"         # text encoding of the source: "auto" (utf-8, else latin-1), or any Python codec name
 show = 0                  # print the first N examples token by token beside their labels (a debug view)
+skip_bad_lines = False    # classify: count and leave out lines without a text or a known label (else stop at one)
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
@@ -70,15 +73,36 @@ def dataset_dir():
     return Path(data_root) / name
 
 
-def read_docs(d):
+def docs_path(d):
     path = Path(d) / DOCS
     if not path.is_file():
-        raise UsageError(f"{path} not found; run python tokenize_data.py download first "
-                         f"(offline demo: --source=stdlib)")
-    docs = list(read_jsonl_texts(path))
-    if not docs:
+        raise UsageError(f"{path} not found; run python tokenize_data.py download first (offline demo: "
+                         f"--source=stdlib)")
+    return path
+
+
+def count_docs(path):
+    """(documents, bytes of text) of docs.jsonl: one pass, nothing kept in memory, and a bad line stops the run
+    before any time goes into tokenizing (or the vocab) rather than at line nine million."""
+    n = nbytes = 0
+    for text in read_jsonl_texts(path):
+        n, nbytes = n + 1, nbytes + len(text.encode())
+    if not n:
         raise UsageError(f"{path} holds no documents; re-run python tokenize_data.py download on a non-empty source")
-    return docs
+    return n, nbytes
+
+
+def batched(texts, max_bytes=1 << 24):
+    """Lists of texts of about max_bytes each: what one batched encode call takes, bounded in memory."""
+    batch, size = [], 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def write_docs(path, records, atomic=True):
@@ -92,18 +116,25 @@ def write_docs(path, records, atomic=True):
 # download
 
 def download():
-    out = dataset_dir()
-    texts = (stdlib_docs(stdlib_max_bytes) if source == "stdlib" else
-             load_texts(source, text_field, hf_config, hf_split, txt_split))
-    if max_docs >= 0:
-        texts = texts[:max_docs]
-    docs = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs would be bare BOS/EOS pairs
-    if not docs:
-        raise UsageError(f"{source} gave no non-empty documents in column '{text_field}'; "
-                         f"check --source and --text_field")
-    write_docs(out / DOCS, docs)
-    nbytes = sum(len(t.encode()) for t in docs)
-    print(f"wrote {len(docs):,} documents ({nbytes / 1e6:.1f} MB) from {source} to {out / DOCS}")
+    """The source's documents into docs.jsonl, streamed: a corpus larger than memory passes through."""
+    out, count = dataset_dir(), [0, 0]
+    texts = stdlib_docs(stdlib_max_bytes) if source == "stdlib" else load_texts(source, text_field, hf_config,
+                                                                                  hf_split, txt_split)
+
+    def documents():  # empty docs would be bare BOS/EOS pairs
+        for t in texts:
+            if max_docs >= 0 and count[0] >= max_docs:
+                return
+            if isinstance(t, str) and t.strip():
+                count[0], count[1] = count[0] + 1, count[1] + len(t.encode())
+                yield t
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / DOCS) as tmp:
+        write_docs(tmp, documents(), atomic=False)
+        if not count[0]:
+            raise UsageError(f"{source} gave no non-empty documents in column '{text_field}'; "
+                             f"check --source and --text_field")
+    print(f"wrote {count[0]:,} documents ({count[1] / 1e6:.1f} MB) from {source} to {out / DOCS}")
 
 
 # -----------------------------------------------------------------------------
@@ -112,17 +143,18 @@ def download():
 def train_vocab():
     import sentencepiece as spm
     d = dataset_dir()
-    docs = read_docs(d)
-    # a random sample keeps vocab training fast on big corpora (SentencePiece holds it all in memory)
-    order = np.random.default_rng(seed).permutation(len(docs))
+    path = docs_path(d)
+    # a seeded random sample of about vocab_max_bytes keeps vocab training fast on big corpora (SentencePiece
+    # holds its input in memory), chosen in one streaming pass
+    keep = min(1.0, vocab_max_bytes / count_docs(path)[1])
+    rng = np.random.default_rng(seed)
     prefix, staged = d / f"tok{vocab_size}", d / f"{TMP_PREFIX}tok{vocab_size}"  # staged: cleaned if we die
     sample_path, total = d / f"{TMP_PREFIX}tok_sample.txt", 0
     with open(sample_path, "w", encoding="utf-8") as f:
-        for i in order:
-            f.write(docs[i].strip() + "\n")
-            total += len(docs[i].encode())
-            if total >= vocab_max_bytes:
-                break
+        for text in read_jsonl_texts(path):
+            if rng.random() < keep:
+                f.write(text.strip() + "\n")
+                total += len(text.encode())
     n_special = len(SPECIAL_TOKENS)
     check(vocab_size > 259 + n_special, f"vocab_size={vocab_size} leaves no room for merges: the 256 byte pieces, "
           f"<unk> <s> </s> and {n_special} chat tokens take {259 + n_special}; pass a larger --vocab_size")
@@ -157,53 +189,34 @@ def train_vocab():
 # -----------------------------------------------------------------------------
 # pretokenize
 
-_worker_tok = None
-
-
-def _init_worker(tok_meta):
-    global _worker_tok  # each process builds its own tokenizer: SentencePiece objects do not pickle
-    _worker_tok = load_tokenizer(tok_meta)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: no traceback per worker
-
-
-def _encode_chunk(texts):
-    ids = []
-    for t in texts:
-        ids.extend(_worker_tok.encode(t, bos=True, eos=True))
-    return ids
-
-
-def encoded(tok, texts, workers):
-    """Token ids of texts in order (BOS doc EOS BOS doc EOS ...), in chunks, from `workers` processes."""
-    global _worker_tok
-    chunks = [texts[i:i + 64] for i in range(0, len(texts), 64)]
-    if workers > 1 and len(chunks) > 1:
-        from multiprocessing import Pool
-        with Pool(workers, _init_worker, (tok.to_meta(),)) as pool:
-            yield from pool.imap(_encode_chunk, chunks)  # imap, not imap_unordered: order is the corpus order
-    else:
-        _worker_tok = tok
-        yield from map(_encode_chunk, chunks)
-
-
 def pretokenize():
+    """docs.jsonl into token shards, streamed: memory stays flat however large the corpus. Each batch of
+    documents is encoded by the tokenizer's own threads (SentencePiece and tiktoken release the GIL), every
+    document whole into train or val by a seeded split of its index (data.DocumentSplit)."""
     d = dataset_dir()
-    docs = read_docs(d)
+    path = docs_path(d)
+    n, nbytes = count_docs(path)
     spec = tokenizer or str(d / f"tok{vocab_size}.model")
     tok = make_tokenizer(spec, SPECIAL_TOKENS if chat_specials else ())
-    dt = token_dtype(tok.vocab_size, dtype)
-    train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
-    workers = num_workers or os.cpu_count()
-    print(f"tokenizing {len(docs):,} documents with {tok} into {dt.name} using {workers} processes")
-    splits = {}
+    dt, threads = token_dtype(tok.vocab_size, dtype), num_workers or os.cpu_count()
+    split = DocumentSplit(n, val_fraction, seed)
+    print(f"tokenizing {n:,} documents ({nbytes / 1e6:,.1f} MB) with {tok} into {dt.name}, {threads} threads, "
+          f"shards of up to {shard_tokens:,} tokens")
+    t0, i = time.time(), 0
     with DatasetUpdate(d) as up:  # the old dataset stays whole until every new file is complete
-        for name, idx in (("train", train_idx), ("val", val_idx)):
-            n_tok = write_tokens(up.path(f"{name}.bin"), encoded(tok, [docs[i] for i in idx], workers), dt)
-            splits[name] = {"file": f"{name}.bin", "documents": len(idx), "tokens": n_tok}
-            print(f"  {name}: {len(idx):,} documents, {n_tok:,} tokens -> {d / name}.bin")
+        out = {s: ShardWriter(up, s, dt, shard_tokens) for s in ("train", "val")}
+        for texts in batched(read_jsonl_texts(path)):
+            for ids in tok.encode_batch(texts, bos=True, eos=True, threads=threads):
+                out["val" if split.is_val(i) else "train"].add(ids)
+                i += 1
+        splits = {s: w.close() for s, w in out.items()}
+        for s, info in splits.items():
+            print(f"  {s}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['files'])} "
+                  f"shard(s) -> {d / info['files'][0]}")
         up.commit(dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, splits,
                                val_fraction=val_fraction, seed=seed))
-    print(f"wrote {d / 'meta.json'}")
+    seconds = time.time() - t0
+    print(f"wrote {d / 'meta.json'} ({nbytes / 1e6 / seconds:,.1f} MB/s)")
 
 
 # -----------------------------------------------------------------------------
@@ -229,22 +242,33 @@ def sft_conversations(path):
 
 
 def classify_examples(path):
-    """([(line number, text, label)], label set). Numeric labels index label_names; text labels must be in it."""
-    rows = []
+    """([(line number, text, label)], label set). Numeric labels index label_names; text labels must be in it.
+    A bad line stops the run with the fix for its format, or with skip_bad_lines is counted and left out."""
+    rows, bad = [], []
+
+    def refuse(n, why):
+        if not skip_bad_lines:
+            raise UsageError(f"{path} line {n} {why}, or pass --skip_bad_lines=True to leave such lines out")
+        bad.append(n)
     for n, r in read_records(path, encoding, text_field, label_field):
         if not isinstance(r, dict) or text_field not in r or label_field not in r:
-            raise UsageError(f"{path} line {n} has no '{text_field}' and '{label_field}' fields; "
-                             f"pass --text_field/--label_field naming its columns")
-        rows.append((n, str(r[text_field]), str(r[label_field]).strip()))
+            refuse(n, "has no '@label' at its end (sentence@label lines, as in Financial PhraseBank): fix it"
+                   if path.endswith(".txt") else f"has no '{text_field}' and '{label_field}' fields; pass "
+                   f"--text_field/--label_field naming its columns")
+        else:
+            rows.append((n, str(r[text_field]), str(r[label_field]).strip()))
     names = list(label_names) or sorted({lab for _, _, lab in rows})
     out = []
     for n, text, lab in rows:
         if lab not in names and lab.isdigit() and int(lab) < len(label_names):
             lab = names[int(lab)]  # 0/1/2 -> bearish/bullish/neutral
         if lab not in names:
-            raise UsageError(f"{path} line {n} has label '{lab}', not in the label set {names}; "
-                             f"fix the line or pass --label_names")
-        out.append((n, text, lab))
+            refuse(n, f"has label '{lab}', not in the label set {names}; fix the line or pass --label_names")
+        else:
+            out.append((n, text, lab))
+    if bad:
+        print(f"skipped {len(bad):,} bad line(s) of {path} (lines {', '.join(map(str, bad[:10]))}"
+              f"{', ...' if len(bad) > 10 else ''})")
     return out, names
 
 
@@ -326,11 +350,11 @@ def classify():
 USES = {"download": "data_root dataset source hf_config hf_split text_field txt_split max_docs stdlib_max_bytes",
         "train_vocab": "data_root dataset source vocab_size vocab_max_bytes seed",
         "pretokenize": "data_root dataset source vocab_size tokenizer chat_specials val_fraction seed dtype "
-                       "num_workers",
+                       "num_workers shard_tokens",
         "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding "
                "show",
         "classify": "data_root dataset source tokenizer vocab_size text_field label_field label_names max_docs "
-                    "val_fraction seed dtype encoding show"}
+                    "val_fraction seed dtype encoding show skip_bad_lines"}
 
 if __name__ == "__main__":
     handle_errors()
@@ -344,7 +368,7 @@ if __name__ == "__main__":
                          f"e.g. python tokenize_data.py download --source=stdlib")
     uses = USES[sys.argv[1]].split()
     print_config(configure(globals(), sys.argv[2:], only=uses), only=uses)
-    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes"),
+    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens"),
             non_negative=("num_workers", "show"), fraction=("val_fraction",))
     lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder
     commands[sys.argv[1]]()

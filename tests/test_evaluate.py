@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import model as model_lib
+import engine as model_lib
 from checkpoint import save_checkpoint
 import conftest
 from conftest import REPO, TINY, make_dataset, read_metrics, run_script, shared

@@ -283,3 +283,8 @@ def test_classification_errors(env):
     one_line_error(cls(root / "nolab.csv"), "line 2", "--text_field")
     (root / "empty.csv").write_text("text,label\n")
     one_line_error(cls(root / "empty.csv"), "0 labelled")
+    # Financial PhraseBank's sentence@label lines: a stray line without its label names the format and the way out
+    (root / "fpb.txt").write_text("the dog was good@good\nstray line without a label\nit was bad@bad\nx@good\n")
+    one_line_error(cls(root / "fpb.txt"), "line 2", "no '@label'", "--skip_bad_lines=True")
+    proc = cls(root / "fpb.txt", "--skip_bad_lines=True", "--dataset=fpb", "--data_root=data", "--val_fraction=0.5")
+    assert proc.returncode == 0 and "skipped 1 bad line(s)" in proc.stdout and "(lines 2)" in proc.stdout

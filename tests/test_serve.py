@@ -359,7 +359,7 @@ def test_lm_eval_local_completions_scores_hellaswag_as_evaluate_py_does(tmp_path
     evaluate.py hellaswag on the same 40 items of the real validation set with the real stories260K model."""
     pytest.importorskip("lm_eval")
     import evaluate
-    import model as model_lib
+    import engine as model_lib
     from checkpoint import load_any, tokenizer_for
     from conftest import shared
     model_bin, tok_file = shared("stories260K", "stories260K.bin"), shared("stories260K", "tok512.model")

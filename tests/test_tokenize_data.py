@@ -236,7 +236,7 @@ def test_meta_json_round_trip_through_data_py(tmp_path):
     d = ds.write_token_dataset(tmp_path / "big", {"train": train, "val": val}, tok, 70000, note="x")
     meta = ds.load_meta(d)
     assert meta["dtype"] == "uint32" and meta["note"] == "x" and meta["tokenizer"] == tok  # 70000 ids need uint32
-    assert meta["splits"]["train"] == {"file": "train.bin", "documents": 1, "tokens": 1000}
+    assert meta["splits"]["train"] == {"files": ["train.bin"], "documents": 1, "tokens": 1000}
     assert np.array_equal(ds.open_split(d, "train"), train) and np.array_equal(ds.open_split(d, "val"), val)
     assert ds.check_token_ids(d, "val") == 69999
     examples = [([1, 5, 6, 7], [-100, -100, 6, 7]), ([1, 9], [-100, 9]), ([1, 2, 3], [-100, -100, -100])]
@@ -249,3 +249,53 @@ def test_meta_json_round_trip_through_data_py(tmp_path):
     assert list(offsets) == [0, 4, 6, 9] and list(tokens) == [1, 5, 6, 7, 1, 9, 1, 2, 3]
     assert list(mask) == [0, 0, 1, 1, 0, 1, 0, 0, 0]
     assert not [p for p in os.listdir(d) if p.startswith(".tmp")]  # atomic writes leave no temporaries
+
+
+def test_shards_read_as_one_file_and_the_split_works_in_blocks(tmp_path, monkeypatch):
+    """pretokenize with small shards writes the same tokens as one file; readers see one sequence across shard
+    boundaries; the train/val split of a corpus larger than a block stays seeded, disjoint and ~val_fraction."""
+    docs = [f"document {i}: " + "the cat sat " * (i % 13) for i in range(300)]
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "docs.jsonl", docs)
+    tok = str(GPT2_DIR) if (GPT2_DIR / "vocab.bpe").is_file() else pytest.skip("GPT-2 BPE files absent")
+    configure(monkeypatch, data_root=str(tmp_path), dataset="d", tokenizer=tok, num_workers=2, val_fraction=0.1)
+    td.pretokenize()
+    whole = {s: np.array(ds.open_split(tmp_path / "d", s)) for s in ("train", "val")}
+    configure(monkeypatch, shard_tokens=500)
+    td.pretokenize()
+    meta = ds.load_meta(tmp_path / "d")
+    assert len(meta["splits"]["train"]["files"]) > 3 and sorted(os.listdir(tmp_path / "d")) == sorted(
+        ["docs.jsonl", "meta.json"] + meta["splits"]["train"]["files"] + meta["splits"]["val"]["files"])  # old gone
+    stream = ds.open_split(tmp_path / "d", "train")
+    assert np.array_equal(np.array(stream), whole["train"]) and len(stream) == len(whole["train"])
+    assert np.array_equal(stream[490:1510], whole["train"][490:1510])  # a slice across shard boundaries
+    x, y = ds.window_batch(stream, [0, 499, 995], 16)
+    assert np.array_equal(x[1], whole["train"][499:515]) and np.array_equal(y[2], whole["train"][996:1012])
+    assert list(stream)[:5] == list(whole["train"][:5]) and stream[-1] == whole["train"][-1]
+    # blocks: with 64-document blocks, each block's split is its own seeded split_documents
+    monkeypatch.setattr(ds, "SPLIT_BLOCK", 64)
+    split = ds.DocumentSplit(300, 0.1, 7)
+    val = [i for i in range(300) if split.is_val(i)]
+    assert val == [i for i in range(300) if ds.DocumentSplit(300, 0.1, 7).is_val(i)]  # reproducible
+    per_block = [sum(1 for i in val if i // 64 == b) for b in range(5)]
+    assert per_block == [6, 6, 6, 6, 4]  # round(0.1 * 64) in each full block, round(0.1 * 44) in the last
+    assert [i % 64 for i in val if i < 64] == sorted(ds.split_documents(64, 0.1, 7)[1].tolist())
+
+
+def test_a_sharded_dataset_trains_exactly_as_one_file(tmp_path):
+    """Sampling is uniform over tokens, so the same tokens in 1 or 7 shards give bit-identical losses, and an
+    interrupted run on shards resumes exactly."""
+    from conftest import TINY, read_metrics, run_script
+    toks = np.random.default_rng(0).integers(0, 64, 12000)
+    meta = {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": 64, "bos_id": 1, "eos_id": 2}
+    ds.write_token_dataset(tmp_path / "data" / "one", {"train": toks[:10000], "val": toks[10000:]}, meta, 64)
+    ds.write_token_dataset(tmp_path / "data" / "many", {"train": toks[:10000], "val": toks[10000:]}, meta, 64,
+                           shard_tokens=1500)
+    assert len(ds.load_meta(tmp_path / "data" / "many")["splits"]["train"]["files"]) == 7
+    common = [f"--data_root={tmp_path / 'data'}", *TINY, "--max_iters=8", "--eval_interval=4", "--log_interval=1"]
+    losses = {}
+    for name, extra in (("one", []), ("many", []), ("part", ["--stop_at_iter=5"]), ("part", ["--init_from=resume"])):
+        run_script("train.py", *common, f"--dataset={'one' if name == 'one' else 'many'}",
+                   f"--out_dir={tmp_path / name}", *extra)
+        losses[name] = [(r["iter"], r["loss"]) for r in read_metrics(tmp_path / name, "train")]
+    assert losses["one"] == losses["many"] == losses["part"] and len(losses["one"]) == 8
