@@ -10,7 +10,7 @@ from collections import namedtuple
 
 import torch
 
-from runtime import UsageError
+from runtime import UsageError, any_rank
 
 Optimizer = namedtuple("Optimizer", "build states keys")  # keys: the config keys it reads
 
@@ -101,6 +101,36 @@ def make_optimizers(params, name, cfg, fused=False, in_backward=False, foreach=N
             p.register_post_accumulate_grad_hook(step_in_backward(mine))
             opts += mine
     return opts
+
+
+def clip_and_step(opts, scaler, params, grad_clip, skip_nonfinite=None, stepped_in_backward=False):
+    """End an optimizer step whose gradients are accumulated: unscale them (float16), clip their global norm to
+    grad_clip (0 = no clipping), step and zero every optimizer. skip_nonfinite: the step's loss, and if it or any
+    gradient is nan/inf on any rank the step is skipped on every rank (one host sync). Returns (grad_norm, skipped).
+    stepped_in_backward: the hooks have already stepped every parameter; only the check is left."""
+    params = [p for p in params if p.grad is not None]
+    if grad_clip > 0:
+        for o in opts:
+            scaler.unscale_(o)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.zeros(())
+    skip = False
+    if skip_nonfinite is not None:
+        total = torch.stack([p.grad.norm() for p in params]).norm() if params else torch.zeros(())
+        skip = any_rank(~(torch.isfinite(skip_nonfinite) & torch.isfinite(total.to(skip_nonfinite.device))))
+    if skip:
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # as the scaler does for an inf gradient: a smaller scale, no step
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    elif not stepped_in_backward:
+        for o in opts:
+            scaler.step(o)
+        scaler.update()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+    return grad_norm, skip
 
 
 def set_lr(opts, lr):

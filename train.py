@@ -248,7 +248,6 @@ if ddp:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate():
     """Loss, perplexity and next-token accuracy on the fixed evaluation batches of each split (and a classifier's
     label accuracy on the first eval_iters * batch_size val texts)."""
@@ -380,30 +379,12 @@ while True:
             loss = loss * scale
         scaler.scale(loss).backward()
         step_loss += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
-    if grad_clip > 0:
-        for o in opts:
-            scaler.unscale_(o)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    else:
-        grad_norm = torch.zeros(())
-    skip = False
-    if nonfinite == "skip":  # a host sync per step, the price of looking at every loss and gradient
-        grads = [p.grad.norm() for p in raw_model.parameters() if p.grad is not None]
-        skip = any_rank(~(torch.isfinite(step_loss) & torch.isfinite(torch.stack(grads).norm())))
+    grad_norm, skip = optim.clip_and_step(opts, scaler, raw_model.parameters(), grad_clip,
+                                          step_loss if nonfinite == "skip" else None, optimizer_in_backward)
     if skip:
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        if scaler.is_enabled():  # as the scaler does for an inf gradient: a smaller scale, no step
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         skipped += 1
     else:
         loss_acc += step_loss
-    if not optimizer_in_backward and not skip:  # otherwise the hooks have already stepped every parameter
-        for o in opts:
-            scaler.step(o)
-        scaler.update()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_seen += tokens_per_iter
     n_acc += not skip
