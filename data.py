@@ -44,15 +44,25 @@ class DocumentSplit:
     def __init__(self, n, frac, seed):
         if n < 2:
             split_documents(n, frac, seed)  # its error: too few documents to split
-        self.n, self.frac, self.seed, self.block, self.val = n, frac, seed, -1, set()
+        self.n, self.frac, self.seed, self.block, self.mask = n, frac, seed, -1, None
+
+    def val_mask(self, start, count):
+        """Whether each of documents start .. start + count - 1 is val, as a bool array."""
+        out = []
+        while count > 0:
+            block, offset = divmod(start, SPLIT_BLOCK)
+            if block != self.block:
+                size = min(SPLIT_BLOCK, self.n - block * SPLIT_BLOCK)
+                self.block, self.mask = block, np.zeros(size, bool)
+                if size > 1:  # a single document left over goes to train
+                    self.mask[split_documents(size, self.frac, self.seed + block)[1]] = True
+            take = min(count, len(self.mask) - offset)
+            out.append(self.mask[offset:offset + take])
+            start, count = start + take, count - take
+        return np.concatenate(out) if out else np.zeros(0, bool)
 
     def is_val(self, i):
-        block = i // SPLIT_BLOCK
-        if block != self.block:
-            size = min(SPLIT_BLOCK, self.n - block * SPLIT_BLOCK)
-            val = split_documents(size, self.frac, self.seed + block)[1] if size > 1 else []  # 1 left over: train
-            self.block, self.val = block, set(val.tolist() if len(val) else [])
-        return i % SPLIT_BLOCK in self.val
+        return bool(self.val_mask(i, 1)[0])
 
 
 def split_documents(n, frac, seed):
@@ -213,17 +223,28 @@ class ShardWriter:
         self.files, self.f, self.in_shard, self.tokens, self.documents = [], None, 0, 0, 0
 
     def add(self, ids):
-        if self.f is None or self.in_shard >= self.max_tokens:
-            if self.f is not None:
-                self.f.close()
-            name = f"{self.split}.bin" if not self.files else f"{self.split}-{len(self.files):05d}.bin"
-            self.files.append(name)
-            self.f, self.in_shard = open(self.update.path(name), "wb"), 0
         arr = np.asarray(ids, dtype=self.dtype)
-        self.f.write(arr.tobytes())
-        self.in_shard += len(arr)
-        self.tokens += len(arr)
-        self.documents += 1
+        self.add_many(arr, [len(arr)])
+
+    def add_many(self, flat, lengths):
+        """Documents given as one flat array and their lengths: the files add() of each would write, written in
+        a few large slices (a Python call per document costs more than the encoding, at scale)."""
+        flat, ends, a, doc = np.asarray(flat, dtype=self.dtype), np.cumsum(lengths), 0, 0
+        while doc < len(ends):
+            if self.f is None or self.in_shard >= self.max_tokens:
+                if self.f is not None:
+                    self.f.close()
+                name = f"{self.split}.bin" if not self.files else f"{self.split}-{len(self.files):05d}.bin"
+                self.files.append(name)
+                self.f, self.in_shard = open(self.update.path(name), "wb"), 0
+            # a document goes into this shard while the shard holds fewer than max_tokens before it
+            stop = int(np.searchsorted(ends, a + self.max_tokens - self.in_shard, side="left")) + 1
+            stop = min(max(stop, doc + 1), len(ends))
+            b = int(ends[stop - 1])
+            self.f.write(flat[a:b].tobytes())
+            self.in_shard, self.tokens = self.in_shard + b - a, self.tokens + b - a
+            self.documents += stop - doc
+            a, doc = b, stop
 
     def close(self):
         if self.f is not None:

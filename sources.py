@@ -104,19 +104,39 @@ def jsonl(path, expect="JSON", fix="fix or delete that line", parse=lambda recor
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield n, parse(json.loads(line))
-                    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-                        raise UsageError(f"{path} line {n} is not {expect} ({type(e).__name__}: {str(e)[:120]}); "
-                                         f"{fix}")
+                yield from parse_jsonl((line,), path, n, expect, fix, parse)
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} line {n + 1} is not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
 
 
+def parse_jsonl(lines, path, first=1, expect="JSON", fix="fix or delete that line", parse=lambda record: record):
+    """jsonl() of lines already read, the first being line number first of path (pretokenize's workers parse
+    the chunks their parent reads)."""
+    for n, line in enumerate(lines, first):
+        if line.strip():
+            try:
+                yield n, parse(json.loads(line))
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                raise UsageError(f"{path} line {n} is not {expect} ({type(e).__name__}: {str(e)[:120]}); {fix}")
+
+
+def text_of(record, field):
+    """record[field], which must be a string (a number or a list there is a broken record, not a document)."""
+    text = record[field]
+    if not isinstance(text, str):
+        raise TypeError(f"its '{field}' is a JSON {type(text).__name__}, not a string")
+    return text
+
+
+def jsonl_texts(lines, path, first=1, field="text"):
+    """The field of each record of lines (see parse_jsonl)."""
+    return [t for _, t in parse_jsonl(lines, path, first, f"a JSON object with a '{field}' string",
+                                      parse=lambda r: text_of(r, field))]
+
+
 def read_jsonl_texts(path, field="text"):
     """Yield field of each line of a JSONL file; a bad line stops with its line number."""
-    for _, text in jsonl(path, f"a JSON object with a '{field}' field", parse=lambda r: r[field]):
+    for _, text in jsonl(path, f"a JSON object with a '{field}' string", parse=lambda r: text_of(r, field)):
         yield text
 
 

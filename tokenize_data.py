@@ -13,11 +13,15 @@ Offline demo (the Python standard library as a corpus, one document per .py file
 
 The format it writes (and train.py/evaluate.py read) lives in data.py; importing this module does no work.
 """
+import collections
 import contextlib
+import itertools
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,7 @@ from checkpoint import load_checkpoint
 from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
                   write_sft_split)
 from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, handle_errors
-from sources import load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
+from sources import jsonl_texts, load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,7 +56,7 @@ chat_specials = True      # give the chat specials ids (appended to gpt2/Llama v
 val_fraction = 0.05       # fraction of documents held out for val (at least 1)
 seed = 1337               # seeds the train/val document split and the vocab sample
 dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
-num_workers = 0           # pretokenize: the tokenizer's encoding threads (0 = all CPU cores)
+num_workers = 0           # pretokenize: worker processes that parse and encode (0 = all CPU cores)
 shard_tokens = 1 << 28    # pretokenize: tokens per shard file at most (268M: 512 MiB of uint16)
 # sft / classify (source = a local .json/.jsonl/.csv/.txt file; tokenizer may also be a checkpoint .pt)
 sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories"
@@ -82,27 +86,57 @@ def docs_path(d):
 
 
 def count_docs(path):
-    """(documents, bytes of text) of docs.jsonl: one pass, nothing kept in memory, and a bad line stops the run
-    before any time goes into tokenizing (or the vocab) rather than at line nine million."""
-    n = nbytes = 0
-    for text in read_jsonl_texts(path):
-        n, nbytes = n + 1, nbytes + len(text.encode())
+    """(documents, bytes) of docs.jsonl, counted fast: its non-blank lines (the records, parsed later, where a bad
+    one stops the run by its line number before anything is replaced) and its size."""
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            n += not line.isspace()
     if not n:
         raise UsageError(f"{path} holds no documents; re-run python tokenize_data.py download on a non-empty source")
-    return n, nbytes
+    return n, os.path.getsize(path)
 
 
-def batched(texts, max_bytes=1 << 24):
-    """Lists of texts of about max_bytes each: what one batched encode call takes, bounded in memory."""
-    batch, size = [], 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= max_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def byte_ranges(path, size=1 << 22):
+    """(start, end) byte ranges of path of about size bytes, each ending at a line end: what one worker reads,
+    parses and encodes itself (the parent touches no text, so every core encodes)."""
+    total, start = os.path.getsize(path), 0
+    with open(path, "rb") as f:
+        while start < total:
+            f.seek(min(start + size, total))
+            f.readline()
+            yield start, f.tell()
+            start = f.tell()
+
+
+_worker_tok = None  # each worker process's own tokenizer
+
+
+def _start_worker(spec, specials):
+    global _worker_tok
+    _worker_tok = make_tokenizer(spec, specials)
+
+
+def _encode_range(path, start, end, dt):
+    """In a worker: read, parse, encode and pack one byte range; the parent only writes. (token array, lengths)"""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    try:
+        lines = raw.decode("utf-8").split("\n")  # "\n" only: JSON strings may hold U+2028, which splitlines cuts at
+        texts = jsonl_texts(lines, path)
+    except (UsageError, UnicodeDecodeError):  # the same error again, numbered by the file's lines (rare: count them)
+        with open(path, "rb") as f:
+            first = 1 + f.read(start).count(b"\n")
+        try:
+            lines = raw.decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            line = first + raw[:e.start].count(b"\n")
+            raise UsageError(f"{path} line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8")
+        texts = jsonl_texts(lines, path, first)
+    ids = _worker_tok.encode_batch(texts, bos=True, eos=True)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=dt, count=int(lengths.sum())), lengths
 
 
 def write_docs(path, records, atomic=True):
@@ -146,20 +180,20 @@ def train_vocab():
     path = docs_path(d)
     # a seeded random sample of about vocab_max_bytes keeps vocab training fast on big corpora (SentencePiece
     # holds its input in memory), chosen in one streaming pass
-    keep = min(1.0, vocab_max_bytes / count_docs(path)[1])
-    rng = np.random.default_rng(seed)
-    prefix, staged = d / f"tok{vocab_size}", d / f"{TMP_PREFIX}tok{vocab_size}"  # staged: cleaned if we die
-    sample_path, total = d / f"{TMP_PREFIX}tok_sample.txt", 0
-    with open(sample_path, "w", encoding="utf-8") as f:
-        for text in read_jsonl_texts(path):
-            if rng.random() < keep:
-                f.write(text.strip() + "\n")
-                total += len(text.encode())
     n_special = len(SPECIAL_TOKENS)
     check(vocab_size > 259 + n_special, f"vocab_size={vocab_size} leaves no room for merges: the 256 byte pieces, "
           f"<unk> <s> </s> and {n_special} chat tokens take {259 + n_special}; pass a larger --vocab_size")
-    print(f"training a {vocab_size}-token SentencePiece BPE on {total / 1e6:.1f} MB of {d / DOCS}")
+    keep = min(1.0, vocab_max_bytes / count_docs(path)[1])  # the file's size: at least its text's
+    rng = np.random.default_rng(seed)
+    prefix, staged = d / f"tok{vocab_size}", d / f"{TMP_PREFIX}tok{vocab_size}"  # staged: cleaned if we die
+    sample_path, total = d / f"{TMP_PREFIX}tok_sample.txt", 0
     try:
+        with open(sample_path, "w", encoding="utf-8") as f:
+            for text in read_jsonl_texts(path):
+                if rng.random() < keep:
+                    f.write(text.strip() + "\n")
+                    total += len(text.encode())
+        print(f"training a {vocab_size}-token SentencePiece BPE on {total / 1e6:.1f} MB of {d / DOCS}")
         # llama2.c's train_vocab settings (themselves Meta's Llama 2 ones), plus our chat specials
         spm.SentencePieceTrainer.train(
             input=str(sample_path), model_prefix=str(staged), model_type="bpe", vocab_size=vocab_size - n_special,
@@ -189,26 +223,42 @@ def train_vocab():
 # -----------------------------------------------------------------------------
 # pretokenize
 
+def write_chunk(out, split, i, flat, lengths):
+    """Documents i, i+1, ... (one chunk, packed) into their splits' shards; returns the next document's index."""
+    val = split.val_mask(i, len(lengths))
+    in_val = np.repeat(val, lengths)
+    out["train"].add_many(flat[~in_val], lengths[~val])
+    out["val"].add_many(flat[in_val], lengths[val])
+    return i + len(lengths)
+
+
 def pretokenize():
-    """docs.jsonl into token shards, streamed: memory stays flat however large the corpus. Each batch of
-    documents is encoded by the tokenizer's own threads (SentencePiece and tiktoken release the GIL), every
-    document whole into train or val by a seeded split of its index (data.DocumentSplit)."""
+    """docs.jsonl into token shards, streamed: memory stays flat however large the corpus. Worker processes each
+    read, parse, encode and pack a range of lines (the Python around the tokenizer costs too much to leave in one
+    process); ranges are written in order, every document whole into train or val by a seeded split of its index
+    (data.DocumentSplit)."""
     d = dataset_dir()
     path = docs_path(d)
     n, nbytes = count_docs(path)
     spec = tokenizer or str(d / f"tok{vocab_size}.model")
-    tok = make_tokenizer(spec, SPECIAL_TOKENS if chat_specials else ())
-    dt, threads = token_dtype(tok.vocab_size, dtype), num_workers or os.cpu_count()
+    specials = SPECIAL_TOKENS if chat_specials else ()
+    tok = make_tokenizer(spec, specials)
+    dt, workers = token_dtype(tok.vocab_size, dtype), num_workers or os.cpu_count()
     split = DocumentSplit(n, val_fraction, seed)
-    print(f"tokenizing {n:,} documents ({nbytes / 1e6:,.1f} MB) with {tok} into {dt.name}, {threads} threads, "
+    print(f"tokenizing {n:,} documents ({nbytes / 1e6:,.1f} MB) with {tok} into {dt.name}, {workers} processes, "
           f"shards of up to {shard_tokens:,} tokens")
     t0, i = time.time(), 0
-    with DatasetUpdate(d) as up:  # the old dataset stays whole until every new file is complete
+    # fork where there is one: workers start at once, without importing this script again
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with DatasetUpdate(d) as up, ProcessPoolExecutor(workers, ctx, _start_worker, (spec, specials)) as pool:
         out = {s: ShardWriter(up, s, dt, shard_tokens) for s in ("train", "val")}
-        for texts in batched(read_jsonl_texts(path)):
-            for ids in tok.encode_batch(texts, bos=True, eos=True, threads=threads):
-                out["val" if split.is_val(i) else "train"].add(ids)
-                i += 1
+        pending = collections.deque()  # a few chunks in flight: enough to keep every worker busy, memory bounded
+        for start, end in byte_ranges(path):
+            pending.append(pool.submit(_encode_range, path, start, end, dt))
+            if len(pending) > 2 * workers:
+                i = write_chunk(out, split, i, *pending.popleft().result())
+        while pending:
+            i = write_chunk(out, split, i, *pending.popleft().result())
         splits = {s: w.close() for s, w in out.items()}
         for s, info in splits.items():
             print(f"  {s}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['files'])} "

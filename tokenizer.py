@@ -69,6 +69,12 @@ class Tokenizer:
     def encode_batch(self, texts, bos=False, eos=False, threads=1):
         """encode() of many texts at once, in the backend's own threads (SentencePiece's and tiktoken's batch
         encoders release the GIL): what pretokenize spends its time in."""
+        texts = list(texts)
+        if (self.kind == "sentencepiece" and not (self._split_re and self._split_re.search("\0".join(texts)))
+                and (not bos or self.bos_id == self.backend.bos_id())
+                and (not eos or self.eos_id == self.backend.eos_id())):
+            # the common case, no specials in the batch: SentencePiece adds BOS/EOS itself, no Python per text
+            return self.backend.encode(texts, num_threads=threads, add_bos=bos, add_eos=eos)
         if self.kind == "tiktoken":
             out = self.backend.encode_batch(texts, num_threads=threads, allowed_special=set(self.special_ids),
                                             disallowed_special=())

@@ -158,7 +158,7 @@ def test_open_split_errors(tmp_path, built):
         ds.open_split(d, "val")
 
 
-def test_download_errors(tmp_path, monkeypatch):
+def test_download_errors(tmp_path, monkeypatch, built):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
     configure(monkeypatch, data_root=str(tmp_path / "data"), source=str(bad))
@@ -177,8 +177,13 @@ def test_download_errors(tmp_path, monkeypatch):
     (tmp_path / "data" / "x").mkdir(parents=True)
     (tmp_path / "data" / "x" / "docs.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
     configure(monkeypatch, dataset="x")
-    with pytest.raises(UsageError, match="line 2 is not a JSON object with a 'text' field"):
+    with pytest.raises(UsageError, match="line 2 is not a JSON object with a 'text' string"):
+        td.train_vocab()
+    # pretokenize parses in its worker processes: the error still names the line, and nothing is written
+    configure(monkeypatch, tokenizer=str(built / "tok400.model"))
+    with pytest.raises(UsageError, match="x/docs.jsonl line 2 is not a JSON object with a 'text' string"):
         td.pretokenize()
+    assert sorted(p.name for p in (tmp_path / "data" / "x").iterdir()) == ["docs.jsonl"]
 
 
 def run_cli(*args, cwd, env=None):
@@ -280,6 +285,55 @@ def test_shards_read_as_one_file_and_the_split_works_in_blocks(tmp_path, monkeyp
     per_block = [sum(1 for i in val if i // 64 == b) for b in range(5)]
     assert per_block == [6, 6, 6, 6, 4]  # round(0.1 * 64) in each full block, round(0.1 * 44) in the last
     assert [i % 64 for i in val if i < 64] == sorted(ds.split_documents(64, 0.1, 7)[1].tolist())
+
+
+def test_shard_writer_packs_documents_as_one_at_a_time_would(tmp_path):
+    """add_many (what pretokenize's parent calls per chunk) writes the files of the rule: a shard takes documents
+    while it holds fewer than max_tokens, so a document never spans two files."""
+    rng = np.random.default_rng(0)
+
+    class Update:
+        def path(self, name):
+            return str(tmp_path / name)
+    for trial in range(50):
+        lengths, cap = rng.integers(0, 20, size=rng.integers(1, 30)), int(rng.integers(1, 40))
+        flat = rng.integers(0, 60000, size=int(lengths.sum())).astype(np.uint16)
+        w = ds.ShardWriter(Update(), f"t{trial}", np.uint16, cap)
+        cut = int(rng.integers(0, len(lengths) + 1))
+        w.add_many(flat[:lengths[:cut].sum()], lengths[:cut])
+        w.add_many(flat[lengths[:cut].sum():], lengths[cut:])
+        info = w.close()
+        expected, held = [], None  # the rule, one document at a time
+        for n in lengths:
+            if held is None or held >= cap:
+                expected.append(0)
+                held = 0
+            expected[-1], held = expected[-1] + int(n), held + int(n)
+        sizes = [os.path.getsize(tmp_path / f) // 2 for f in info["files"]]
+        assert sizes == expected and info["documents"] == len(lengths)
+        assert np.array_equal(np.concatenate([np.fromfile(tmp_path / f, np.uint16) for f in info["files"]]), flat)
+    split = ds.DocumentSplit(2_345_678, 0.05, 3)  # val_mask across block boundaries = is_val one by one
+    mask = split.val_mask(999_990, 1_000_030)
+    assert [bool(m) for m in mask[:40]] == [ds.DocumentSplit(2_345_678, 0.05, 3).is_val(i) for i in range(999_990,
+                                                                                                      1_000_030)]
+    assert np.array_equal(np.flatnonzero(ds.DocumentSplit(2_345_678, 0.05, 3).val_mask(0, 1_000_000)),
+                          ds.split_documents(1_000_000, 0.05, 3)[1])
+
+
+def test_pretokenize_workers_name_the_bad_line(tmp_path, monkeypatch, built):
+    """Lines are parsed in worker processes, chunk by chunk; an error still names the file's own line number."""
+    (tmp_path / "d").mkdir()
+    good = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3000))
+    configure(monkeypatch, data_root=str(tmp_path), dataset="d", tokenizer=str(built / "tok400.model"))
+    monkeypatch.setattr(td, "byte_ranges", lambda path, size=4096, f=td.byte_ranges: f(path, size))  # many chunks
+    for bad, why in ((b'{"text": 5}\n', "line 2501 is not a JSON object with a 'text' string .TypeError: its 'text' "
+                                         "is a JSON int"),
+                     (b'{"text": "caf\xe9"}\n', "line 2501 is not UTF-8 text")):
+        lines = good.encode().splitlines(keepends=True)
+        (tmp_path / "d" / "docs.jsonl").write_bytes(b"".join(lines[:2500]) + bad + b"".join(lines[2500:]))
+        with pytest.raises(UsageError, match=why):
+            td.pretokenize()
+    assert sorted(os.listdir(tmp_path / "d")) == ["docs.jsonl"]
 
 
 def test_a_sharded_dataset_trains_exactly_as_one_file(tmp_path):
