@@ -143,11 +143,26 @@ def held_by(r, name):
     return [p["message_id"] for p in r.xpending_range(jobs.stream(Q), jobs.group(Q), "-", "+", 100, name)]
 
 
-def freeze_holding(r, proc, name):
+def renewed_by(r, name, since):
+    """Entries the worker renewed after it took them: proof it holds them in memory, not merely that Redis delivered
+    them (the reply can still sit unread in its socket, and a Redis restart then loses the job). since: {entry:
+    when it was delivered}, filled in here."""
+    now, out = time.monotonic(), []
+    for p in r.xpending_range(jobs.stream(Q), jobs.group(Q), "-", "+", 100, name):
+        delivered = since.setdefault(p["message_id"], now - p["time_since_delivered"] / 1000)
+        if p["time_since_delivered"] / 1000 < now - delivered - 0.1:
+            out.append(p["message_id"])
+    return out
+
+
+def freeze_holding(r, proc, name, renewed=False):
     """SIGSTOP the worker at a moment it holds jobs; returns their entry ids. A frozen worker can neither finish nor
-    take any, so this is exactly what it holds, unstored (storing and acknowledging are one atomic step)."""
+    take any, so this is exactly what it holds, unstored (storing and acknowledging are one atomic step).
+    renewed: only once it has renewed one (it runs the job, rather than Redis having merely sent it)."""
+    since = {}
+    holding = (lambda: renewed_by(r, name, since)) if renewed else (lambda: held_by(r, name))
     for _ in range(20):
-        wait_for(lambda: held_by(r, name), 30, f"{name} holding jobs")
+        wait_for(holding, 30, f"{name} holding jobs")
         proc.send_signal(signal.SIGSTOP)
         held = held_by(r, name)
         if held:
@@ -311,7 +326,7 @@ def test_bad_jobs_go_to_the_dead_letters_with_their_error_and_the_worker_survive
         # Redis goes away while a job runs (and comes back empty: persistence is off): the worker waits with back-off,
         # stores the result once it can, and takes new jobs
         jobs.submit(r, Q, jobs.new_job("a long one", job_id="long-job", temperature=0, max_tokens=1000))
-        freeze_holding(r, worker, "w")  # mid-job, so the job is still running when Redis goes
+        freeze_holding(r, worker, "w", renewed=True)  # mid-job, so the job is still running when Redis goes
         server.kill()
         worker.send_signal(signal.SIGCONT)
         wait_for(lambda: worker.log.read_text().count("retrying in") >= 3, 30, "three retries")
