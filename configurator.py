@@ -151,8 +151,11 @@ def script_settings(path):
         key = node.targets[0].id
         try:
             value = ast.literal_eval(node.value)
-        except ValueError:
-            continue
+        except ValueError:  # a constant (upper case) or a private name may be computed; a setting may not: it
+            if key.startswith("_") or key.isupper():  # would vanish from --help and the README check unseen
+                continue
+            raise UsageError(f"{path}: setting {key} = {ast.get_source_segment(source, node.value)} is not a "
+                             f"literal; write its value out (e.g. 268_435_456, not 1 << 28)")
         if key.startswith("_") or key.isupper() or key not in config_keys({key: value}):
             continue
         text, line = [], node.end_lineno

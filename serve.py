@@ -210,7 +210,7 @@ def usage(reqs):
 async def answer(request, reqs, kind, stream, include_usage, chunk, first, final):
     """Queue every request or none (429), then stream server-sent events (first chunks, chunk(i, text, finish) per
     piece of text and per finish, the usage chunk if asked, [DONE]) or wait and return final(). A client that hangs
-    up cancels its requests: Starlette stops the stream's generator; a waiting handler checks twice a second."""
+    up cancels its requests: Starlette stops the stream's generator; a waiting handler looks 4 times a second."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()  # (index, text); text None: that request is done
 
     def post(item):  # from the engine's thread
@@ -251,15 +251,18 @@ async def answer(request, reqs, kind, stream, include_usage, chunk, first, final
                 r.cancelled = r.cancelled or r.finish_reason is None
     if stream:
         return StreamingResponse(chunks(), media_type="text/event-stream")
-    left = len(reqs)
+    left, look = len(reqs), 0.0
     while left:
-        try:
-            left -= (await asyncio.wait_for(events.get(), 0.5))[1] is None
-        except asyncio.TimeoutError:
+        if time.monotonic() > look:  # 4 times a second, even while tokens flow: a hang-up frees its rows early
+            look = time.monotonic() + 0.25  # (the first look also resumes reading the socket, to see the hang-up)
             if await request.is_disconnected():
                 for r in reqs:
                     r.cancelled = True
                 return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        try:
+            left -= (await asyncio.wait_for(events.get(), 0.25))[1] is None
+        except asyncio.TimeoutError:
+            pass
     bad = [r for r in reqs if r.finish_reason == "error"]
     return JSONResponse(failed(bad[0]), 500) if bad else JSONResponse({**top, **final(), "usage": usage(reqs)})
 
@@ -406,9 +409,8 @@ def load(server):
         dev, dev_type, dt = device_and_dtype(device, dtype)
         model, ckpt = load_any(checkpoint, adapter, dev)
         tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
-        path = os.path.abspath(checkpoint).rstrip("/")
-        S.name = model_name or os.path.splitext(os.path.basename(
-            os.path.dirname(path) if os.path.basename(path) == "ckpt.pt" else path))[0]
+        path = os.path.abspath(checkpoint).rstrip("/").removesuffix("/ckpt.pt")  # a run folder's name, or the file's
+        S.name = model_name or os.path.splitext(os.path.basename(path))[0]
         S.tok, S.context = tok, model.args.max_seq_len
         S.specials = {special_name(tok, i): i for i in (tok.bos_id, tok.eos_id)}
         engine = Engine(model, tok, max_batch, queue_size, autocast=autocast(dev_type, dt))
@@ -425,8 +427,7 @@ def main():
     require(config, positive=("max_batch", "max_tokens"), non_negative=("queue_size", "port"))
     check(port < 65536, f"port={port} must be below 65536")
     device_and_dtype(device, dtype)  # a bad device stops here, before the port opens
-    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on such sockets, and without it each keep-alive
-    # request waits ~40 ms for a delayed ACK (Nagle)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on such sockets (else ~40 ms delayed ACKs, Nagle)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -57,7 +57,7 @@ val_fraction = 0.05       # fraction of documents held out for val (at least 1)
 seed = 1337               # seeds the train/val document split and the vocab sample
 dtype = "auto"            # token file dtype: "auto" (uint16 if the vocab fits, else uint32), "uint16", "uint32"
 num_workers = 0           # pretokenize: worker processes that parse and encode (0 = all CPU cores)
-shard_tokens = 1 << 28    # pretokenize: tokens per shard file at most (268M: 512 MiB of uint16)
+shard_tokens = 268_435_456  # pretokenize: tokens per shard file at most (268M: 512 MiB of uint16)
 # sft / classify (source = a local .json/.jsonl/.csv/.txt file; tokenizer may also be a checkpoint .pt)
 sft_format = "auto"       # "auto", "alpaca" ({instruction,input,output}), "chat" ({messages}), "tinystories"
                           # (TinyStories-Instruct .txt)

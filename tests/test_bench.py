@@ -226,7 +226,7 @@ PEAK_RSS_WITH_HOOKS = """
 import resource, sys, torch
 from model import ModelArgs, Transformer
 torch.manual_seed(0)
-m = Transformer(ModelArgs(dim=1024, n_layers=8, n_heads=16, vocab_size=32000, max_seq_len=64)).train()
+m = Transformer(ModelArgs(dim=768, n_layers=4, n_heads=12, vocab_size=512, max_seq_len=64)).train()  # blocks dominate
 def step_and_free(o):
     def hook(p):
         o.step()
@@ -240,8 +240,8 @@ if sys.argv[1] == "blocks":  # what train.py does for compile=True with optimize
     fwd = m
 else:
     fwd = torch.compile(m, backend="aot_eager")
-x = torch.randint(32000, (1, 64))
-for _ in range(3):
+x = torch.randint(512, (1, 64))
+for _ in range(2):
     _, loss = fwd(x, x)
     loss.backward()
     del loss
@@ -252,7 +252,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, m.num_params())
 def test_compiling_block_by_block_keeps_optimizer_in_backward_saving_memory(tmp_path):
     """A whole-model compiled graph returns every gradient together at the end of its backward, so the hooks
     of optimizer_in_backward step only once all gradients exist; one graph per block hands them over block
-    by block. Peak RSS of a 134M model (0.5 GiB of fp32 gradients), 3 steps each way."""
+    by block. Peak RSS of a 29M model (0.11 GiB of fp32 gradients, nearly all in the blocks), 2 steps each way."""
     import subprocess
     import sys
     peak = {}
@@ -261,7 +261,7 @@ def test_compiling_block_by_block_keeps_optimizer_in_backward_saving_memory(tmp_
                              env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), cwd=tmp_path).stdout.split()
         peak[how], n_params = int(out[0]), int(out[1])
     grads = 4 * n_params  # bytes of one full set of fp32 gradients
-    assert peak["whole"] - peak["blocks"] > 0.5 * grads  # measured: 0.37 GiB more of 0.50 GiB
+    assert peak["whole"] - peak["blocks"] > 0.5 * grads  # measured: 95 MB more of 115 MB
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="two inductor compiles take ~1 min on 2 cores; set LLAMAFORGE_SLOW=1")

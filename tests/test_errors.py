@@ -82,6 +82,15 @@ def test_help_lists_every_setting_with_its_meaning_and_exits_0(tmp_path, script)
         assert meaning, f"{script}: setting {key} has no comment saying what it means"
         if not verb:  # subcommands show only the settings they read
             assert key in shown and meaning in lines[f"--{key}"], key
+    assert shown <= set(settings(script)) and (not verb or len(shown) < len(settings(script))), shown
+
+
+def test_a_setting_that_is_not_a_literal_is_refused_not_left_out_of_help(tmp_path):
+    from configurator import script_settings
+    from runtime import UsageError
+    (tmp_path / "s.py").write_text("BIG = 1 << 20  # a constant may be computed\nshard = 1 << 28  # a setting\n")
+    with pytest.raises(UsageError, match=r"setting shard = 1 << 28 is not a literal; write its value out"):
+        script_settings(tmp_path / "s.py")
 
 
 def test_readme_documents_every_setting_of_every_script():

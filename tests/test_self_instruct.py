@@ -1,9 +1,7 @@
-"""self_instruct.py: its ROUGE-L against rouge_score, every filter against a scripted OpenAI-compatible server on
+"""self_instruct.py (its ROUGE-L filter: test_rouge.py): every filter against a scripted OpenAI-compatible server on
 127.0.0.1, batching, retries, resume after a kill, bad input, a local checkpoint as the generator, and its output
 through tokenize_data.py sft and train.py."""
 import json
-import os
-import random
 import re
 import socket
 import threading
@@ -12,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import TINY, run_script
+from conftest import REPO, TINY, run_script, shared
+from test_rouge import import_script
 
 # a user's own seed file, in the format of the Self-Instruct seeds (4 classification tasks, 6 others)
 SEEDS = [
@@ -184,109 +183,6 @@ def error_line(proc, *fragments):
     return last
 
 
-# ---- ROUGE-L -------------------------------------------------------------------------------------------
-
-def import_script(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["self_instruct.py"])  # it reads its --key=value flags at import
-    import self_instruct
-    return self_instruct
-
-
-WORDS = ["the", "The", "cat", "sat", "on", "a", "mat", "dog's", "U.S.", "3.5", "e-mail", "naïve", "café", "ÉTÉ",
-         "\u212a", "x2", "well-known", "(list)", "don't", "2024", "AI", "--", "given", "sentence", "Write", "poem"]
-
-
-def sentence_pairs(n, seed=0):
-    """Pairs of word sequences: unrelated, or the second a few edits away from the first (scores near 0.7)."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        a = [rng.choice(WORDS) for _ in range(rng.randint(0, 30))]
-        b = list(a)
-        for _ in range(rng.randint(0, 6)):
-            op = rng.random()
-            if op < 0.4 and b:
-                b[rng.randrange(len(b))] = rng.choice(WORDS)
-            elif op < 0.7 and b:
-                del b[rng.randrange(len(b))]
-            else:
-                b.insert(rng.randint(0, len(b)), rng.choice(WORDS))
-        pairs.append((" ".join(a), " ".join(b) if rng.random() < 0.8 else " ".join(rng.sample(WORDS, 8))))
-    return pairs
-
-
-def test_rouge_l_equals_rouge_score(monkeypatch):
-    """Each pair's F1 from our tokens and rapidfuzz's LCS equals rouge_score's, within 1e-9 (in fact exactly),
-    including the tokenizer's corners: punctuation, digits, accents, the Kelvin sign that lowercases to k."""
-    from rouge_score import rouge_scorer, tokenizers
-    si = import_script(monkeypatch)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    pool = si.RougePool(0.0)
-    pairs = sentence_pairs(400)
-    near = 0
-    for a, b in pairs:
-        qa, qb = pool.encode(a), pool.encode(b)
-        ref = scorer.score(a, b)["rougeL"].fmeasure
-        lcs = si.LCSseq.similarity(qa, qb)
-        ours = 2 * (lcs / len(qb)) * (lcs / len(qa)) / (lcs / len(qb) + lcs / len(qa)) if lcs else 0.0
-        assert abs(ours - ref) < 1e-9, (a, b, ours, ref)
-        assert si.rouge_tokens(a) == tokenizers.DefaultTokenizer(use_stemmer=False).tokenize(a)
-        near += 0.5 < ref < 0.9
-    assert near > 50  # the pairs do probe the threshold's neighbourhood
-
-
-def test_filter_decisions_equal_the_papers_loop(monkeypatch):
-    """keep_novel (length-pruned, batched cdist) keeps exactly what the paper's loop keeps: each candidate in turn
-    scored by rouge_score against the seeds and every candidate kept before it, dropped above 0.7."""
-    from rouge_score import rouge_scorer
-    si = import_script(monkeypatch)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    pairs = sentence_pairs(160, seed=1)
-    seeds = [a for a, _ in pairs[:80]]
-    candidates = [b for _, b in pairs] + ["a b c d e f g h i j", "a b c d e f g x y z"]  # F1 exactly 0.7: kept
-    pool = si.RougePool(0.7)
-    pool.add(seeds)
-    ours = pool.keep_novel(candidates)
-    kept, theirs = list(seeds), []
-    for c in candidates:
-        theirs.append(max((scorer.score(c, k)["rougeL"].fmeasure for k in kept), default=0.0) <= 0.7)
-        if theirs[-1]:
-            kept.append(c)
-    assert ours == theirs and 20 < sum(theirs) < len(candidates) - 20 and ours[-1] and ours[-2]
-    assert pool.texts == set(kept)
-
-
-def synthetic_instructions(n, rng, words):
-    """Instruction-like word sequences (4-40 words, Zipf-like word choice), a tenth of them near-copies."""
-    out = []
-    for _ in range(n):
-        if out and rng.random() < 0.1:
-            w = rng.choice(out).split()
-            w[rng.randrange(len(w))] = rng.choice(words)
-            out.append(" ".join(w))
-        else:
-            out.append(" ".join(rng.choices(words, weights=[1 / (k + 1) for k in range(len(words))],
-                                            k=rng.randint(4, 40))))
-    return out
-
-
-@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="a speed measurement; set LLAMAFORGE_SLOW=1")
-def test_rouge_filter_speed(monkeypatch):
-    """10,000 candidates against a pool of 10,000 (README: python -m pytest -s -k rouge_filter_speed)."""
-    si = import_script(monkeypatch)
-    rng = random.Random(0)
-    words = [f"w{k}" for k in range(3000)]
-    pool = si.RougePool(0.7)
-    pool.add(synthetic_instructions(10_000, rng, words))
-    candidates = synthetic_instructions(10_000, rng, words)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    keep = pool.keep_novel(candidates)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    print(f"\nROUGE-L filter: 10,000 candidates vs a pool of 10,000 in {seconds:.2f} s ({cpu:.2f} s of CPU time) on "
-          f"{os.cpu_count()} cores; kept {sum(keep):,}")
-    assert 5_000 < sum(keep) < 10_000 and seconds < 60
-
-
 # ---- the pipeline against a scripted server --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -374,14 +270,24 @@ def tiny(tmp_path_factory):
 
 
 def test_output_trains_through_sft(generated, tiny, tmp_path):
-    """What it writes is what tokenize_data.py sft reads as it is, and train.py fine-tunes on it."""
+    """What it writes is what tokenize_data.py sft reads as it is, and train.py fine-tunes on it with the README's
+    SFT config (config/sft_alpaca.py), shortened."""
     root, base = generated[0], tiny[0] / "base.pt"
     sft = run_script("tokenize_data.py", "sft", f"--source={root / 'out.jsonl'}", "--data_root=data", "--dataset=si",
                      f"--tokenizer={base}", "--val_fraction=0.2", cwd=tmp_path)
     assert "14 conversations" in sft.stdout
-    run_script("train.py", "--data_root=data", *TINY, "--dataset=si", f"--init_from={base}", "--max_iters=3",
-               "--eval_interval=3", "--block_size=96", "--out_dir=si_run", cwd=tmp_path)
+    run_script("train.py", str(REPO / "config" / "sft_alpaca.py"), "--data_root=data", *TINY, "--dataset=si",
+               f"--init_from={base}", "--max_iters=3", "--eval_interval=3", "--warmup_iters=1", "--block_size=96",
+               "--out_dir=si_run", cwd=tmp_path)
     assert (tmp_path / "si_run" / "ckpt.pt").exists()
+
+
+def test_the_self_instruct_seed_tasks_read_as_they_are(monkeypatch):
+    """The 175 seed tasks of the paper (../shared/data), the default seed_tasks, pass the seed reader."""
+    si = import_script(monkeypatch)
+    tasks = si.read_seed_tasks(str(shared("self_instruct", "seed_tasks.jsonl")))
+    assert len(tasks) == 175 and sum(t["is_classification"] for t in tasks) == 26
+    assert all(t["instances"] and t["instruction"].strip() for t in tasks)
 
 
 # ---- failures, resume ------------------------------------------------------------------------------------

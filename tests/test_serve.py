@@ -26,16 +26,16 @@ def served(tmp_path_factory):
     from checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp("serve")
     tok = train_tokenizer(root)
-    model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=256)
+    model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=1024)
     (root / "tiny").mkdir()
     save_checkpoint({"model_args": model.args.to_dict(), "model": model.state_dict(),
                      "tokenizer": tok.to_meta(embed=True)}, root / "tiny" / "ckpt.pt")
     return root, model, tok
 
 
-def start(root, *args):
+def start(root, *args, **env_vars):
     """serve.py on a free port (it prints the address it got); (process, base URL)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_vars)
     log = open(root / f"server{len(list(root.glob('server*.log')))}.log", "w")  # stderr: tracebacks, if any
     proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--checkpoint=tiny", "--port=0", "--device=cpu",
                              *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -82,7 +82,7 @@ def call(base, method, path, body=None, key=KEY, raw=None):
 
 @pytest.fixture(scope="module")
 def server(served):
-    proc, base = start(served[0], f"--api_key={KEY}", "--max_batch=4")
+    proc, base = start(served[0], "--max_batch=4", LLAMAFORGE_API_KEY=KEY)  # the key from the environment
     wait_ready(base)
     yield base
     stop(proc)
@@ -197,7 +197,7 @@ def test_echo_returns_the_prompts_own_log_probs(served, client):
     assert with_bos.choices[0].logprobs.token_logprobs[0] is None  # nothing predicts the first token
 
 
-BAD = [({"prompt": "x", "model": "gpt-4"}, "model"), ({"prompt": "x " * 300}, "context"),
+BAD = [({"prompt": "x", "model": "gpt-4"}, "model"), ({"prompt": "x " * 1100}, "context"),
        ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
        ({"prompt": "x", "temperature": -1}, "temperature"), ({"prompt": "x", "top_p": 0}, "top_p"),
        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"), ({"prompt": "x", "seed": -1}, "seed"),
@@ -275,27 +275,30 @@ def test_health_and_every_route_answer_503_until_the_model_is_loaded(served):
 @pytest.fixture(scope="module")
 def small(served):
     """A server with one batch row and one queue place: the third concurrent request must be refused."""
-    proc, base = start(served[0], "--max_batch=1", "--queue_size=1")
+    proc, base = start(served[0], "--max_batch=1", "--queue_size=1", f"--api_key={KEY}")  # the key as a setting
     wait_ready(base)
     yield base
     stop(proc)
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_nothing_else_fails(small):
-    results = []
+    results, client = [], openai.OpenAI(base_url=small + "/v1", api_key=KEY, max_retries=0)
 
     def one():
-        results.append(call(small, "POST", "/v1/completions", {"prompt": "import", "max_tokens": 200,
-                                                                "temperature": 0}))
+        try:
+            client.completions.create(model="tiny", prompt="import", max_tokens=200, temperature=0)
+            results.append((200, None))
+        except openai.RateLimitError as e:  # the client's own type for a 429
+            results.append((429, e))
     threads = [threading.Thread(target=one) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    statuses = sorted(s for s, _, _ in results)
+    statuses = sorted(s for s, _ in results)
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
-    refused = [(a, h) for s, a, h in results if s == 429]
-    assert all(a["error"]["type"] == "rate_limit_error" and h["Retry-After"] for a, h in refused)
+    refused = [e for s, e in results if s == 429]
+    assert all(e.type == "rate_limit_error" and e.response.headers["Retry-After"] for e in refused)
 
 
 def test_a_client_that_hangs_up_cancels_its_generation(small):
@@ -307,7 +310,8 @@ def test_a_client_that_hangs_up_cancels_its_generation(small):
     host, port = small.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/completions", json.dumps({"prompt": "import", "max_tokens": 250, "temperature": 0,
-                                                        "stream": True}), {"Content-Type": "application/json"})
+                                                        "stream": True}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
     resp.close()
@@ -317,10 +321,22 @@ def test_a_client_that_hangs_up_cancels_its_generation(small):
         time.sleep(0.05)
     assert cancelled() == before + 1
     assert call(small, "POST", "/v1/completions", {"prompt": "import", "max_tokens": 3})[0] == 200
+    # not streamed: the server notices the hang-up while it waits for the tokens, and stops generating them
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "import", "max_tokens": 1000, "temperature": 0}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    t0 = time.time()  # hang up once it runs (1000 tokens take ~4 s here), not before the server has read it
+    while "llamaforge_running_requests 1.0" not in call(small, "GET", "/metrics")[1] and time.time() - t0 < 20:
+        time.sleep(0.01)
+    conn.close()
+    t0 = time.time()
+    while cancelled() == before + 1 and time.time() - t0 < 20:
+        time.sleep(0.05)
+    assert cancelled() == before + 2, call(small, "GET", "/metrics")[1]
 
 
 def test_loadgen_reports_every_level_and_only_429s_under_load(small, tmp_path):
-    out = run_script("loadgen.py", f"--url={small}", "--clients=1,4", "--duration=1.5", "--max_tokens=8",
+    out = run_script("loadgen.py", f"--url={small}", f"--api_key={KEY}", "--clients=1,4", "--duration=1.5", "--max_tokens=8",
                      "--json_out=load.json", cwd=tmp_path)
     levels = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert [r["clients"] for r in levels] == [1, 4] and all(r["requests"] > 0 for r in levels)
