@@ -92,7 +92,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import optim  # noqa: E402
 from data import write_token_dataset  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from runtime import UsageError, device_and_dtype, peak_flops  # noqa: E402
+from runtime import UsageError, check_output, device_and_dtype, peak_flops, write_text  # noqa: E402
 
 # the one device/dtype rule, except that a trace-only call plans a GPU run, so it traces in bf16
 dev, _, dt = device_and_dtype(device, "bfloat16" if dtype == "auto" and trace_memory and not train_runs else dtype)
@@ -216,6 +216,7 @@ def traced_peak_gb(s):
     # fused SGD has no fake-tensor kernel: fake mode would run it on real zeros, gigabytes of them. The per-tensor
     # loop allocates like fused SGD but for one tensor's weight-decayed gradient at a time
     fused = optim.use_fused(opt, "cuda", s["dtype"]) and opt != "sgd"
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 needs none; float16's would add no tensors
     with FakeTensorMode(), LiveBytes() as live:
         model = Transformer(args).train()
         model.checkpoint_blocks = (s["checkpoint_blocks"] or args.n_layers) if s["activation_checkpointing"] else 0
@@ -227,12 +228,7 @@ def traced_peak_gb(s):
                 _, loss = model(x, y, reduction="sum", loss_chunk=loss_chunk_size)
             (loss / (batch * seq)).backward()
             del loss
-            if not inback:
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                for o in opts:
-                    o.step()
-                    o.zero_grad(set_to_none=True)
+            optim.clip_and_step(opts, scaler, model.parameters(), grad_clip, stepped_in_backward=inback)
     return live.peak / 2**30
 
 
@@ -381,6 +377,7 @@ def find_largest(opt, tmp):
 
 
 def main():
+    check_output(out_json, "out_json")
     size_list = names(sizes, SIZES, "sizes")
     opt_list = names(optimizers, ("adamw", "sgd"), "optimizers")
     if not (train_runs or trace_memory or decode):
@@ -441,8 +438,7 @@ def main():
     for r in results["find_max"]:
         print(f"largest model training under {r['memory_cap_gb']} GiB with {r['optimizer']} (by {r['by']}): "
               f"{r['largest']} ({r['params'] / 1e6:,.0f}M params)")
-    with open(out_json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_text(out_json, json.dumps(results, indent=2))
     print(f"wrote {out_json}")
 
 

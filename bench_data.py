@@ -32,7 +32,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from runtime import UsageError, check  # noqa: E402
+from runtime import UsageError, check, check_output, write_text  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -140,6 +140,7 @@ def main():
     print_config(config)
     check(os.path.isfile(source), f"source {source} not found; pass --source=<a text file>")
     check(os.path.isfile(tokenizer), f"tokenizer {tokenizer} not found; pass --tokenizer=<a SentencePiece .model>")
+    check_output(out_json, "out_json")
     results = []
     try:
         for k, mb in enumerate(sizes_mb):
@@ -159,8 +160,7 @@ def main():
         if r["side"].startswith("llama2.c"):
             r["ours_over_this"] = results[0]["mb_per_s"] / r["mb_per_s"]
             print(f"ours / {r['side']} on {r['mb']:,.0f} MB: {r['ours_over_this']:.2f}x")
-    with open(out_json, "w") as f:
-        json.dump({"config": config, "cpus": os.cpu_count(), "results": results}, f, indent=2)
+    write_text(out_json, json.dumps({"config": config, "cpus": os.cpu_count(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def _check(key, value, namespace, keys, source):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, (tuple, list)):
+        if default and not isinstance(value, (tuple, list)) and type(value) is type(default[0]):
+            value = (value,)  # --sizes_mb=5000 means the one-value sweep (5000,)
         ok = isinstance(value, (tuple, list))
         value = type(default)(value) if ok else value
     else:

@@ -48,7 +48,8 @@ from configurator import configure, require  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
 from engine import continuation_logprobs, predict_labels  # noqa: E402
 from model import loss_metrics, score_batch  # noqa: E402
-from runtime import UsageError, autocast, device_and_dtype, handle_errors  # noqa: E402
+from runtime import (UsageError, atomic_file, autocast, check, check_output, device_and_dtype,  # noqa: E402
+                     handle_errors, write_text)
 from sources import jsonl  # noqa: E402
 
 
@@ -243,8 +244,8 @@ def plot():
     if len(dirs) > 1:
         axes[1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=90)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=90, format=os.path.splitext(out)[1][1:])
     return results
 
 
@@ -262,9 +263,7 @@ def report(results):
     line = json.dumps(results)
     print(line)
     if json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-        with open(json_out, "w") as f:
-            f.write(line + "\n")
+        write_text(json_out, line + "\n")
 
 
 # ---- classification: constrained to the label set ----------------------------------------------
@@ -337,4 +336,9 @@ if __name__ == "__main__":
                          f"e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
     config = configure(globals(), sys.argv[2:], only=USES[sys.argv[1]].split())
     require(config, positive=("batch_size",), non_negative=("max_tokens", "block_size", "max_items"))
+    if json_out:  # checked before the work, not after it
+        check_output(json_out, "json_out")
+    if sys.argv[1] == "plot":
+        check_output(out, "out")
+        check(os.path.splitext(out)[1] in (".png", ".pdf", ".svg"), f"out={out} needs a .png, .pdf or .svg name")
     report(COMMANDS[sys.argv[1]]())

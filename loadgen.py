@@ -35,7 +35,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
-from runtime import UsageError, check  # noqa: E402
+from runtime import UsageError, check, check_output, write_text  # noqa: E402
 
 
 def connect():
@@ -108,6 +108,8 @@ def main():
     require(config, positive=("duration", "max_tokens", "timeout"), non_negative=("temperature",))
     check(clients and all(isinstance(c, int) and c >= 1 for c in clients),
           f"clients={clients!r} must be positive whole numbers, e.g. --clients=1,8,32")
+    if json_out:
+        check_output(json_out, "json_out")
     conn = connect()
     try:
         status, listing, _ = call(conn, "GET", "/v1/models")
@@ -130,8 +132,7 @@ def main():
     out = {"url": url, "model": name, "max_tokens": max_tokens, "duration": duration, "levels": rows}
     print(json.dumps(out))
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text(json_out, json.dumps(out, indent=1))
     failed = {k: v for r in rows for k, v in r["not_200"].items() if k != "429"}
     check(not failed, f"requests failed under load: {failed} (429, a full queue, is the only expected refusal)")
 

@@ -41,6 +41,9 @@ def _lora_hook(module, inputs, output):
 def add_lora(model, targets=DEFAULT_TARGETS, rank=8, alpha=16.0, dropout=0.0):
     """Freeze every base parameter and give each nn.Linear whose name ends in one of targets (e.g. "wq"
     matches layers.*.attention.wq) a trainable lora_A/lora_B pair. Returns the adapted layer names."""
+    if not (rank > 0 and alpha > 0 and 0 <= dropout < 1):  # alpha 0 or dropout 1 trains nothing, silently
+        raise UsageError(f"lora_rank={rank}, lora_alpha={alpha}, lora_dropout={dropout}: the rank and alpha must be "
+                         f"> 0 and the dropout in [0, 1)")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     if not names:
         raise UsageError(f"lora_targets={tuple(targets)} match no linear layer; use names among "

@@ -302,6 +302,17 @@ def atomic_file(path):
             os.remove(tmp)
 
 
+def check_output(path, key):
+    """Refuse, before the work that fills it, an output path that cannot take a file."""
+    check(not os.path.isdir(path), f"{key}={path} is a folder; pass a file path to write to")
+
+
+def write_text(path, text):
+    """A whole small result file (a report, a JSON line), replaced atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
     """The same for a folder: filled under a temporary name, fsynced, then swapped in whole (an old folder

@@ -30,7 +30,7 @@ from chat import alpaca_messages, classification_messages, render_chat, show_exa
 from checkpoint import load_checkpoint
 from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
                   write_sft_split)
-from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, handle_errors
+from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, fsync_path, handle_errors
 from sources import jsonl_texts, load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
 
@@ -215,7 +215,9 @@ def train_vocab():
     with open(str(staged) + ".vocab", "a", encoding="utf-8") as f:
         f.writelines(f"{s}\t0\n" for s in SPECIAL_TOKENS)
     for ext in (".vocab", ".model"):  # the .model last: it is what pretokenize reads
+        fsync_path(str(staged) + ext)  # on disk before the rename, as runtime.atomic_file does
         os.replace(str(staged) + ext, str(prefix) + ext)
+    fsync_path(str(d))
     print(f"wrote {prefix}.model; next: python tokenize_data.py pretokenize --dataset={d.name} "
           f"--vocab_size={vocab_size}")
 
@@ -307,6 +309,7 @@ def classify_examples(path):
                    f"--text_field/--label_field naming its columns")
         else:
             rows.append((n, str(r[text_field]), str(r[label_field]).strip()))
+    check(len(set(label_names)) == len(label_names), f"label_names={label_names} repeats a label; list each once")
     names = list(label_names) or sorted({lab for _, _, lab in rows})
     out = []
     for n, text, lab in rows:
@@ -319,6 +322,9 @@ def classify_examples(path):
     if bad:
         print(f"skipped {len(bad):,} bad line(s) of {path} (lines {', '.join(map(str, bad[:10]))}"
               f"{', ...' if len(bad) > 10 else ''})")
+    present = sorted({lab for _, _, lab in out})  # one label would score a perfect, meaningless accuracy
+    check(len(present) >= 2 or not out, f"{path} has examples of {len(present)} label(s) {present}; a classifier needs at least "
+                             f"two: add examples of the others")
     return out, names
 
 
@@ -420,5 +426,6 @@ if __name__ == "__main__":
     print_config(configure(globals(), sys.argv[2:], only=uses), only=uses)
     require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens"),
             non_negative=("num_workers", "show"), fraction=("val_fraction",))
+    check(max_docs >= -1, f"max_docs={max_docs} must be -1 (all) or a count >= 0")
     lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder
     commands[sys.argv[1]]()

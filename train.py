@@ -145,7 +145,7 @@ if ddp:
 # one run per out_dir: a second train.py stops here; temp files a killed save left behind are removed
 lock = FolderLock(out_dir, "train.py run") if master else None
 ckpt_file = os.path.join(out_dir, "ckpt.pt")
-check(init_from != "scratch" or overwrite or not write_checkpoints or not os.path.exists(ckpt_file),
+check(init_from == "resume" or overwrite or not write_checkpoints or not os.path.exists(ckpt_file),
       f"{ckpt_file} exists; continue it with --init_from=resume, or replace it with --overwrite=True (or use another "
       f"out_dir)")
 if memory_cap_gb > 0:

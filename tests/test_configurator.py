@@ -58,3 +58,11 @@ def test_missing_config_file_and_broken_file(tmp_path):
 def test_flag_without_value_on_non_bool():
     with pytest.raises(UsageError, match="has no value"):
         configure(defaults(), ["--batch_size"])
+
+
+def test_one_value_for_a_sweep_is_a_sweep_of_one():
+    ns = {"sizes_mb": (100, 1000), "flags": (False,)}
+    configure(ns, ["--sizes_mb=5000", "--flags=True"])
+    assert ns == {"sizes_mb": (5000,), "flags": (True,)}
+    with pytest.raises(UsageError, match="expects tuple"):  # a value of another type is still an error
+        configure(ns, ["--sizes_mb=big"])

@@ -178,6 +178,10 @@ def test_one_run_per_out_dir_and_a_killed_runs_lock_and_temps_are_taken_over(tmp
     train(tmp_path, f"--max_iters={iters + 2}", "--init_from=resume", "--eval_interval=100000")
     assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "metrics.jsonl"]  # lock released, temp removed
     one_line_error(train(tmp_path, "--max_iters=1", check=False), "ckpt.pt exists", "--init_from=resume", "--overwrite")
+    (tmp_path / "base.pt").write_bytes((tmp_path / "out" / "ckpt.pt").read_bytes())  # a fine-tune into it: refused too
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    one_line_error(train(tmp_path, "--max_iters=1", f"--init_from={tmp_path / 'base.pt'}", check=False), "ckpt.pt exists")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
     train(tmp_path, "--max_iters=1", "--eval_interval=1", "--overwrite=True")
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 1
 

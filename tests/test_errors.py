@@ -59,6 +59,10 @@ IMPOSSIBLE = [
     ("evaluate.py", ["hellaswag", "--max_items=-5"], "max_items=-5 must be >= 0"),
     ("export.py", ["--group_size=-32"], "group_size=-32 must be >= 0"),
     ("bench.py", ["--train_iters=0"], "train_iters=0 must be > 0"),
+    ("bench.py", ["--out_json=."], "out_json=. is a folder"),
+    ("evaluate.py", ["loss", "--json_out=."], "json_out=. is a folder"),
+    ("evaluate.py", ["plot", "--runs=a", "--out=loss"], "out=loss needs a .png, .pdf or .svg name"),
+    ("tokenize_data.py", ["download", "--max_docs=-5"], "max_docs=-5 must be -1 (all) or a count >= 0"),
     ("tokenize_data.py", ["pretokenize", "--val_fraction=1.5"], "val_fraction=1.5 must be in [0, 1]"),
     ("tokenize_data.py", ["train_vocab", "--vocab_size=0"], "vocab_size=0 must be > 0"),
 ]

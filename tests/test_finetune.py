@@ -283,6 +283,9 @@ def test_classification_errors(env):
     one_line_error(cls(root / "nolab.csv"), "line 2", "--text_field")
     (root / "empty.csv").write_text("text,label\n")
     one_line_error(cls(root / "empty.csv"), "0 labelled")
+    (root / "one.jsonl").write_text('{"text": "x", "label": "good"}\n{"text": "y", "label": "good"}\n')
+    one_line_error(cls(root / "one.jsonl"), "examples of 1 label(s) ['good']", "at least two")  # a fake 100%
+    one_line_error(cls(root / "lab.jsonl", "--label_names=('good','good')"), "repeats a label")
     # Financial PhraseBank's sentence@label lines: a stray line without its label names the format and the way out
     (root / "fpb.txt").write_text("the dog was good@good\nstray line without a label\nit was bad@bad\nx@good\n")
     one_line_error(cls(root / "fpb.txt"), "line 2", "no '@label'", "--skip_bad_lines=True")

@@ -106,6 +106,10 @@ def test_lora_errors(env):
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: lora_rank > 0 adapts")
     proc = train(root, f"--init_from={base}", "--lora_rank=4", "--lora_targets=('nope',)", "--out_dir=e2", check=False)
     assert "match no linear layer" in proc.stderr.strip().splitlines()[-1]
+    for bad in ("--lora_alpha=0", "--lora_dropout=1.0"):  # an adapter that would never learn: refused, not run
+        proc = train(root, f"--init_from={base}", "--lora_rank=4", bad, "--out_dir=e3", check=False)
+        assert proc.returncode != 0 and "the rank and alpha must be > 0 and the dropout in [0, 1)" in proc.stderr, bad
+    assert not (root / "e3" / "ckpt.pt").exists()
 
 
 def test_peft_export_command_loads_in_peft_with_our_logits(env, tmp_path):
