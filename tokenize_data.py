@@ -323,8 +323,8 @@ def classify_examples(path):
         print(f"skipped {len(bad):,} bad line(s) of {path} (lines {', '.join(map(str, bad[:10]))}"
               f"{', ...' if len(bad) > 10 else ''})")
     present = sorted({lab for _, _, lab in out})  # one label would score a perfect, meaningless accuracy
-    check(len(present) >= 2 or not out, f"{path} has examples of {len(present)} label(s) {present}; a classifier needs at least "
-                             f"two: add examples of the others")
+    check(len(present) >= 2 or not out, f"{path} has examples of {len(present)} label(s) {present}; a classifier "
+                                        f"needs at least two: add examples of the others")
     return out, names
 
 

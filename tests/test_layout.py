@@ -46,3 +46,17 @@ def test_files_stay_readable_whole(name):
     assert len(lines) <= 450, f"{name} has {len(lines)} lines; split a concern out"
     long = [i + 1 for i, line in enumerate(lines) if len(line) > 120]
     assert not long, f"{name}: lines {long[:10]} are over 120 characters"
+
+
+def test_the_readme_index_says_what_each_library_file_imports():
+    """README "Where things live": one row per file, and for a library file the files of ours it may import,
+    which must be what it does import."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0].endswith(".py`"):
+            rows[cells[0].strip("`")] = cells[2]
+    assert set(rows) >= LIBRARY | set(SCRIPTS), sorted((LIBRARY | set(SCRIPTS)) - set(rows))
+    for name in LIBRARY:
+        said = set() if rows[name] == "nothing" else {w.strip() for w in rows[name].split(",")}
+        assert said == our_imports(REPO / name), (name, sorted(said), sorted(our_imports(REPO / name)))
