@@ -348,11 +348,11 @@ def continuation_logprobs(model, context_ids, continuation_ids_list):
     L = model.args.max_seq_len
     conts = [list(c)[:L] for c in continuation_ids_list]
     if any(len(c) == 0 for c in conts):
-        raise ValueError("an empty continuation has no tokens to score")
+        raise UsageError("an empty continuation has no tokens to score")
     keep = max(1, L + 1 - max(len(c) for c in conts))  # the last token is only a target, never an input
     context_ids = list(context_ids)[-keep:]
     if not context_ids:
-        raise ValueError("the context must hold at least one token (e.g. BOS) to predict the first continuation token")
+        raise UsageError("the context must hold at least one token (e.g. BOS) to predict the first continuation token")
     rows = [context_ids + c for c in conts]
     T = max(len(r) for r in rows) - 1
     x = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal attention never looks at it

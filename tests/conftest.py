@@ -64,6 +64,30 @@ def trained_vocab(root, vocab_size=400, stdlib_bytes=300_000):
     return Path(root) / "demo" / f"tok{vocab_size}.model"
 
 
+def quick_vocab(folder, text, vocab_size=400):
+    """A SentencePiece BPE trained in-process on text (well under a second) with the chat specials appended as
+    train_vocab appends them: a real tokenizer for a tiny model, no shared data needed. Returns the .model path."""
+    import sentencepiece as spm
+    from tokenizer import SPECIAL_TOKENS, append_user_pieces
+    folder = Path(folder)
+    (folder / "corpus.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tok"), model_type="bpe",
+                                   vocab_size=vocab_size - len(SPECIAL_TOKENS), character_coverage=1.0,
+                                   byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", num_threads=1, minloglevel=2)
+    (folder / "tok.model").write_bytes(append_user_pieces((folder / "tok.model").read_bytes(), SPECIAL_TOKENS))
+    return folder / "tok.model"
+
+
+def save_tiny_checkpoint(path, model, tok, **extra):
+    """model as one of our checkpoints (its folder made), with its tokenizer embedded."""
+    from checkpoint import save_checkpoint
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model_args": model.args.to_dict(), "model": model.state_dict(),
+                     "tokenizer": tok.to_meta(embed=True), **extra}, path)
+    return Path(path)
+
+
 def one_line_error(proc, *fragments):
     """The property every script keeps for bad input: a non-zero exit, no traceback, and a last line
     `error: ...` that holds each fragment."""

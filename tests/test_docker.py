@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, save_tiny_checkpoint, tiny_model
 from test_serve import call, stop, wait_ready
 
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
@@ -73,15 +73,11 @@ def test_dockerignore_keeps_data_checkpoints_and_venvs_out_and_the_code_in():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from checkpoint import save_checkpoint
-    from conftest import tiny_model
     from test_engine import train_tokenizer
     root = tmp_path_factory.mktemp("docker")
     tok = train_tokenizer(root)
     model = tiny_model(vocab_size=tok.vocab_size)
-    (root / "tiny").mkdir()
-    save_checkpoint({"model_args": model.args.to_dict(), "model": model.state_dict(),
-                     "tokenizer": tok.to_meta(embed=True)}, root / "tiny" / "ckpt.pt")
+    save_tiny_checkpoint(root / "tiny" / "ckpt.pt", model, tok)
     return root / "tiny"
 
 

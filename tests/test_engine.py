@@ -9,22 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import quick_vocab, tiny_model
 
 
 def train_tokenizer(folder, vocab_size=400):
-    """A SentencePiece BPE with the chat specials (as train_vocab makes them), trained on two stdlib modules in a
-    tenth of a second: a real tokenizer for a tiny random model, with no shared data needed."""
-    import sentencepiece as spm
-    from tokenizer import SPECIAL_TOKENS, make_tokenizer
-    corpus = Path(folder) / "corpus.txt"
-    corpus.write_text(Path(textwrap.__file__).read_text() + Path(json.__file__).read_text())
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(Path(folder) / "tok"), model_type="bpe",
-                                   vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
-                                   user_defined_symbols=SPECIAL_TOKENS, add_dummy_prefix=True,
-                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
-                                   num_threads=1, minloglevel=2)
-    return make_tokenizer(str(Path(folder) / "tok.model"))
+    """A real tokenizer with the chat specials for a tiny random model, trained on two stdlib modules."""
+    from tokenizer import make_tokenizer
+    text = Path(textwrap.__file__).read_text() + Path(json.__file__).read_text()
+    return make_tokenizer(str(quick_vocab(folder, text, vocab_size)))
 
 
 @pytest.fixture(scope="module")

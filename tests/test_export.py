@@ -5,21 +5,17 @@ import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import REPO as ROOT, SHARED_DATA as DATA, tiny_model  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import build_model, load_checkpoint, load_model  # noqa: E402
 from runtime import current_umask  # noqa: E402
 from runtime import UsageError  # noqa: E402
 from tokenizer import Llama2cTokenizer  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
 
 STORIES = DATA / "stories260K"
 need_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(), reason="shared/data/stories260K absent")
@@ -38,9 +34,8 @@ Q8_REL = 0.05
 
 
 def tiny(tie=True, n_kv_heads=2, vocab=96, hidden=None, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab,
-                              hidden_dim=hidden, max_seq_len=64, tie_embeddings=tie, **kw))
+    m = tiny_model(seed, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab, hidden_dim=hidden,
+                   max_seq_len=64, tie_embeddings=tie, **kw)
     with torch.no_grad():  # larger than the init so logits differ visibly between tokens
         for name, p in m.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))

@@ -11,22 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, make_dataset, one_line_error, read_metrics, run_script
+from conftest import REPO, TINY, make_dataset, one_line_error, quick_vocab, read_metrics, run_script
 
 WORDS = "the cat sat on a mat and a dog ran to the big red ball it was good bad happy sad up down".split()
 
 
 def make_tokenizer_model(root, vocab_size=320):
-    """A tiny SentencePiece vocab with the chat specials built in, trained in-process (well under a second)."""
-    import sentencepiece as spm
-    from tokenizer import SPECIAL_TOKENS, append_user_pieces
+    """A tiny SentencePiece vocab with the chat specials built in, on sentences of WORDS."""
     rng = np.random.default_rng(0)
-    (root / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(400)))
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), model_type="bpe",
-                                   vocab_size=vocab_size - len(SPECIAL_TOKENS), byte_fallback=True,
-                                   character_coverage=1.0, minloglevel=2)
-    (root / "tok.model").write_bytes(append_user_pieces((root / "tok.model").read_bytes(), SPECIAL_TOKENS))
-    return root / "tok.model"
+    return quick_vocab(root, "\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(400)), vocab_size)
 
 
 def make_base(root, tok_path, seed=0, name="base.pt"):

@@ -45,6 +45,14 @@ def test_greedy_top_k_top_p_and_prompt_file(trained):
     assert gen(trained, "--prompt=import ", "--top_p=0.9", "--top_k=0", "--max_new_tokens=10").returncode == 0
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="an inductor compile takes ~30 s on 2 cores; set "
+                    "LLAMAFORGE_SLOW=1")
+def test_compiled_decode_step_generates_the_eager_text(trained):
+    """generate.py --compile compiles model.decode_step at the call site; greedy text is the eager one."""
+    flags = ["--prompt=import ", "--temperature=0", "--max_new_tokens=30"]
+    assert gen(trained, *flags, "--compile=True").stdout == gen(trained, *flags).stdout
+
+
 def test_checkpoint_carries_its_tokenizer(trained):
     """The checkpoint embeds the SentencePiece model: it decodes after the .model file is gone."""
     model_file = trained / "data" / "demo" / "tok400.model"

@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_model
+from conftest import REPO, run_script, save_tiny_checkpoint, tiny_model
 from test_engine import train_tokenizer
 
 KEY = "test-key"
@@ -23,13 +23,10 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A checkpoint folder 'tiny' (a random 2-layer model, a real SentencePiece vocab with the chat tokens)."""
-    from checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp("serve")
     tok = train_tokenizer(root)
     model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=1024)
-    (root / "tiny").mkdir()
-    save_checkpoint({"model_args": model.args.to_dict(), "model": model.state_dict(),
-                     "tokenizer": tok.to_meta(embed=True)}, root / "tiny" / "ckpt.pt")
+    save_tiny_checkpoint(root / "tiny" / "ckpt.pt", model, tok)
     return root, model, tok
 
 

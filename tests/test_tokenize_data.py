@@ -3,20 +3,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import REPO as ROOT, SHARED_DATA  # noqa: E402
 import data as ds  # noqa: E402
 import sources  # noqa: E402
 import tokenize_data as td  # noqa: E402
 from runtime import UsageError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 GPT2_DIR = SHARED / "gpt2_bpe"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 

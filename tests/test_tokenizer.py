@@ -1,17 +1,15 @@
 """tokenizer.py: round trips, chat specials, streaming decode, metadata, against real vocabularies."""
+import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from runtime import UsageError  # noqa: E402
-from conftest import trained_vocab  # noqa: E402
-from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer  # noqa: E402
+from conftest import SHARED_DATA, trained_vocab
+from runtime import UsageError
+from tokenizer import SPECIAL_TOKENS, load_tokenizer, make_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 LLAMA = SHARED / "llama2_tokenizer" / "tokenizer.model"
 GPT2_DIR = SHARED / "gpt2_bpe"
 need_llama = pytest.mark.skipif(not LLAMA.is_file(), reason=f"Llama 2 tokenizer not at {LLAMA}")
@@ -170,6 +168,31 @@ def test_exported_tokenizer_bin_encodes_like_us_as_run_c_reads_it(trained, tmp_p
     export.write_llama2c_tokenizer(trained, tmp_path / "tok.bin")
     runc = Llama2cTokenizer(str(tmp_path / "tok.bin"))
     assert runc.byte_ids == list(range(3, 259))  # run.c's fixed offset is right for our vocab
-    every_byte = "".join(chr(c) for c in range(1, 256)) + "\U0001D11E"  # a 4-byte character too
+    # every byte UTF-8 text can hold: 0..255 as code points (ASCII, and C2/C3 + every continuation byte), then a
+    # character for each other lead byte of 2-, 3- and 4-byte sequences (C0, C1, F5..FF never occur in UTF-8)
+    leads = [(b - 0xC0) << 6 for b in range(0xC4, 0xE0)] + [max(0x800, (b - 0xE0) << 12) for b in range(0xE0, 0xF0)] \
+        + [max(0x10000, (b - 0xF0) << 18) for b in range(0xF0, 0xF5)]
+    every_byte = "".join(chr(c) for c in range(256)) + "".join(chr(c) for c in leads)
+    assert set(every_byte.encode()) == set(range(256)) - {0xC0, 0xC1, *range(0xF5, 0x100)}
     for text in (every_byte, "def f(x):\n\treturn  x\n\n\t\tdone\n", " leading", "a\r\nb"):
         assert runc.encode(text, bos=True) == trained.encode(text, bos=True), text
+
+
+def test_a_tokenizer_bin_with_its_byte_pieces_elsewhere_is_read_by_their_text(tmp_path):
+    """A vocab whose user symbols come before the bytes (ids 3-5, bytes at 6..261, as our vocabularies were
+    once made): the .bin reader finds the byte pieces by their text, so bytes still encode and decode right."""
+    import sentencepiece as spm
+    import export
+    from tokenizer import Llama2cTokenizer
+    (tmp_path / "c.txt").write_text(Path(json.__file__).read_text())
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "old"), model_type="bpe",
+                                   vocab_size=400, byte_fallback=True, user_defined_symbols=SPECIAL_TOKENS,
+                                   character_coverage=1.0, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)  # run.c normalizes nothing
+    ours = make_tokenizer(str(tmp_path / "old.model"))
+    export.write_llama2c_tokenizer(ours, tmp_path / "old.bin")
+    read = Llama2cTokenizer(str(tmp_path / "old.bin"))
+    assert read.byte_ids == list(range(6, 262))
+    for text in ("tab\there\nnew line", "caf\u00e9 \u00fc \u4e2d", "\U0001D11E!"):
+        assert read.encode(text, bos=True) == ours.encode(text, bos=True), text
+        assert read.decode(ours.encode(text)) == text

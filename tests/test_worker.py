@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import REPO, one_line_error, run_script, tiny_model
+from conftest import REPO, one_line_error, run_script, save_tiny_checkpoint, tiny_model
 from test_engine import train_tokenizer
 
 import jobs
@@ -91,15 +91,12 @@ def server(tmp_path):
 def tiny(tmp_path_factory):
     """A checkpoint folder 'tiny': a random 2-layer model whose head never picks BOS or EOS (their rows are zero,
     below the largest of the other logits), so every job runs its full max_tokens, and a real tokenizer."""
-    from checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp("worker")
     tok = train_tokenizer(root)
     model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=1024, tie_embeddings=False)
     with torch.no_grad():
         model.output.weight[[tok.bos_id, tok.eos_id]] = 0
-    (root / "tiny").mkdir()
-    save_checkpoint({"model_args": model.args.to_dict(), "model": model.state_dict(),
-                     "tokenizer": tok.to_meta(embed=True)}, root / "tiny" / "ckpt.pt")
+    save_tiny_checkpoint(root / "tiny" / "ckpt.pt", model, tok)
     return root, model, tok
 
 
