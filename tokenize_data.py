@@ -5,6 +5,7 @@
     python tokenize_data.py pretokenize [config.py] [--key=value ...]   # docs -> train.bin, val.bin, meta.json
     python tokenize_data.py sft         [config.py] [--key=value ...]   # chat/Alpaca/TinyStories-Instruct -> SFT arrays
     python tokenize_data.py classify    [config.py] [--key=value ...]   # labelled text (csv/jsonl) -> SFT arrays
+    python tokenize_data.py dpo         [config.py] [--key=value ...]   # preference pairs -> DPO arrays (dpo.py)
 
 Offline demo (the Python standard library as a corpus, one document per .py file):
     python tokenize_data.py download --source=stdlib
@@ -27,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
-from checkpoint import load_checkpoint
+from checkpoint import build_model, check_tokenizers, load_checkpoint
 from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
                   write_sft_split)
+from dpo import precompute_reference, preference_pairs, write_preference
+from lora import base_fingerprint
 from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, fsync_path, handle_errors
 from sources import jsonl_texts, load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
@@ -66,6 +69,11 @@ label_names = ()          # classify: the label set, in order; numeric labels in
 encoding = "auto"         # text encoding of the source: "auto" (utf-8, else latin-1), or any Python codec name
 show = 0                  # print the first N examples token by token beside their labels (a debug view)
 skip_bad_lines = False    # classify: count and leave out lines without a text or a known label (else stop at one)
+# dpo (preference pairs: source = a local .json/.jsonl file; tokenizer as for sft)
+block_size = 256          # dpo: a row (prompt + one answer) keeps at most block_size + 1 tokens; train with this
+                          # block_size (or more)
+reference = ""            # dpo: a checkpoint whose log-probs of every pair are computed now (on the CPU) and stored
+                          # beside the data, so train.py runs no reference model ("" = it does)
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
@@ -402,6 +410,40 @@ def classify():
                   "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
 
 
+def dpo():
+    """Preference pairs -> the preference format (dpo.py), split by record before any pair is dropped (so the same
+    records split as sft splits them); --reference stores that checkpoint's log-probs of every pair beside them."""
+    records = read_records(source, encoding, text_field, label_field)[:max_docs if max_docs >= 0 else None]
+    check(len(records) >= 2, f"{source} holds {len(records)} record(s); need at least 2 (train and val)")
+    ref = load_checkpoint(reference) if reference else None
+    tok = load_tokenizer(ref["tokenizer"]) if ref and ref.get("tokenizer") and not tokenizer else sft_tokenizer()
+    pairs, counts = preference_pairs(tok, records, block_size, source)
+    truncated = counts.pop("truncated")
+    splits = {name: [pairs[i] for i in idx if pairs[i]]
+              for name, idx in zip(("train", "val"), split_documents(len(records), val_fraction, seed))}
+    for name, kept in splits.items():
+        check(kept, f"no {name} pair is left once {counts} are dropped; fix the data or raise --block_size")
+    print(f"{len(records):,} records from {source}: dropped {counts}, cut {truncated:,} pair(s) to block_size + 1 = "
+          f"{block_size + 1} tokens; split {len(splits['train']):,} train / {len(splits['val']):,} val pairs")
+    refs, extra = None, {}
+    if ref is not None:
+        check_tokenizers(ref.get("tokenizer"), tok.to_meta(), f"--reference={reference} and --tokenizer={tokenizer}",
+                         "pass the reference's own tokenizer (--tokenizer=its ckpt.pt)")
+        model = build_model(ref).eval()
+        check(block_size <= model.args.max_seq_len, f"block_size={block_size} exceeds the reference's context "
+                                                    f"{model.args.max_seq_len}; lower --block_size")
+        t0 = time.time()
+        refs = {name: precompute_reference(model, kept, pad_id=tok.eos_id) for name, kept in splits.items()}
+        extra = {"reference": {"checkpoint": os.path.abspath(reference), "fingerprint": base_fingerprint(model)}}
+        print(f"reference log-probs of {reference} computed in {time.time() - t0:.1f} s")
+    with DatasetUpdate(dataset_dir()) as up:
+        meta = write_preference(up, tok, splits, block_size, refs, dropped=counts, truncated=truncated,
+                                val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra)
+    for name, info in meta["splits"].items():
+        print(f"  {name}: {info['pairs']:,} pairs, {info['tokens']:,} tokens, longest row {info['max_row_tokens']}")
+    print(f"wrote {up.dir / 'meta.json'}")
+
+
 # the settings each subcommand reads: --help and the printed config show these only
 USES = {"download": "data_root dataset source hf_config hf_split text_field txt_split max_docs stdlib_max_bytes",
         "train_vocab": "data_root dataset source vocab_size vocab_max_bytes seed",
@@ -410,13 +452,14 @@ USES = {"download": "data_root dataset source hf_config hf_split text_field txt_
         "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding "
                "show",
         "classify": "data_root dataset source tokenizer vocab_size text_field label_field label_names max_docs "
-                    "val_fraction seed dtype encoding show skip_bad_lines"}
+                    "val_fraction seed dtype encoding show skip_bad_lines",
+        "dpo": "data_root dataset source tokenizer vocab_size max_docs val_fraction seed encoding block_size reference"}
 
 if __name__ == "__main__":
     handle_errors()
     from configurator import configure, print_config, require
     commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft,
-                "classify": classify}
+                "classify": classify, "dpo": dpo}
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         configure(globals(), ["--help"])
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
@@ -424,7 +467,7 @@ if __name__ == "__main__":
                          f"e.g. python tokenize_data.py download --source=stdlib")
     uses = USES[sys.argv[1]].split()
     print_config(configure(globals(), sys.argv[2:], only=uses), only=uses)
-    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens"),
+    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens", "block_size"),
             non_negative=("num_workers", "show"), fraction=("val_fraction",))
     check(max_docs >= -1, f"max_docs={max_docs} must be -1 (all) or a count >= 0")
     lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder
