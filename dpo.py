@@ -19,6 +19,7 @@ rewards are beta (log pi - log ref); a pair is ranked right when the chosen answ
 import copy
 import math
 import os
+import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from chat import alpaca_messages, chat_ids, render_chat
-from checkpoint import build_model, load_checkpoint
+from checkpoint import build_model, check_tokenizers, load_checkpoint
 from configurator import require
-from data import dataset_meta, load_meta, open_split, to_device, token_dtype, write_tokens
+from data import (DatasetUpdate, dataset_meta, load_meta, open_split, split_documents, to_device, token_dtype,
+                  write_tokens)
 from lora import adapters_off, base_fingerprint
 from model import IGNORE_INDEX
 from runtime import UsageError, check
@@ -88,9 +90,10 @@ def render_pair(tok, prompt, chosen, rejected):
 
 def preference_pairs(tok, records, block_size, where="source"):
     """[(prompt, chosen, rejected) ids, or None for a dropped pair] in record order, and the counts of the pairs
-    dropped (by why) and of those kept but cut ("truncated"). A row (prompt + one answer) keeps at most block_size + 1 tokens: the prompt is never cut, the
-    answers are cut at their end; a pair is dropped when its answers are identical, when its prompt leaves no room
-    for an answer token, or when its cut answers are identical."""
+    dropped (by why) and of those kept but cut ("truncated"). A row (prompt + one answer) keeps at most
+    block_size + 1 tokens: the prompt is never cut, the answers are cut at their end. A pair is dropped when its
+    answers are identical, when its prompt leaves no room for an answer token, or when its cut answers are
+    identical."""
     out, counts = [], {"identical": 0, "prompt_too_long": 0, "identical_after_cut": 0, "truncated": 0}
     for n, r in records:
         try:
@@ -131,6 +134,39 @@ def write_preference(update, tok, splits, block_size, references=None, **extra):
     meta = dataset_meta(tok.to_meta(), tok.vocab_size, dt, tok.bos_id, tok.eos_id, info, format="preference",
                         task="preference", block_size=block_size, **extra)
     update.commit(meta)
+    return meta
+
+
+def prepare(folder, tok, records, source, block_size, val_fraction, seed, ref=None, ref_path="", say=print):
+    """tokenize_data.py dpo: records [(line, record)] -> the preference dataset in folder, split by record before any
+    pair is dropped (so the same records split as sft splits them); ref (a loaded checkpoint) stores its log-probs of
+    every pair beside them. say() gets the progress lines; returns the meta dict."""
+    check(len(records) >= 2, f"{source} holds {len(records)} record(s); need at least 2 (train and val)")
+    pairs, counts = preference_pairs(tok, records, block_size, source)
+    truncated = counts.pop("truncated")
+    splits = {name: [pairs[i] for i in idx if pairs[i]]
+              for name, idx in zip(("train", "val"), split_documents(len(records), val_fraction, seed))}
+    for name, kept in splits.items():
+        check(kept, f"no {name} pair is left once {counts} are dropped; fix the data or raise --block_size")
+    say(f"{len(records):,} records from {source}: dropped {counts}, cut {truncated:,} pair(s) to block_size + 1 = "
+        f"{block_size + 1} tokens; split {len(splits['train']):,} train / {len(splits['val']):,} val pairs")
+    refs, extra = None, {}
+    if ref is not None:
+        check_tokenizers(ref.get("tokenizer"), tok.to_meta(), f"--reference={ref_path} and the data's tokenizer",
+                         "pass the reference's own tokenizer (--tokenizer=its ckpt.pt)")
+        model = build_model(ref).eval()
+        check(block_size <= model.args.max_seq_len, f"block_size={block_size} exceeds the reference's context "
+                                                    f"{model.args.max_seq_len}; lower --block_size")
+        t0 = time.time()
+        refs = {name: precompute_reference(model, kept, pad_id=tok.eos_id) for name, kept in splits.items()}
+        extra = {"reference": {"checkpoint": os.path.abspath(ref_path), "fingerprint": base_fingerprint(model)}}
+        say(f"reference log-probs of {ref_path} computed in {time.time() - t0:.1f} s")
+    with DatasetUpdate(folder) as up:
+        meta = write_preference(up, tok, splits, block_size, refs, dropped=counts, truncated=truncated,
+                                val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra)
+    for name, info in meta["splits"].items():
+        say(f"  {name}: {info['pairs']:,} pairs, {info['tokens']:,} tokens, longest row {info['max_row_tokens']}")
+    say(f"wrote {up.dir / 'meta.json'}")
     return meta
 
 

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from chat import alpaca_messages, classification_messages, render_chat, show_example, tinystories_messages
-from checkpoint import build_model, check_tokenizers, load_checkpoint
+from checkpoint import load_checkpoint
 from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
                   write_sft_split)
-from dpo import precompute_reference, preference_pairs, write_preference
-from lora import base_fingerprint
+from dpo import prepare as prepare_preferences
 from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, fsync_path, handle_errors
 from sources import jsonl_texts, load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
@@ -70,10 +69,8 @@ encoding = "auto"         # text encoding of the source: "auto" (utf-8, else lat
 show = 0                  # print the first N examples token by token beside their labels (a debug view)
 skip_bad_lines = False    # classify: count and leave out lines without a text or a known label (else stop at one)
 # dpo (preference pairs: source = a local .json/.jsonl file; tokenizer as for sft)
-block_size = 256          # dpo: a row (prompt + one answer) keeps at most block_size + 1 tokens; train with this
-                          # block_size (or more)
-reference = ""            # dpo: a checkpoint whose log-probs of every pair are computed now (on the CPU) and stored
-                          # beside the data, so train.py runs no reference model ("" = it does)
+block_size = 256          # dpo: a row (prompt + one answer) keeps at most block_size + 1 tokens; train with it
+reference = ""            # dpo: a checkpoint whose log-probs of every pair are stored with the data ("" = none)
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
@@ -411,37 +408,11 @@ def classify():
 
 
 def dpo():
-    """Preference pairs -> the preference format (dpo.py), split by record before any pair is dropped (so the same
-    records split as sft splits them); --reference stores that checkpoint's log-probs of every pair beside them."""
+    """Preference pairs -> the preference format (dpo.prepare: split by record as sft splits, pairs dropped after)."""
     records = read_records(source, encoding, text_field, label_field)[:max_docs if max_docs >= 0 else None]
-    check(len(records) >= 2, f"{source} holds {len(records)} record(s); need at least 2 (train and val)")
     ref = load_checkpoint(reference) if reference else None
     tok = load_tokenizer(ref["tokenizer"]) if ref and ref.get("tokenizer") and not tokenizer else sft_tokenizer()
-    pairs, counts = preference_pairs(tok, records, block_size, source)
-    truncated = counts.pop("truncated")
-    splits = {name: [pairs[i] for i in idx if pairs[i]]
-              for name, idx in zip(("train", "val"), split_documents(len(records), val_fraction, seed))}
-    for name, kept in splits.items():
-        check(kept, f"no {name} pair is left once {counts} are dropped; fix the data or raise --block_size")
-    print(f"{len(records):,} records from {source}: dropped {counts}, cut {truncated:,} pair(s) to block_size + 1 = "
-          f"{block_size + 1} tokens; split {len(splits['train']):,} train / {len(splits['val']):,} val pairs")
-    refs, extra = None, {}
-    if ref is not None:
-        check_tokenizers(ref.get("tokenizer"), tok.to_meta(), f"--reference={reference} and --tokenizer={tokenizer}",
-                         "pass the reference's own tokenizer (--tokenizer=its ckpt.pt)")
-        model = build_model(ref).eval()
-        check(block_size <= model.args.max_seq_len, f"block_size={block_size} exceeds the reference's context "
-                                                    f"{model.args.max_seq_len}; lower --block_size")
-        t0 = time.time()
-        refs = {name: precompute_reference(model, kept, pad_id=tok.eos_id) for name, kept in splits.items()}
-        extra = {"reference": {"checkpoint": os.path.abspath(reference), "fingerprint": base_fingerprint(model)}}
-        print(f"reference log-probs of {reference} computed in {time.time() - t0:.1f} s")
-    with DatasetUpdate(dataset_dir()) as up:
-        meta = write_preference(up, tok, splits, block_size, refs, dropped=counts, truncated=truncated,
-                                val_fraction=val_fraction, seed=seed, source=os.path.abspath(source), **extra)
-    for name, info in meta["splits"].items():
-        print(f"  {name}: {info['pairs']:,} pairs, {info['tokens']:,} tokens, longest row {info['max_row_tokens']}")
-    print(f"wrote {up.dir / 'meta.json'}")
+    prepare_preferences(dataset_dir(), tok, records, source, block_size, val_fraction, seed, ref, reference, print)
 
 
 # the settings each subcommand reads: --help and the printed config show these only

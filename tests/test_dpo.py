@@ -186,9 +186,12 @@ def test_training_learns_the_preference_and_logs_it(env, full_run):
     assert ev[0]["val_margin"] == ev[0]["val_acc"] == 0
     assert ev[-1]["val_acc"] == 1.0 and ev[-1]["val_margin"] > 0.5 and ev[-1]["val_loss"] < 0.5
     assert ev[-1]["val_reward_chosen"] > 0 > ev[-1]["val_reward_rejected"]
-    assert tr[0]["loss"] < math.log(2) and {"margin", "acc", "reward_chosen", "logp_chosen", "logp_rejected"} <= set(tr[0])
-    assert f"iter 12: loss {tr[-1]['loss']:.4f}" in full_run.stdout and f"margin {tr[-1]['margin']:.3f}" in full_run.stdout
-    assert torch.load(root / "full_all" / "ckpt.pt", weights_only=True)["dpo"]["reference"]["checkpoint"] == str(env[1])
+    assert tr[0]["loss"] < math.log(2)
+    assert {"margin", "acc", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected"} <= set(tr[0])
+    assert f"iter 12: loss {tr[-1]['loss']:.4f}" in full_run.stdout
+    assert f"margin {tr[-1]['margin']:.3f}" in full_run.stdout
+    ckpt = torch.load(root / "full_all" / "ckpt.pt", weights_only=True)
+    assert ckpt["dpo"]["reference"]["checkpoint"] == str(env[1])
 
 
 def rows(out_dir):
@@ -275,5 +278,5 @@ def test_errors(env):
     (root / "same.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 4)
     one_line_error(prep(root, f"--source={root / 'same.jsonl'}", f"--tokenizer={base}", dataset="bad", check=False),
                    "pair is left", "'identical': 4")
-    with pytest.raises(UsageError, match=r"rows \(prompt \+ answer\) of up to .* raise block_size to .* --block_size=8"):
+    with pytest.raises(UsageError, match=r"rows \(prompt \+ answer\) of up to .* raise block_size to .*block_size=8"):
         PreferenceBatches(root / "data" / "pref", 8)
