@@ -316,7 +316,7 @@ def sample_texts():
 
 signals = StopSignals()  # SIGINT/SIGTERM: finish the step, save, exit cleanly
 # ---- the loop ---------------------------------------------------------------------------------
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size * (2 if pref else 1)  # DPO: 2 rows
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print("config:")

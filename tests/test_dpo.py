@@ -181,6 +181,7 @@ def full_run(env):
 def test_training_learns_the_preference_and_logs_it(env, full_run):
     root, _, _, _ = env
     assert "DPO: 57 train and 3 val preference pairs" in full_run.stdout and "val pref acc 0.000" in full_run.stdout
+    assert "1,008 tokens per iteration" in full_run.stdout  # 2 steps x 4 pairs x 2 rows x 63
     ev, tr = read_metrics(root / "full_all", "eval"), read_metrics(root / "full_all", "train")
     assert ev[0]["val_loss"] == ev[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-9)  # policy == reference
     assert ev[0]["val_margin"] == ev[0]["val_acc"] == 0
