@@ -380,8 +380,7 @@ def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
 
 
 def to_device(device, *arrays):
-    """numpy arrays as tensors on device. On CUDA the copy is pinned and asynchronous, so it overlaps the GPU's
-    work on the previous step."""
+    """numpy arrays as tensors on device; on CUDA pinned and asynchronous, so the copy overlaps the previous step."""
     import torch
     tensors = [torch.from_numpy(a) for a in arrays]
     if torch.device(device).type == "cuda":
