@@ -136,6 +136,8 @@ def test_losses_against_hand_computed_values():
     assert m["acc"] == 0.5 and m["logp_acc"] == 0.5 and m["logp_acc_per_token"] == 0.5
     assert m["margin"] == pytest.approx((1.0 - 2.0) / 2) and m["ppl"] == pytest.approx(math.exp(9 / 8))
     assert m["loss"] == pytest.approx((-math.log(sig(1.0)) - math.log(sig(-2.0))) / 2)  # pair 2: beta h = -2
+    alone = pair_metrics(torch.tensor([[-3.0, -5.0]]), torch.tensor([[2, 4]]))  # no reference: no rewards
+    assert set(alone) == {"pairs", "logp_acc", "logp_acc_per_token", "ppl", "logp_chosen", "logp_rejected"}
 
 
 def test_loss_is_exactly_ln2_at_step_0_with_a_frozen_copy_and_with_adapters_off(env):
@@ -236,6 +238,10 @@ def test_precomputed_reference_log_probs_train_as_the_live_reference(env, full_r
         objective(batches, load_model(other)[0], config, None, "cpu")  # another starting model: refused
     with pytest.raises(Exception, match="DPO tunes a trained"):
         objective(batches, load_model(other)[0], {**config, "init_from": "scratch"}, None, "cpu")
+    ev = run_script("evaluate.py", "preference", "--data_root=data", "--dataset=pref_ref", f"--checkpoint={base}",
+                    cwd=root)  # no --reference: the stored log-probs are the reference
+    out = json.loads(ev.stdout.splitlines()[-1])
+    assert out["reference"] == "stored with the data" and out["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_ddp_two_processes_normalise_by_the_pairs_of_the_step(env):
