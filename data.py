@@ -82,7 +82,7 @@ def meta_files(meta):
     """Every file name a meta.json refers to (its own name included)."""
     names = {"meta.json"}
     for info in meta.get("splits", {}).values():
-        names |= {info[k] for k in ("file", "mask", "offsets") if k in info} | set(info.get("files", []))
+        names |= {info[k] for k in ("file", "mask", "offsets", "reference") if k in info} | set(info.get("files", []))
     return names | set(meta.get("classify_files", {}).values())
 
 
@@ -379,6 +379,15 @@ def sft_batch(tokens, mask, offsets, indices, block_size, pad_id=0):
     return x, y
 
 
+def to_device(device, *arrays):
+    """numpy arrays as tensors on device; on CUDA pinned and asynchronous, so the copy overlaps the previous step."""
+    import torch
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if torch.device(device).type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
 class Batches:
     """Training and evaluation batches of a dataset folder. Pretraining data is a token stream sampled as
     random windows (positions are window starts); SFT data is whole examples, one per row (positions are
@@ -401,19 +410,12 @@ class Batches:
         return len(self.examples[split][2]) - 1 if self.sft else len(self.tokens[split]) - self.block_size
 
     def get(self, split, positions, device=None):
-        """(x, y): numpy arrays, or tensors on device. On CUDA the copy is pinned and asynchronous, so it
-        overlaps the GPU's work on the previous step."""
+        """(x, y): numpy arrays, or tensors on device."""
         if self.sft:
             x, y = sft_batch(*self.examples[split], positions, self.block_size, self.pad_id)
         else:
             x, y = window_batch(self.tokens[split], positions, self.block_size)
-        if device is None:
-            return x, y
-        import torch
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if torch.device(device).type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+        return (x, y) if device is None else to_device(device, x, y)
 
     def truncation_report(self, split):
         """SFT: (examples longer than block_size+1 tokens, how many of them lose every answer token)."""

@@ -3,6 +3,7 @@
     python evaluate.py loss --checkpoint=out/demo --dataset=demo --split=val          # loss, perplexity, accuracy
     python evaluate.py hellaswag --checkpoint=out/demo --hellaswag_file=hellaswag_val.jsonl
     python evaluate.py classify --checkpoint=out/classify_adamw --dataset=fpb                  # accuracy, F1, confusion
+    python evaluate.py preference --checkpoint=out/dpo --dataset=prefs --reference=out/sft   # held-out DPO pairs
     python evaluate.py plot --runs=out/adamw,out/sgd --out=docs/loss.png              # metrics.jsonl -> PNG
 
 Each subcommand prints a table, then one JSON line with the same numbers (and writes it to json_out if
@@ -15,6 +16,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 # -----------------------------------------------------------------------------
 # every subcommand
@@ -35,6 +37,10 @@ batch_size = 8                  # windows per forward pass
 hellaswag_file = "hellaswag_val.jsonl"  # official rowanz/hellaswag file, or the cleaned {ctx, endings, label} variant
 max_items = 0                   # score only the first this-many items; 0 = all
 # classify (data from tokenize_data.py classify: data_root/dataset/{split}.classify.jsonl + the label set in meta.json)
+# preference (data from tokenize_data.py dpo)
+reference = ""                  # the DPO reference checkpoint, for rewards and margins ("" = the log-probs stored
+                                # with the data, if any; else log-probs only)
+dpo_beta = 0.1                  # beta of the rewards and the loss, as in train.py
 # plot
 runs = ""                       # comma-separated run directories holding metrics.jsonl (train.py's out_dir)
 out = "loss.png"                # where plot writes the PNG
@@ -46,6 +52,7 @@ import torch  # noqa: E402
 from checkpoint import check_tokenizers, load_any, tokenizer_for  # noqa: E402
 from configurator import configure, require  # noqa: E402
 from data import check_token_ids, load_meta, open_split  # noqa: E402
+from dpo import PreferenceBatches, frozen_logps, pair_metrics, score_pairs  # noqa: E402
 from engine import continuation_logprobs, predict_labels  # noqa: E402
 from model import loss_metrics, score_batch  # noqa: E402
 from runtime import (UsageError, atomic_file, autocast, check, check_output, device_and_dtype,  # noqa: E402
@@ -319,12 +326,36 @@ def classify():
             "seconds": round(time.time() - t0, 2)}
 
 
-COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": classify}
+def preference():
+    """A preference split (tokenize_data.py dpo), every pair once: how often the model gives the chosen answer the
+    higher log-prob (logp_acc, and per answer token), and with a reference the DPO rewards, margin, their accuracy
+    and the loss, exactly as train.py logs them."""
+    model, ckpt, dev, ctx = setup()
+    data_dir = os.path.join(data_root, dataset)
+    tok = ckpt.get("tokenizer") or {}
+    check_tokenizers(tok or None, load_meta(data_dir)["tokenizer"], f"checkpoint {checkpoint} and {data_dir}",
+                     f"make the pairs with tokenize_data.py dpo --tokenizer={tok.get('path') or tok.get('kind')}")
+    batches = PreferenceBatches(data_dir, model.args.max_seq_len)
+    if split not in batches.offsets:
+        raise UsageError(f"split='{split}' is not one of {', '.join(batches.offsets)}")
+    ref = partial(frozen_logps, load_any(reference, "", dev)[0]) if reference else None
+    n = min(max_items or batches.size(split), batches.size(split))
+    t0 = time.time()
+    with ctx:
+        scores = score_pairs(model, (batches.get(split, list(range(a, min(a + batch_size, n))), dev)
+                                     for a in range(0, n, batch_size)), ref)
+    return {"task": "preference", "checkpoint": checkpoint, "dataset": data_dir, "split": split,
+            "reference": reference or ("stored with the data" if scores[2] is not None else "none"),
+            **pair_metrics(*scores, beta=dpo_beta), "seconds": round(time.time() - t0, 2)}
+
+
+COMMANDS = {"loss": loss, "hellaswag": hellaswag, "plot": plot, "classify": classify, "preference": preference}
 
 # the settings each subcommand reads: --help shows these only
 MODEL = "checkpoint adapter tokenizer device dtype json_out "
 USES = {"loss": MODEL + "data_root dataset split max_tokens block_size batch_size",
         "hellaswag": MODEL + "hellaswag_file max_items", "classify": MODEL + "data_root dataset split max_items",
+        "preference": MODEL + "data_root dataset split max_items batch_size reference dpo_beta",
         "plot": "runs out logx json_out"}
 
 if __name__ == "__main__":
@@ -335,7 +366,7 @@ if __name__ == "__main__":
         raise UsageError(f"give a subcommand, one of {', '.join(COMMANDS)}; "
                          f"e.g. python evaluate.py loss --checkpoint=out/ckpt.pt")
     config = configure(globals(), sys.argv[2:], only=USES[sys.argv[1]].split())
-    require(config, positive=("batch_size",), non_negative=("max_tokens", "block_size", "max_items"))
+    require(config, positive=("batch_size", "dpo_beta"), non_negative=("max_tokens", "block_size", "max_items"))
     if json_out:  # checked before the work, not after it
         check_output(json_out, "json_out")
     if sys.argv[1] == "plot":

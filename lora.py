@@ -17,6 +17,7 @@ An adapter checkpoint (train.py's ckpt.pt of a LoRA run) is a dict: "adapter" {"
 optimizer/RNG/sampler state for an exact resume; checkpoint.py reads and loads it. export.py's PEFT
 writer takes adapter_pairs(ckpt).
 """
+import contextlib
 import hashlib
 import math
 
@@ -32,6 +33,8 @@ LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # every linear l
 
 
 def _lora_hook(module, inputs, output):
+    if module.lora_off:  # adapters_off: the base layer alone
+        return output
     x = inputs[0]
     if module.lora_dropout > 0 and module.training:
         x = F.dropout(x, module.lora_dropout)
@@ -57,9 +60,23 @@ def add_lora(model, targets=DEFAULT_TARGETS, rank=8, alpha=16.0, dropout=0.0):
         m.lora_A = nn.Parameter(torch.empty(rank, m.in_features, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the LoRA paper's code
         m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, device=w.device, dtype=w.dtype))
-        m.lora_scale, m.lora_dropout = alpha / rank, dropout
+        m.lora_scale, m.lora_dropout, m.lora_off = alpha / rank, dropout, False
         m.lora_handle = m.register_forward_hook(_lora_hook)
     return names
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The base model alone while the block runs (every adapter adds nothing), then the adapted one again: DPO's
+    reference with one model in memory."""
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    for m in adapted:
+        m.lora_off = True
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.lora_off = False
 
 
 def lora_state_dict(model):
@@ -118,7 +135,7 @@ def merge_lora(model):
         if hasattr(m, "lora_A"):
             m.weight += (m.lora_B @ m.lora_A * m.lora_scale).to(m.weight.dtype)
             m.lora_handle.remove()
-            del m.lora_A, m.lora_B, m.lora_scale, m.lora_dropout, m.lora_handle
+            del m.lora_A, m.lora_B, m.lora_scale, m.lora_dropout, m.lora_off, m.lora_handle
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -233,8 +233,9 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, start_pos=0, ignore_index=IGNORE_INDEX, reduction="mean", loss_chunk=0):
         """tokens (B, T) -> logits. With targets: logits (B, T, V) and the cross-entropy over positions
         whose target is not ignore_index (reduction "mean", or "sum" so a trainer can normalise by the
-        token count of a whole accumulation step). Without targets: logits of the last position only
-        (B, 1, V), which is all sampling needs and avoids a (B, T, V) tensor.
+        token count of a whole accumulation step, or "none": each position's -log p(target), 0 where ignored).
+        Without targets: logits of the last position only (B, 1, V), which is all sampling needs and avoids a
+        (B, T, V) tensor.
         loss_chunk > 0 (training memory saver): the loss is computed loss_chunk tokens at a time and each
         chunk's logits are recomputed in backward, so the (B, T, V) logits never exist; returns (None, loss).
         start_pos may be a long tensor, of 1 or B elements, for static-shape decoding (see decode_step)."""
@@ -259,9 +260,10 @@ class Transformer(nn.Module):
         if loss_chunk > 0:
             # one extra head matmul per token (~2*dim*vocab FLOPs) buys never holding B*T*V logits,
             # their fp32 copy and the softmax saved for backward: gigabytes at vocab 32000, seq 1024
-            hf, tf = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-            loss = sum(activation_checkpoint(self._chunk_loss, hf[i:i + loss_chunk], tf[i:i + loss_chunk], ignore_index,
-                                             use_reentrant=False) for i in range(0, hf.size(0), loss_chunk))
+            hf, tf, each = h.reshape(-1, h.size(-1)), targets.reshape(-1), "none" if reduction == "none" else "sum"
+            parts = [activation_checkpoint(self._chunk_loss, hf[i:i + loss_chunk], tf[i:i + loss_chunk], ignore_index,
+                                           each, use_reentrant=False) for i in range(0, hf.size(0), loss_chunk)]
+            loss = torch.cat(parts) if each == "none" else sum(parts)
             if reduction == "mean":
                 loss = loss / (tf != ignore_index).sum().clamp(min=1)
             return None, loss
@@ -270,8 +272,8 @@ class Transformer(nn.Module):
                                ignore_index=ignore_index, reduction=reduction)
         return logits, loss
 
-    def _chunk_loss(self, h, targets, ignore_index):
-        return F.cross_entropy(self.output(h).float(), targets, ignore_index=ignore_index, reduction="sum")
+    def _chunk_loss(self, h, targets, ignore_index, reduction="sum"):
+        return F.cross_entropy(self.output(h).float(), targets, ignore_index=ignore_index, reduction=reduction)
 
     # ---- bookkeeping ----
     def num_params(self, non_embedding=False):

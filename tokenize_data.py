@@ -5,6 +5,7 @@
     python tokenize_data.py pretokenize [config.py] [--key=value ...]   # docs -> train.bin, val.bin, meta.json
     python tokenize_data.py sft         [config.py] [--key=value ...]   # chat/Alpaca/TinyStories-Instruct -> SFT arrays
     python tokenize_data.py classify    [config.py] [--key=value ...]   # labelled text (csv/jsonl) -> SFT arrays
+    python tokenize_data.py dpo         [config.py] [--key=value ...]   # preference pairs -> DPO arrays (dpo.py)
 
 Offline demo (the Python standard library as a corpus, one document per .py file):
     python tokenize_data.py download --source=stdlib
@@ -30,6 +31,7 @@ from chat import alpaca_messages, classification_messages, render_chat, show_exa
 from checkpoint import load_checkpoint
 from data import (DatasetUpdate, DocumentSplit, ShardWriter, dataset_meta, split_documents, token_dtype,
                   write_sft_split)
+from dpo import prepare as prepare_preferences
 from runtime import TMP_PREFIX, FolderLock, UsageError, atomic_file, check, fsync_path, handle_errors
 from sources import jsonl_texts, load_texts, read_jsonl_texts, read_records, read_text, stdlib_docs, tinystories_entries
 from tokenizer import SPECIAL_TOKENS, append_user_pieces, load_tokenizer, make_tokenizer
@@ -66,6 +68,9 @@ label_names = ()          # classify: the label set, in order; numeric labels in
 encoding = "auto"         # text encoding of the source: "auto" (utf-8, else latin-1), or any Python codec name
 show = 0                  # print the first N examples token by token beside their labels (a debug view)
 skip_bad_lines = False    # classify: count and leave out lines without a text or a known label (else stop at one)
+# dpo (preference pairs: source = a local .json/.jsonl file; tokenizer as for sft)
+block_size = 256          # dpo: a row (prompt + one answer) keeps at most block_size + 1 tokens; train with it
+reference = ""            # dpo: a checkpoint whose log-probs of every pair are stored with the data ("" = none)
 # -----------------------------------------------------------------------------
 
 DOCS = "docs.jsonl"
@@ -402,6 +407,14 @@ def classify():
                   "classify_files": {"train": "train.classify.jsonl", "val": "val.classify.jsonl"}})
 
 
+def dpo():
+    """Preference pairs -> the preference format (dpo.prepare: split by record as sft splits, pairs dropped after)."""
+    records = read_records(source, encoding, text_field, label_field)[:max_docs if max_docs >= 0 else None]
+    ref = load_checkpoint(reference) if reference else None
+    tok = load_tokenizer(ref["tokenizer"]) if ref and ref.get("tokenizer") and not tokenizer else sft_tokenizer()
+    prepare_preferences(dataset_dir(), tok, records, source, block_size, val_fraction, seed, ref, reference, print)
+
+
 # the settings each subcommand reads: --help and the printed config show these only
 USES = {"download": "data_root dataset source hf_config hf_split text_field txt_split max_docs stdlib_max_bytes",
         "train_vocab": "data_root dataset source vocab_size vocab_max_bytes seed",
@@ -410,13 +423,14 @@ USES = {"download": "data_root dataset source hf_config hf_split text_field txt_
         "sft": "data_root dataset source tokenizer vocab_size sft_format max_docs val_fraction seed dtype encoding "
                "show",
         "classify": "data_root dataset source tokenizer vocab_size text_field label_field label_names max_docs "
-                    "val_fraction seed dtype encoding show skip_bad_lines"}
+                    "val_fraction seed dtype encoding show skip_bad_lines",
+        "dpo": "data_root dataset source tokenizer vocab_size max_docs val_fraction seed encoding block_size reference"}
 
 if __name__ == "__main__":
     handle_errors()
     from configurator import configure, print_config, require
     commands = {"download": download, "train_vocab": train_vocab, "pretokenize": pretokenize, "sft": sft,
-                "classify": classify}
+                "classify": classify, "dpo": dpo}
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         configure(globals(), ["--help"])
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
@@ -424,7 +438,7 @@ if __name__ == "__main__":
                          f"e.g. python tokenize_data.py download --source=stdlib")
     uses = USES[sys.argv[1]].split()
     print_config(configure(globals(), sys.argv[2:], only=uses), only=uses)
-    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens"),
+    require(globals(), positive=("vocab_size", "vocab_max_bytes", "stdlib_max_bytes", "shard_tokens", "block_size"),
             non_negative=("num_workers", "show"), fraction=("val_fraction",))
     check(max_docs >= -1, f"max_docs={max_docs} must be -1 (all) or a count >= 0")
     lock = FolderLock(dataset_dir(), "tokenize_data.py run")  # one writer per dataset folder

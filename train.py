@@ -83,6 +83,10 @@ lora_rank = 0                   # rank r of each adapter; 0 = off (train every w
 lora_alpha = 16.0               # adapter output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0              # dropout on the adapter's input
 lora_targets = ("wq", "wk", "wv", "wo")  # linear layers to adapt (by name); "w1", "w2", "w3" add the FFN
+dpo_beta = 0.1                  # DPO (preference data, dpo.py): how far the policy may move from the reference
+dpo_loss = "sigmoid"            # 'sigmoid' (DPO) or 'ipo' (squared, on per-token log-probs)
+dpo_label_smoothing = 0.0       # sigmoid loss: the fraction of pairs taken to be mislabelled (conservative DPO)
+dpo_sft_weight = 0.0            # + this x the chosen answers' next-token loss (counters the fall of both log-probs)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors  # noqa: E402
 handle_errors()  # from here on, bad input ends the run with one line "error: ..." (runtime.py)
@@ -94,6 +98,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+import dpo  # noqa: E402
 import optim  # noqa: E402
 from checkpoint import (MetricsLog, clean_state_dict, load_for_training, restore_training, resume_config,  # noqa: E402
                         save_checkpoint)
@@ -119,6 +124,7 @@ if warmup_iters > max_iters:
 
 # ---- checks that need no data: fail before any work --------------------------------------------
 optim.check_settings(optimizer, config)
+dpo.check_settings(config)
 check(lr_schedule in optim.SCHEDULES, f"lr_schedule='{lr_schedule}' is not one of {', '.join(optim.SCHEDULES)}")
 require(config, positive=("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                           "eval_iters", "log_interval", "sample_max_new_tokens"),
@@ -158,7 +164,7 @@ torch.backends.cudnn.allow_tf32 = True
 
 # ---- data -------------------------------------------------------------------------------------
 data_dir = os.path.join(data_root, dataset)
-batches = Batches(data_dir, block_size)
+batches = (dpo.PreferenceBatches if dpo.is_preference(data_dir) else Batches)(data_dir, block_size)
 meta = batches.meta
 for split in ("train", "val"):
     check_token_ids(data_dir, split, meta["vocab_size"])
@@ -216,6 +222,7 @@ if lora_rank:
     else:
         add_lora(model, lora_targets, lora_rank, lora_alpha, lora_dropout)  # freezes the base
 model.to(device)
+pref = dpo.objective(batches, model, config, resume_ckpt, device)  # None unless the data is preference pairs
 
 # ---- optimizer --------------------------------------------------------------------------------
 opts = optim.make_optimizers(model.parameters(), optimizer, config, optim.use_fused(optimizer, device_type, dtype),
@@ -255,7 +262,8 @@ def evaluate():
     model.eval()
     with autocast:
         for split in ("train", "val"):
-            scores = evaluate_batches(raw_model, (batches.get(split, p, device) for p in eval_positions[split]))
+            scores = (pref.evaluate if pref else evaluate_batches)(raw_model, (batches.get(split, p, device)
+                                                                             for p in eval_positions[split]))
             out.update({f"{split}_{k}": v for k, v in scores.items()})
         if label_examples:
             guesses = predict_labels(raw_model, load_tokenizer(tokenizer_record), [t for t, _ in label_examples],
@@ -291,7 +299,7 @@ def save(sampler_state, evaluated):
                      "tokens_seen": tokens_seen, "config": config,
                      "tokenizer": meta["tokenizer"] if lora_rank else tokenizer_record,  # an adapter's base carries it
                      "dataset": data_dir, "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, "sampler": samplers,
-                     "log_window": window, "evaluated": evaluated}, ckpt_file)
+                     "log_window": window, "evaluated": evaluated, **(pref.state() if pref else {})}, ckpt_file)
 
 
 def sample_texts():
@@ -308,7 +316,7 @@ def sample_texts():
 
 signals = StopSignals()  # SIGINT/SIGTERM: finish the step, save, exit cleanly
 # ---- the loop ---------------------------------------------------------------------------------
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size * (2 if pref else 1)  # DPO: 2 rows
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print("config:")
@@ -344,6 +352,7 @@ while True:
         t_log += time.time() - t_eval  # keep evaluation out of the tokens/s figure
         if master:
             acc = (f"val label acc {scores['val_label_acc']:.3f}" if "val_label_acc" in scores else
+                   dpo.eval_text(scores) if pref else
                    f"val {'answer token ' if batches.sft else ''}acc {scores['val_acc']:.3f}")
             say(f"iter {iter_num}: train loss {scores['train_loss']:.4f}, val loss {scores['val_loss']:.4f}, "
                 f"val ppl {scores['val_ppl']:.2f}, {acc}")
@@ -366,7 +375,7 @@ while True:
     # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks), not
     # per micro-batch: with masked targets (fine-tuning) micro-batches hold different numbers of
     # answer tokens, and averaging their means would over-weight the short ones.
-    n_targets = sum((y != IGNORE_INDEX).sum() for _, y in micro_batches)
+    n_targets = sum(pref.pairs(y) if pref else (y != IGNORE_INDEX).sum() for _, y in micro_batches)  # DPO: pairs
     if ddp:
         dist.all_reduce(n_targets)  # stays on the device: no host sync
     scale = world_size / n_targets.clamp(min=1)  # DDP averages gradients over ranks; undo that here
@@ -375,7 +384,8 @@ while True:
         if ddp:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with autocast:
-            _, loss = model(x, y, reduction="sum", loss_chunk=loss_chunk_size)
+            loss = (pref.loss(model, x, y, loss_chunk_size) if pref else
+                    model(x, y, reduction="sum", loss_chunk=loss_chunk_size)[1])
             loss = loss * scale
         scaler.scale(loss).backward()
         step_loss += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
@@ -397,13 +407,14 @@ while True:
         dt, steps = time.time() - t_log, max(1, iter_num - log_iter)
         tok_s = steps * tokens_per_iter / dt
         step_mfu = mfu(raw_model.flops_per_token(block_size), tok_s / world_size, device)
+        dpo_stats = pref.log_window() if pref else {}  # rewards, margin, accuracy, log-probs over the window
         if master:
             metrics.write({"type": "train", "iter": iter_num, "tokens": tokens_seen, "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tok_per_s": tok_s, "mfu": step_mfu,
                            "ms_per_iter": 1000 * dt / steps, "peak_mem_gb": memory.peak() / 2**30,
-                           **({"skipped": skipped} if nonfinite == "skip" else {})})
+                           **dpo_stats, **({"skipped": skipped} if nonfinite == "skip" else {})})
             msg = (f"loss {train_loss or float('nan'):.4f} lr {lr:.2e} gnorm {float(grad_norm):.2f} {tok_s:,.0f} tok/s"
-                   + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else ""))
+                   + dpo.progress_text(dpo_stats) + (f" mfu {100 * step_mfu:.1f}%" if step_mfu else ""))
             if bar is not None:
                 bar.set_postfix_str(msg)
             else:
