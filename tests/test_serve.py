@@ -157,6 +157,12 @@ def test_a_seeded_request_samples_the_same_text_alone_and_among_others(client):
     for t in threads:
         t.join()
     assert crowd[7] == alone and len(set(crowd.values())) == 4  # its own generator: the others do not matter
+    # top_k (an extension field, as vLLM takes it): 1 keeps only the best token, so any seed samples the greedy text
+    greedy_text = client.completions.create(model="tiny", prompt="def loads(s):", max_tokens=30, temperature=0)
+    for seed in (1, 2):
+        top1 = client.completions.create(model="tiny", prompt="def loads(s):", max_tokens=30, temperature=1.0,
+                                         seed=seed, extra_body={"top_k": 1})
+        assert top1.choices[0].text == greedy_text.choices[0].text
 
 
 def test_chat_follows_the_template_and_stops_at_the_end_of_turn(served, client):
