@@ -33,7 +33,7 @@ import weakref
 
 # -----------------------------------------------------------------------------
 sizes = "tiny"                      # comma-separated names from SIZES below
-optimizers = "adamw"                # comma-separated: adamw, sgd
+optimizers = "adamw"                # comma-separated: adamw, sgd, lion, muon
 compile = (False,)                  # torch.compile the model: each value is one setting of the sweep
 activation_checkpointing = (False,)  # recompute blocks in backward: a sweep of True/False values
 checkpoint_blocks = (0,)            # with activation_checkpointing: recompute only the first N blocks (0 = all)
@@ -220,7 +220,7 @@ def traced_peak_gb(s):
     with FakeTensorMode(), LiveBytes() as live:
         model = Transformer(args).train()
         model.checkpoint_blocks = (s["checkpoint_blocks"] or args.n_layers) if s["activation_checkpointing"] else 0
-        opts = optim.make_optimizers(model.parameters(), opt, TRAIN_DEFAULTS, fused=fused, in_backward=inback,
+        opts = optim.make_optimizers(model.named_parameters(), opt, TRAIN_DEFAULTS, fused=fused, in_backward=inback,
                                      foreach=None if fused else False)
         for _ in range(2):
             x, y = torch.randint(args.vocab_size, (batch, seq)), torch.randint(args.vocab_size, (batch, seq))
@@ -379,7 +379,7 @@ def find_largest(opt, tmp):
 def main():
     check_output(out_json, "out_json")
     size_list = names(sizes, SIZES, "sizes")
-    opt_list = names(optimizers, ("adamw", "sgd"), "optimizers")
+    opt_list = names(optimizers, tuple(optim.OPTIMIZERS), "optimizers")
     if not (train_runs or trace_memory or decode):
         raise UsageError("train_runs=False measures nothing unless trace_memory=True or decode=True")
     if find_max and (memory_cap_gb <= 0 or (train_runs and dev.type != "cuda")):

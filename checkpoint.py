@@ -184,7 +184,8 @@ def load_any(path, adapter="", device="cpu"):
 # new command's own and are never taken from the checkpoint
 ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "tie_embeddings", "norm_eps",
                 "rope_theta", "optimizer", "optimizer_in_backward", "lora_rank", "lora_alpha", "lora_targets")
-SCHEDULE = ("max_iters", "learning_rate", "lr_schedule", "warmup_iters", "lr_decay_iters", "min_lr")
+SCHEDULE = ("max_iters", "learning_rate", "lr_schedule", "warmup_iters", "lr_decay_iters", "min_lr", "muon_lr",
+            "cooldown_frac", "cooldown_shape")
 SESSION = ("init_from", "out_dir", "device", "compile", "progress", "stop_at_iter", "eval_only", "overwrite",
            "write_checkpoints", "memory_cap_gb", "activation_checkpointing", "checkpoint_blocks", "loss_chunk_size")
 
@@ -223,7 +224,11 @@ def restore_training(ckpt, where, opts, scaler, sampler, rank, device):
         raise UsageError(f"{where} holds optimizer state saved with a different optimizer_in_backward setting; "
                          f"resume with the same setting")
     for o, state in zip(opts, states):
+        ratios = [g.get("lr_ratio") for g in o.param_groups]  # this run's (muon_lr is a schedule key, like lr)
         o.load_state_dict(state)
+        for g, r in zip(o.param_groups, ratios):
+            if r is not None:
+                g["lr_ratio"] = r
     if ckpt.get("scaler") and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(ckpt["scaler"])
     if rank < len(ckpt.get("sampler", [])):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from optim import OPTIMIZERS
+from optim import state_numel
 from runtime import UsageError
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections; add "w1", "w2", "w3" for the FFN
@@ -103,11 +103,12 @@ def memory_report(model, optimizer):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bytes_per = next(model.parameters()).element_size()
-    states = OPTIMIZERS[optimizer].states  # full-size state tensors per parameter (AdamW 2, SGD 1)
-    saved = (total - trainable) * bytes_per * (1 + states)  # the grads and states frozen weights do not need
+    # gradient + optimizer state elements, each parameter's state count from the registry (optim.py)
+    lora = trainable + state_numel([(n, p) for n, p in model.named_parameters() if p.requires_grad], optimizer)
+    full = total + state_numel(model.named_parameters(), optimizer)
     return (f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
-            f"gradients + {optimizer} state {(trainable * bytes_per * (1 + states)) / 2**20:.2f} MiB "
-            f"instead of {(total * bytes_per * (1 + states)) / 2**20:.2f} MiB (saves {saved / 2**20:.2f} MiB)")
+            f"gradients + {optimizer} state {lora * bytes_per / 2**20:.2f} MiB instead of "
+            f"{full * bytes_per / 2**20:.2f} MiB (saves {(full - lora) * bytes_per / 2**20:.2f} MiB)")
 
 
 def apply_adapter(model, ckpt, where="adapter"):

@@ -45,20 +45,25 @@ tie_embeddings = True           # share the token embedding with the output head
 norm_eps = 1e-5                 # RMSNorm epsilon
 rope_theta = 10000.0            # rotary embedding base
 # optimizer
-optimizer = "adamw"             # 'adamw' or 'sgd' (momentum; half AdamW's state memory)
+optimizer = "adamw"             # 'adamw', 'sgd' (momentum), 'lion' (sign updates), 'muon' (AdamW off the blocks)
 learning_rate = 5e-4            # peak learning rate
 weight_decay = 0.1              # applied to matrices and embeddings only, never to norms or biases
-beta1 = 0.9                     # AdamW
-beta2 = 0.95                    # AdamW
+beta1 = 0.9                     # AdamW, Lion (and the AdamW part of Muon)
+beta2 = 0.95                    # AdamW, Lion (Lion's paper uses 0.99)
 momentum = 0.9                  # SGD
 nesterov = True                 # SGD
+muon_lr = 0.02                  # Muon: peak lr of the block matrices (learning_rate: its AdamW part's peak)
+muon_momentum = 0.95            # Muon
+muon_adjust_lr_fn = "original"  # Muon: 'original' (Keller Jordan's) or 'match_rms_adamw' (AdamW-sized)
 grad_clip = 1.0                 # clip the global grad norm to this; 0 disables
 # learning-rate schedule
-lr_schedule = "cosine"          # 'cosine' (warmup then cosine to min_lr), 'constant' (warmup then flat), 'onecycle'
+lr_schedule = "cosine"          # 'cosine' (warmup, cosine to min_lr), 'constant' (warmup, flat), 'onecycle', 'wsd'
 max_iters = 2000                # optimizer steps of the whole run
 warmup_iters = 100              # linear warmup steps
 lr_decay_iters = 0              # cosine reaches min_lr here; 0 = max_iters
-min_lr = 5e-5                   # floor of the cosine and one-cycle schedules
+min_lr = 5e-5                   # floor of the cosine, one-cycle and wsd schedules
+cooldown_frac = 0.2             # wsd: the last fraction of the run, decaying to min_lr
+cooldown_shape = "1-sqrt"       # wsd: 'linear' or '1-sqrt' (Hägele et al. 2024)
 # system
 device = "auto"                 # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                  # 'auto' (bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU),
@@ -125,7 +130,7 @@ if warmup_iters > max_iters:
 # ---- checks that need no data: fail before any work --------------------------------------------
 optim.check_settings(optimizer, config)
 dpo.check_settings(config)
-check(lr_schedule in optim.SCHEDULES, f"lr_schedule='{lr_schedule}' is not one of {', '.join(optim.SCHEDULES)}")
+optim.check_schedule(lr_schedule, cooldown_frac, cooldown_shape)
 require(config, positive=("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                           "eval_iters", "log_interval", "sample_max_new_tokens"),
         non_negative=("warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "loss_chunk_size", "memory_cap_gb",
@@ -225,8 +230,8 @@ model.to(device)
 pref = dpo.objective(batches, model, config, resume_ckpt, device)  # None unless the data is preference pairs
 
 # ---- optimizer --------------------------------------------------------------------------------
-opts = optim.make_optimizers(model.parameters(), optimizer, config, optim.use_fused(optimizer, device_type, dtype),
-                             in_backward=optimizer_in_backward)
+opts = optim.make_optimizers(model.named_parameters(), optimizer, config,
+                             optim.use_fused(optimizer, device_type, dtype), in_backward=optimizer_in_backward)
 # fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 if lora_rank and master:
@@ -341,7 +346,8 @@ if resume_window:  # the log window the run was in when it saved: the next train
     loss_acc, n_acc = torch.tensor(resume_window[0], device=device), resume_window[1]
 model.train()
 while True:
-    lr = optim.lr_at(iter_num, lr_schedule, learning_rate, min_lr, warmup_iters, max_iters, lr_decay_iters)
+    lr = optim.lr_at(iter_num, lr_schedule, learning_rate, min_lr, warmup_iters, max_iters, lr_decay_iters,
+                     cooldown_frac, cooldown_shape)
     optim.set_lr(opts, lr)
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, make_dataset, one_line_error as expect_error, read_metrics, run_script
+from optim import OPTIMIZERS
 
 
 def train(tmp_path, *extra, out="out", check=True, dataset="tiny"):
@@ -39,7 +40,7 @@ def test_val_loss_falls_well_below_unigram_entropy(tmp_path, data):
     assert all(r["grad_norm"] > 0 and r["tok_per_s"] > 0 for r in tr)
 
 
-@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_resume_continues_the_exact_loss_sequence(tmp_path, data, opt):
     common = ["--log_interval=1", "--eval_interval=5", "--dropout=0.1", f"--optimizer={opt}",
               "--gradient_accumulation_steps=2", "--warmup_iters=2", "--lr_decay_iters=12"]
@@ -83,12 +84,13 @@ def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == ckpt["iter_num"] + 2
 
 
-def test_ddp_two_cpu_processes(tmp_path, data):
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_ddp_two_cpu_processes(tmp_path, data, opt):
     """The README command with a short run: torchrun, 2 CPU processes, the default accumulation (per process)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
            f"--data_root={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'ddp'}", *TINY,
-           "--max_iters=6", "--eval_interval=3", "--device=cpu", "--log_interval=1"]
+           "--max_iters=6", "--eval_interval=3", "--device=cpu", "--log_interval=1", f"--optimizer={opt}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -99,6 +101,7 @@ def test_ddp_two_cpu_processes(tmp_path, data):
     assert tr[-1]["tokens"] == 6 * 2 * 4 * 32  # 1 micro-batch per step on each of the 2 ranks
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 6 and len(ckpt["sampler"]) == 2 and all(math.isfinite(r["loss"]) for r in tr)
+    assert ckpt["config"]["optimizer"] == opt
 
 
 def test_fine_tune_from_checkpoint_path_starts_fresh_schedule(tmp_path, data):
