@@ -69,6 +69,10 @@ IMPOSSIBLE = [
     ("evaluate.py", ["loss", "--json_out=."], "json_out=. is a folder"),
     ("evaluate.py", ["plot", "--runs=a", "--out=loss"], "out=loss needs a .png, .pdf or .svg name"),
     ("tokenize_data.py", ["download", "--max_docs=-5"], "max_docs=-5 must be -1 (all) or a count >= 0"),
+    ("sweep.py", ["--grid=speed"], "grid='speed' is not one of pretrain, classify, continual"),
+    ("sweep.py", ["--jobs=0"], "jobs=0 must be > 0"),
+    ("sweep.py", ["--arms=(('sgd', '--optimizer=sgd', 'learning_rate', ()),)"], "must be (name, flags, key, (values"),
+    ("sweep.py", ["--corpus=missing.txt"], "corpus missing.txt not found; pass --corpus=PATH"),
     ("tokenize_data.py", ["pretokenize", "--val_fraction=1.5"], "val_fraction=1.5 must be in [0, 1]"),
     ("tokenize_data.py", ["train_vocab", "--vocab_size=0"], "vocab_size=0 must be > 0"),
 ]
