@@ -48,7 +48,7 @@ finetune_flags = ""             # classify, continual: flags of every run from t
 classify_source = "../shared/data/financial_phrasebank/all-data.csv"  # classify: labelled CSV/JSONL/txt
 classify_text_field = "news"    # classify: the column holding the text
 # -----------------------------------------------------------------------------
-from runtime import UsageError, check, handle_errors  # noqa: E402
+from runtime import UsageError, atomic_file, check, handle_errors  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 GRIDS = ("pretrain", "classify", "continual")
@@ -86,6 +86,11 @@ def text_dataset(name, source, tokenizer=""):
          *([f"--tokenizer={tokenizer}"] if tokenizer else []))
 
 
+def save_json(path, obj, indent=None):
+    with atomic_file(path) as tmp, open(tmp, "w") as f:  # a stopped grid never leaves a torn result behind
+        json.dump(obj, f, indent=indent)
+
+
 def lr_of(flags):
     """The learning_rate a run's flags end up with (the last one wins, as in train.py)."""
     values = [f.split("=", 1)[1] for f in flags if f.startswith("--learning_rate=")]
@@ -99,7 +104,12 @@ def train(name, flags, iters, extra_eval=None):
     done = os.path.join(out_dir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
-            return json.load(f)
+            res = json.load(f)
+        if res["status"] == "ok" and extra_eval and not res.get("evaluated"):  # the grid gained an evaluation
+            res.setdefault("sampled_val_loss", res["val_loss"])
+            res.update(extra_eval(out_dir), evaluated=True)
+            save_json(done, res)
+        return res
     os.makedirs(out_dir, exist_ok=True)
     defaults = [*model.split(), f"--max_iters={iters}", f"--warmup_iters={warmup_iters}",
                 f"--eval_interval={max(1, iters // eval_points)}", f"--eval_iters={eval_iters}", "--log_interval=10",
@@ -119,14 +129,14 @@ def train(name, flags, iters, extra_eval=None):
                                 for p, r in zip([{"iter": 0}, *steps], steps)), 1), "load": [load0, os.getloadavg()[0]],
            "peak_rss_mb": round(max((r["peak_mem_gb"] for r in steps), default=0) * 1024, 1),
            "lrs": [(r["tokens"], r["lr"]) for r in steps]}
+    res["sampled_val_loss"] = res["val_loss"]  # train.py's last evaluation: eval_iters random batches
     if rc == 0 and extra_eval:
-        res.update(extra_eval(out_dir))
+        res.update(extra_eval(out_dir), evaluated=True)
     if rc != 0:
         with open(os.path.join(out_dir, "train.log")) as f:
             last = f.read().strip().splitlines()[-1:]
         check(last and "nan/inf" in last[0], f"train.py failed in {out_dir} (not a divergence): {last}")
-    with open(done, "w") as f:
-        json.dump(res, f)
+    save_json(done, res)
     return res
 
 
@@ -218,13 +228,13 @@ def write(tables, results, drawing):
     head = (f"<!-- written by python sweep.py config/sweep_{grid}.py; {len(results)} runs; model flags: {model}; "
             f"1 thread per run, {jobs} at a time; 1-min load average {min(loads):.1f}-{max(loads):.1f} on "
             f"{os.cpu_count()} cores -->\n")
-    with open(stem + ".md", "w") as f:
+    with atomic_file(stem + ".md") as tmp, open(tmp, "w") as f:
         f.write(head + "\n\n".join(tables) + "\n")
-    with open(stem + ".json", "w") as f:
-        json.dump({"grid": grid, "model": model, "seeds": list(seeds), "runs": results}, f, indent=1)
+    save_json(stem + ".json", {"grid": grid, "model": model, "seeds": list(seeds), "runs": results}, indent=1)
     fig = drawing(plt)
     fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=72)
+    with atomic_file(stem + ".png") as tmp:
+        fig.savefig(tmp, dpi=72, format="png")
     print(f"wrote {stem}.md, {stem}.json, {stem}.png")
 
 
@@ -247,18 +257,27 @@ def lr_panel(ax, cells_, metric, ylabel):
 
 # ---- 1. pretraining ----------------------------------------------------------------------------
 
+def full_val(out_dir):
+    """The final weights' loss on the whole val split, the same tokens for every run: train.py's evaluations
+    sample eval_iters random batches, and that noise would count against the optimizer."""
+    js = os.path.join(out_dir, "val.json")
+    must("evaluate.py", "loss", f"--checkpoint={out_dir}", *data_flags("text"), f"--json_out={js}")
+    with open(js) as f:
+        return {"val_loss": json.load(f)["loss"]}
+
+
 def pretrain():
     text_dataset("text", corpus)
-    results = run_all(arm_specs(arms, max_iters, data_flags("text")))
+    results = run_all(arm_specs(arms, max_iters, data_flags("text"), full_val))
     grid_cells = cells(results, arms)
     top = best(grid_cells)
     check(top is not None, "every run of the grid diverged: lower the learning rates in arms")
     top_arm = next(a for a in arms if a[0] == top["arm"])
     sched = [(f"sched_{name.replace(' ', '_')}_s{seed}", [*data_flags("text"), *top_arm[1].split(),
-              f"--{top['key']}={top['value']}", *flags.split(), f"--seed={seed}"], max_iters, None)
+              f"--{top['key']}={top['value']}", *flags.split(), f"--seed={seed}"], max_iters, full_val)
              for name, flags in schedules for seed in seeds]
-    base = [(f"baseline_s{seed}", [*data_flags("text"), *baseline[1].split(), f"--seed={seed}"], max_iters, None)
-            for seed in seeds] if baseline[0] else []
+    base = [(f"baseline_s{seed}", [*data_flags("text"), *baseline[1].split(), f"--seed={seed}"], max_iters,
+             full_val) for seed in seeds] if baseline[0] else []
     extra = run_all(sched + base)
     sched_cells = [{"arm": name, "runs": extra[i * len(seeds):(i + 1) * len(seeds)]} for i, (name, _) in
                    enumerate(schedules)]
@@ -267,13 +286,13 @@ def pretrain():
         c["val_loss"] = (sum(r["val_loss"] for r in c["runs"]) / len(c["runs"])
                          if c["runs"] and all(r["status"] == "ok" for r in c["runs"]) else None)
     is_best = lambda c, cs: c is best([x for x in cs if x["arm"] == c["arm"]])  # noqa: E731
-    t1 = [table("optimizer", "peak lr (cosine)", "final val loss: mean (seeds)", *COSTS, "optimizer state MiB")]
+    loss = "final val loss, whole val split: mean (seeds)"
+    t1 = [table("optimizer", "peak lr (cosine)", loss, *COSTS, "optimizer state MiB")]
     t1 += [row(c["arm"], f"{c['key']}={c['value']:g}" + (" (best)" if is_best(c, grid_cells) else ""), c,
                ["val_loss"], next(a[1] for a in arms if a[0] == c["arm"])) for c in grid_cells]
     t1 += [row(f"{baseline[0]} (baseline)", baseline[1].replace("--", ""), base_cell, ["val_loss"], baseline[1])
            ] if base else []
-    t2 = [table("schedule", f"with {top['arm']}, {top['key']}={top['value']:g}", "final val loss: mean (seeds)",
-                *COSTS)]
+    t2 = [table("schedule", f"with {top['arm']}, {top['key']}={top['value']:g}", loss, *COSTS)]
     t2 += [row(name, flags.replace("--", ""), c, ["val_loss"]) for (name, flags), c in zip(schedules, sched_cells)]
     sched_cells.insert(0, {**top, "arm": "cosine (the grid's)"})  # cosine: the grid's own runs, not run again
     t2.insert(1, row("cosine (the grid's runs)", "", top, ["val_loss"]))
@@ -288,7 +307,7 @@ def pretrain():
             if c and c.get("val_loss") is not None:
                 xs, ys = zip(*c["runs"][0]["curve"])
                 a2.plot(xs, ys, "-", marker=".", color=f"C{k}", label=f"{label} {c['val_loss']:.3f}")
-        a2.set_title("val loss, best learning rate of each (seed 1)")
+        a2.set_title(f"val loss ({eval_iters} sampled batches), best lr of each (seed 1)")
         a2.set_xlabel("tokens")
         for k, c in enumerate(sched_cells):
             if c["runs"]:
@@ -378,8 +397,8 @@ def continual():
     grid_cells = cells(results, arms)
     t = [table("optimizer (flat lr)", "lr", "new-half val loss: mean (seeds)", "old-half val loss: mean (seeds)",
                "forgetting (old-half rise)", *COSTS),
-         f"| base (pretrained on the old half) | {base['flags'].replace('--', '')} | {base['new_loss']:.3f} | "
-         f"{base['old_loss']:.3f} | | {base['tokens']:,} | {base['train_s']:.0f} | {base['peak_rss_mb']:.0f} |"]
+         (f"| base (pretrained on the old half) | {base['flags'].replace('--', '')} | {base['new_loss']:.3f} | "
+          f"{base['old_loss']:.3f} | | {base['tokens']:,} | {base['train_s']:.0f} | {base['peak_rss_mb']:.0f} |")]
     for c in grid_cells:
         forget = "" if c.get("old_loss") is None else f"{c['old_loss'] - base['old_loss']:+.3f}"
         cols = row(c["arm"], f"{c['key']}={c['value']:g}", c, ["new_loss", "old_loss"]).split(" | ")

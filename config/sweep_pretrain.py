@@ -1,7 +1,8 @@
 # Evidence grid 1 (README "Choosing an optimizer and schedule"): pretraining a 0.23M-parameter Llama on Tiny
 # Shakespeare (its own 512-token vocab) at one token budget, 200 steps x 16 x 128 = 409,600 tokens (about one
-# epoch). Each optimizer at three peak learning rates x 2 seeds (cosine, 5% warmup, min_lr = lr/10); then every
-# schedule with the best of them; then llama2.c's default recipe at the same budget, the baseline to beat.
+# epoch). Each optimizer at three or four peak learning rates x 2 seeds (cosine, 5% warmup, min_lr = lr/10), scored
+# on the whole val split; then every schedule with the best of them; then llama2.c's default recipe at the same
+# budget, the baseline to beat.
 #   nice -n 10 python sweep.py config/sweep_pretrain.py    -> docs/sweep_pretrain.{md,json,png}
 grid = "pretrain"
 workdir = "out/sweep"
@@ -13,8 +14,9 @@ warmup_iters = 10
 eval_iters = 8
 min_lr_ratio = 0.1
 arms = (
-    ("sgd", "--optimizer=sgd --momentum=0.9 --nesterov=True --weight_decay=0.0", "learning_rate", (0.1, 0.3, 1.0)),
-    ("adamw", "--optimizer=adamw --weight_decay=0.1", "learning_rate", (3e-3, 1e-2, 3e-2)),
+    ("sgd", "--optimizer=sgd --momentum=0.9 --nesterov=True --weight_decay=0.0", "learning_rate",
+     (0.03, 0.1, 0.3, 1.0)),
+    ("adamw", "--optimizer=adamw --weight_decay=0.1", "learning_rate", (1e-3, 3e-3, 1e-2, 3e-2)),
     # Lion: lr 3-10x below AdamW's and weight decay 3-10x above, so that lr x weight_decay stays alike
     ("lion", "--optimizer=lion --beta2=0.99 --weight_decay=0.5", "learning_rate", (3e-4, 1e-3, 3e-3)),
     # Muon: muon_lr is swept; learning_rate is the AdamW part's (embeddings, norms, head)
