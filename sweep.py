@@ -397,7 +397,7 @@ def continual():
     grid_cells = cells(results, arms)
     t = [table("optimizer (flat lr)", "lr", "new-half val loss: mean (seeds)", "old-half val loss: mean (seeds)",
                "forgetting (old-half rise)", *COSTS),
-         (f"| base (pretrained on the old half) | {base['flags'].replace('--', '')} | {base['new_loss']:.3f} | "
+         (f"| base (pretrained on the old half) | {base_flags.replace('--', '')} | {base['new_loss']:.3f} | "
           f"{base['old_loss']:.3f} | | {base['tokens']:,} | {base['train_s']:.0f} | {base['peak_rss_mb']:.0f} |")]
     for c in grid_cells:
         forget = "" if c.get("old_loss") is None else f"{c['old_loss'] - base['old_loss']:+.3f}"
