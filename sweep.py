@@ -306,16 +306,16 @@ def pretrain():
         for k, (c, label) in enumerate(curves):
             if c and c.get("val_loss") is not None:
                 xs, ys = zip(*c["runs"][0]["curve"])
-                a2.plot(xs, ys, "-", marker=".", color=f"C{k}", label=f"{label} {c['val_loss']:.3f}")
+                a2.plot([x / 1e3 for x in xs], ys, "-", marker=".", color=f"C{k}", label=f"{label} {c['val_loss']:.3f}")
         a2.set_title(f"val loss ({eval_iters} sampled batches), best lr of each (seed 1)")
-        a2.set_xlabel("tokens")
+        a2.set_xlabel("tokens (thousands)")
         for k, c in enumerate(sched_cells):
             if c["runs"]:
                 xs, ys = zip(*c["runs"][0]["lrs"])
-                a3.plot(xs, [y / max(ys) for y in ys], color=f"C{k}", label=f"{c['arm']}: " + (
+                a3.plot([x / 1e3 for x in xs], [y / max(ys) for y in ys], color=f"C{k}", label=f"{c['arm']}: " + (
                     "diverged" if c["val_loss"] is None else f"{c['val_loss']:.3f}"))
         a3.set_title(f"schedules ({top['arm']}): lr / peak, final val loss")
-        a3.set_xlabel("tokens")
+        a3.set_xlabel("tokens (thousands)")
         for ax in (a2, a3):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

@@ -18,7 +18,7 @@ arms = (
      (0.03, 0.1, 0.3, 1.0)),
     ("adamw", "--optimizer=adamw --weight_decay=0.1", "learning_rate", (1e-3, 3e-3, 1e-2, 3e-2)),
     # Lion: lr 3-10x below AdamW's and weight decay 3-10x above, so that lr x weight_decay stays alike
-    ("lion", "--optimizer=lion --beta2=0.99 --weight_decay=0.5", "learning_rate", (3e-4, 1e-3, 3e-3)),
+    ("lion", "--optimizer=lion --beta2=0.99 --weight_decay=0.5", "learning_rate", (3e-4, 1e-3, 3e-3, 1e-2)),
     # Muon: muon_lr is swept; learning_rate is the AdamW part's (embeddings, norms, head)
     ("muon", "--optimizer=muon --learning_rate=1e-2 --muon_adjust_lr_fn=original", "muon_lr", (0.01, 0.03, 0.1)),
 )
