@@ -48,7 +48,7 @@ finetune_flags = ""             # classify, continual: flags of every run from t
 classify_source = "../shared/data/financial_phrasebank/all-data.csv"  # classify: labelled CSV/JSONL/txt
 classify_text_field = "news"    # classify: the column holding the text
 # -----------------------------------------------------------------------------
-from runtime import UsageError, atomic_file, check, handle_errors  # noqa: E402
+from runtime import UsageError, atomic_file, check, handle_errors, write_text  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 GRIDS = ("pretrain", "classify", "continual")
@@ -87,8 +87,7 @@ def text_dataset(name, source, tokenizer=""):
 
 
 def save_json(path, obj, indent=None):
-    with atomic_file(path) as tmp, open(tmp, "w") as f:  # a stopped grid never leaves a torn result behind
-        json.dump(obj, f, indent=indent)
+    write_text(path, json.dumps(obj, indent=indent))  # atomic: a stopped grid never leaves a torn result behind
 
 
 def lr_of(flags):
@@ -228,8 +227,7 @@ def write(tables, results, drawing):
     head = (f"<!-- written by python sweep.py config/sweep_{grid}.py; {len(results)} runs; model flags: {model}; "
             f"1 thread per run, {jobs} at a time; 1-min load average {min(loads):.1f}-{max(loads):.1f} on "
             f"{os.cpu_count()} cores -->\n")
-    with atomic_file(stem + ".md") as tmp, open(tmp, "w") as f:
-        f.write(head + "\n\n".join(tables) + "\n")
+    write_text(stem + ".md", head + "\n\n".join(tables) + "\n")
     save_json(stem + ".json", {"grid": grid, "model": model, "seeds": list(seeds), "runs": results}, indent=1)
     fig = drawing(plt)
     fig.tight_layout()
