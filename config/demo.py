@@ -1,5 +1,6 @@
 # The offline demo: a ~1M-parameter model on the Python standard library (data/demo), a few minutes on a laptop CPU.
-# python tokenize_data.py download --source=stdlib && python tokenize_data.py train_vocab --dataset=demo --vocab_size=512
+# python tokenize_data.py download --source=stdlib && \
+#   python tokenize_data.py train_vocab --dataset=demo --vocab_size=512
 # python tokenize_data.py pretokenize --dataset=demo && python train.py config/demo.py
 out_dir = "out/demo"
 dataset = "demo"

@@ -5,8 +5,9 @@
 #   python tokenize_data.py sft --source=TinyStoriesInstruct-valid.txt --dataset=ts_instruct \
 #       --tokenizer=out/stories/ckpt.pt --show=1
 #   python train.py config/sft_tinystories.py
+#   PROMPT='Write a story. In the story, try to use the verb "climb", the noun "ring" and the adjective "messy".'
 #   python generate.py --checkpoint=out/sft_tinystories --chat=True \
-#       --prompt='Write a story. In the story, try to use the verb "climb", the noun "ring" and the adjective "messy". Possible story:'
+#       --prompt="$PROMPT Possible story:"
 out_dir = "out/sft_tinystories"
 init_from = "out/stories/ckpt.pt"   # a TinyStories-pretrained base (any checkpoint with chat specials in its vocab)
 dataset = "ts_instruct"

@@ -31,7 +31,8 @@ def run_script(script, *args, cwd=None, check=True, timeout=240, env=None):
     proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -48,7 +49,8 @@ def make_dataset(root, name="tiny", n_tokens=20000, vocab_size=64, seed=0, dtype
     n_val = n_tokens // 10
     tok = tokenizer or {"kind": "sentencepiece", "path": None, "special_tokens": [], "vocab_size": vocab_size,
                         "bos_id": 1, "eos_id": 2}
-    d = write_token_dataset(Path(root) / name, {"train": toks[n_val:], "val": toks[:n_val]}, tok, vocab_size, dtype=dtype)
+    d = write_token_dataset(Path(root) / name, {"train": toks[n_val:], "val": toks[:n_val]}, tok, vocab_size,
+                            dtype=dtype)
     return d, toks
 
 

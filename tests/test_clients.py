@@ -14,8 +14,8 @@ from chat import render_chat
 from conftest import shared, tiny_model, trained_vocab
 from tokenizer import SPECIAL_TOKENS, make_tokenizer, normalizer_spec
 
-WORDS = ["def", " x", "  return", "\n\t", "日本語", " café", "🎉", "✓ ok", "<|user|>", " 42", "\n", "   ", "the",
-         " cat", "sat.", " a", "", "\n  ", "<|end_of_turn|>", "0123"]
+WORDS = ["def", " x", "  return", "\n\t", "日本語", " café", "🎉", "✓ ok", "<|user|>", " 42", "\n", "   ",
+         "the", " cat", "sat.", " a", "", "\n  ", "<|end_of_turn|>", "0123"]
 BATTERY = [" a", "a ", "  double  spaces", "\n    return x", "\tindented\n\t\tmore", "trailing  ", "digits 12345",
            "café ñ 日本 🦙", "<|user|>hi<|end_of_turn|>", "x<|assistant|> y", "", " ", "\n\n"]
 BATTERY += ["".join(random.Random(k).choice(WORDS) for _ in range(k % 11 + 1)) for k in range(300)]

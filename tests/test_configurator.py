@@ -14,7 +14,8 @@ def test_file_then_flags_override_in_order(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_size = 32\nlearning_rate = 1e-3\nimport math\n_x = 2\n")
     ns = defaults()
-    out = configure(ns, [str(cfg), "--learning_rate=5e-4", "--compile", "--device=cuda:1", "--sample_prompts=['a', 'b']"])
+    out = configure(ns, [str(cfg), "--learning_rate=5e-4", "--compile", "--device=cuda:1",
+                         "--sample_prompts=['a', 'b']"])
     assert ns["batch_size"] == 32 and ns["learning_rate"] == 5e-4 and ns["compile"] is True
     assert ns["device"] == "cuda:1" and ns["sample_prompts"] == ("a", "b")
     assert "CONSTANT" not in out and "_private" not in out  # constants and privates are not settings

@@ -58,7 +58,8 @@ def base(tmp_path_factory):
 
 def write_docs(folder, n, words=40):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": f"the cat sat {i} " * words}) + "\n" for i in range(n)))
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": f"the cat sat {i} " * words}) + "\n"
+                                               for i in range(n)))
 
 
 # ---- class 1: errors from below our own checks --------------------------------------------------------
@@ -180,7 +181,8 @@ def test_one_run_per_out_dir_and_a_killed_runs_lock_and_temps_are_taken_over(tmp
     one_line_error(train(tmp_path, "--max_iters=1", check=False), "ckpt.pt exists", "--init_from=resume", "--overwrite")
     (tmp_path / "base.pt").write_bytes((tmp_path / "out" / "ckpt.pt").read_bytes())  # a fine-tune into it: refused too
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
-    one_line_error(train(tmp_path, "--max_iters=1", f"--init_from={tmp_path / 'base.pt'}", check=False), "ckpt.pt exists")
+    one_line_error(train(tmp_path, "--max_iters=1", f"--init_from={tmp_path / 'base.pt'}", check=False),
+                   "ckpt.pt exists")
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
     train(tmp_path, "--max_iters=1", "--eval_interval=1", "--overwrite=True")
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 1

@@ -216,11 +216,13 @@ def test_train_sample_prompts_logged_without_disturbing_training(tmp_path):
                "--sample_max_new_tokens=8")
     run_script("train.py", *common, f"--out_dir={tmp_path / 'b'}")
     samples = read_metrics(tmp_path / "a", "sample")
-    assert [(s["iter"], s["prompt"]) for s in samples] == [(i, p) for i in (0, 2, 4) for p in ("Once upon a time", "Lily")]
+    assert [(s["iter"], s["prompt"]) for s in samples] == \
+        [(i, p) for i in (0, 2, 4) for p in ("Once upon a time", "Lily")]
     assert all(isinstance(s["text"], str) and s["tokens"] == s["iter"] * 4 * 32 for s in samples)
     # sampling uses its own generator: the training run is bit-identical to one that does not sample
     assert read_metrics(tmp_path / "a", "train") and \
-        [r["loss"] for r in read_metrics(tmp_path / "a", "train")] == [r["loss"] for r in read_metrics(tmp_path / "b", "train")]
+        [r["loss"] for r in read_metrics(tmp_path / "a", "train")] == \
+        [r["loss"] for r in read_metrics(tmp_path / "b", "train")]
 
 
 def make_tokenizer_meta():

@@ -61,8 +61,8 @@ def reload(path):
 def test_stories260K_golden_story_and_byte_identical_reexport(tmp_path):
     model, ckpt = load_model(str(STORIES / "stories260K.bin"))
     a = ckpt["model_args"]
-    assert (a["dim"], a["hidden_dim"], a["n_layers"], a["n_heads"], a["n_kv_heads"], a["vocab_size"], a["max_seq_len"]) \
-        == (64, 172, 5, 8, 4, 512, 512)
+    assert (a["dim"], a["hidden_dim"], a["n_layers"], a["n_heads"], a["n_kv_heads"], a["vocab_size"],
+            a["max_seq_len"]) == (64, 172, 5, 8, 4, 512, 512)
     ids = model.generate(torch.tensor([[1]]), max_new_tokens=200, temperature=0)[0].tolist()
     from tokenizer import make_tokenizer
     assert make_tokenizer(str(STORIES / "tok512.model")).decode(ids) == GOLDEN
@@ -93,7 +93,8 @@ def test_llama2c_tokenizer_file_byte_identical(tmp_path, name):
     assert tok.encode(text, bos=True) == [1] + spm.SentencePieceProcessor(model_file=str(src)).encode(text)
 
 
-need_runc = pytest.mark.skipif(not os.environ.get("LLAMA2C_RUN"), reason="set LLAMA2C_RUN to a compiled llama2.c run.c binary")
+need_runc = pytest.mark.skipif(not os.environ.get("LLAMA2C_RUN"),
+                               reason="set LLAMA2C_RUN to a compiled llama2.c run.c binary")
 
 
 @need_runc
@@ -127,7 +128,8 @@ def test_runc_reads_our_export(tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         model.args.tie_embeddings = False
-        model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight + 0.01 * torch.randn_like(model.output.weight))
+        model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight
+                                                 + 0.01 * torch.randn_like(model.output.weight))
         for p in model.layers.parameters():
             p.add_(0.01 * torch.randn_like(p))
     export.write_llama2c(state(model), model.args, tmp_path / "m.bin", version=0)

@@ -43,7 +43,8 @@ def env(tmp_path_factory):
     base, tok = make_base(root, tok_path)
     rng = np.random.default_rng(1)
     # answers of very different lengths, so micro-batches hold different numbers of trained tokens
-    records = [{"instruction": f"say {w}", "input": "the cat" if i % 3 == 0 else "", "output": " ".join([w] * (1 + i % 7))}
+    records = [{"instruction": f"say {w}", "input": "the cat" if i % 3 == 0 else "",
+                "output": " ".join([w] * (1 + i % 7))}
                for i, w in enumerate(rng.choice(WORDS, 60))]
     (root / "alpaca.json").write_text(json.dumps(records))
     run_script("tokenize_data.py", "sft", f"--source={root / 'alpaca.json'}", "--data_root=data", "--dataset=sft",
@@ -78,7 +79,8 @@ def test_sft_files_hold_the_rendered_examples_and_their_labels(env):
             labels = rendered[ids]  # every stored example is one rendered record, whole
             assert [int(m) for m in mask[a:b]] == [lab != IGNORE_INDEX for lab in labels]
             seen.append(ids)
-    assert sorted(seen) == sorted(tuple(ids) for ids, _ in examples)  # split by example: each lands in exactly one split
+    # split by example: each lands in exactly one split
+    assert sorted(seen) == sorted(tuple(ids) for ids, _ in examples)
     assert meta["splits"]["val"]["examples"] == 12
 
 
@@ -106,8 +108,9 @@ def test_sft_batch_masks_prompt_and_padding_and_loss_covers_answers_only(env):
     answer = torch.from_numpy(np.concatenate([mask[offsets[i] + 1:offsets[i + 1]] for i in idx]).astype(bool))
     # an independent reference: cross-entropy over exactly the answer positions, gathered by hand
     logp = F.log_softmax(logits.float(), -1)
-    manual = torch.cat([-logp[r, :lengths[r] - 1].gather(-1, xt.new_tensor(np.asarray(tokens[offsets[i] + 1:offsets[i + 1]],
-                        dtype=np.int64))[:, None]).squeeze(-1) for r, i in enumerate(idx)])[answer].mean()
+    manual = torch.cat([-logp[r, :lengths[r] - 1].gather(-1, xt.new_tensor(np.asarray(
+                        tokens[offsets[i] + 1:offsets[i + 1]], dtype=np.int64))[:, None]).squeeze(-1)
+                        for r, i in enumerate(idx)])[answer].mean()
     assert torch.allclose(loss, manual, atol=1e-5)
     # truncation: block_size cuts every example to block_size + 1 tokens
     xs, _ = sft_batch(tokens, mask, offsets, idx, block_size=8)
@@ -158,14 +161,16 @@ def test_sft_training_and_chat_generation_stop_at_end_of_turn(env):
     # the default max_new_tokens (256) must not crowd earlier turns out of a 64-token context: unless given, a reply
     # may take a quarter of it; the input marker goes to stderr, before each message and at the end of input
     proc = chat_stdin(root, "the ball\nthe dog\n")
-    assert proc.stdout.splitlines() == ["good dog"] * 2 and "dropped" not in proc.stderr and proc.stderr.count("> ") == 3
+    assert proc.stdout.splitlines() == ["good dog"] * 2 and "dropped" not in proc.stderr \
+        and proc.stderr.count("> ") == 3
 
 
 def chat_stdin(root, text, *args):
     """generate.py --interactive as a user runs it: one message per stdin line."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint=chat/ckpt.pt", "--interactive=True",
-                           "--temperature=0", *args], cwd=root, env=env, input=text, capture_output=True, text=True, timeout=120)
+                           "--temperature=0", *args], cwd=root, env=env, input=text, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -178,7 +183,8 @@ def test_tinystories_instruct_entries_become_story_prompts(env):
             "Lily liked to climb. She found a messy ring.\n\n\"Look!\" she said.\n<|endoftext|>\n"
             "Words: run, ball, red\nFeatures: BadEnding, Twist\nRandom sentence: The sun was hot.\nStory: \n"
             "Tom had a red ball. He ran.\n<|endoftext|>\n"
-            "Story: \n\nAnna sang.\n\nShe was glad.\nSummary: Anna sings.\nWords: sing\n<|endoftext|>\n")  # keys after the story
+            # keys after the story
+            "Story: \n\nAnna sang.\n\nShe was glad.\nSummary: Anna sings.\nWords: sing\n<|endoftext|>\n")
     (root / "ts_instruct.txt").write_text(text)
     proc = sft(root, f"--source={root / 'ts_instruct.txt'}", "--dataset=ts", f"--tokenizer={base}", "--show=2")
     assert story_prompt(["climb", "ring", "messy"], ["Dialogue"]).startswith(
@@ -195,15 +201,18 @@ def test_tinystories_instruct_entries_become_story_prompts(env):
 def test_sft_errors(env):
     root, base, _, _ = env
     (root / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
-    one_line_error(sft(root, f"--source={root / 'bad.jsonl'}", f"--tokenizer={base}", check=False), "line 2", "not valid JSON")
+    one_line_error(sft(root, f"--source={root / 'bad.jsonl'}", f"--tokenizer={base}", check=False),
+                   "line 2", "not valid JSON")
     (root / "empty.jsonl").write_text("\n")
     one_line_error(sft(root, f"--source={root / 'empty.jsonl'}", f"--tokenizer={base}", check=False), "no examples")
     (root / "odd.jsonl").write_text('{"prompt": "a"}\n')
-    one_line_error(sft(root, f"--source={root / 'odd.jsonl'}", f"--tokenizer={base}", check=False), "line 1", "instruction")
+    one_line_error(sft(root, f"--source={root / 'odd.jsonl'}", f"--tokenizer={base}", check=False),
+                   "line 1", "instruction")
     (root / "ok.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n' * 6)
     sft(root, f"--source={root / 'ok.jsonl'}", f"--tokenizer={base}", "--dataset=nomask")
     (root / "data" / "nomask" / "train.mask.bin").unlink()  # a half-copied dataset
-    one_line_error(train(root, "--dataset=nomask", f"--init_from={base}", "--max_iters=1", check=False), "train.mask.bin not found")
+    one_line_error(train(root, "--dataset=nomask", f"--init_from={base}", "--max_iters=1", check=False),
+                   "train.mask.bin not found")
 
 
 # ---- continued pretraining from a checkpoint ---------------------------------------------------
@@ -213,7 +222,8 @@ def test_continued_pretraining_from_a_checkpoint_with_constant_lr(env, opt):
     root, base, tok, _ = env
     make_dataset(root / "data", name="more", vocab_size=64, tokenizer=tok.to_meta())  # ids < 64 of the same tokenizer
     train(root, "--dataset=more", f"--init_from={base}", f"--optimizer={opt}", "--lr_schedule=constant",
-          "--warmup_iters=0", f"--learning_rate={0.05 if opt == 'sgd' else 3e-3}", "--max_iters=30", "--eval_interval=30",
+          "--warmup_iters=0", f"--learning_rate={0.05 if opt == 'sgd' else 3e-3}",
+          "--max_iters=30", "--eval_interval=30",
           "--dim=64", f"--out_dir=cont_{opt}")  # --dim is ignored: the architecture comes from the checkpoint
     tr, ev = read_metrics(root / f"cont_{opt}", "train"), read_metrics(root / f"cont_{opt}", "eval")
     assert [r["iter"] for r in tr] == list(range(1, 31)) and len({r["lr"] for r in tr}) == 1  # fresh, constant schedule
@@ -230,7 +240,8 @@ def test_a_different_tokenizer_is_refused(env):
                    "tokenizer mismatch", "sha256")
     fewer = dict(tok.to_meta(), special_tokens=[])
     make_dataset(root / "data", name="noSpecials", vocab_size=tok.vocab_size, tokenizer=fewer)
-    one_line_error(train(root, "--dataset=noSpecials", f"--init_from={base}", "--out_dir=x", check=False), "special_tokens")
+    one_line_error(train(root, "--dataset=noSpecials", f"--init_from={base}", "--out_dir=x", check=False),
+                   "special_tokens")
 
 
 # ---- classification ----------------------------------------------------------------------------
@@ -240,17 +251,19 @@ def test_classification_data_metrics_and_constrained_predictions(env):
     # numeric labels with label_names (like twitter_financial_news_sentiment): 0 bad, 1 good, 2 meh
     rows = [("the dog was good and happy", 1), ("it was bad and sad", 0), ("the cat sat on a mat", 2)] * 8
     (root / "cls.csv").write_text("text,label\n" + "\n".join(f'"{t}",{lab}' for t, lab in rows) + "\n")
-    proc = run_script("tokenize_data.py", "classify", f"--source={root / 'cls.csv'}", "--data_root=data", "--dataset=cls",
-                      f"--tokenizer={base}", "--label_names=('bad','good','meh')", "--val_fraction=0.25", cwd=root)
+    proc = run_script("tokenize_data.py", "classify", f"--source={root / 'cls.csv'}", "--data_root=data",
+                      "--dataset=cls", f"--tokenizer={base}", "--label_names=('bad','good','meh')",
+                      "--val_fraction=0.25", cwd=root)
     assert "stratified" in proc.stdout
     val = [json.loads(ln) for ln in (root / "data" / "cls" / "val.classify.jsonl").read_text().splitlines()]
     assert sorted(r["label"] for r in val) == ["bad"] * 2 + ["good"] * 2 + ["meh"] * 2  # stratified: 25% of each
-    train(root, "--dataset=cls", f"--init_from={base}", "--max_iters=80", "--eval_interval=80", "--learning_rate=1e-2", "--batch_size=8",
-          "--warmup_iters=0", "--block_size=63", "--out_dir=cls")
-    res = json.loads(run_script("evaluate.py", "classify", "--checkpoint=cls/ckpt.pt", "--data_root=data", "--dataset=cls",
-                                cwd=root).stdout.strip().splitlines()[-1])
+    train(root, "--dataset=cls", f"--init_from={base}", "--max_iters=80", "--eval_interval=80", "--learning_rate=1e-2",
+          "--batch_size=8", "--warmup_iters=0", "--block_size=63", "--out_dir=cls")
+    res = json.loads(run_script("evaluate.py", "classify", "--checkpoint=cls/ckpt.pt", "--data_root=data",
+                                "--dataset=cls", cwd=root).stdout.strip().splitlines()[-1])
     assert res["examples"] == 6 and res["accuracy"] == 1.0 and res["macro_f1"] == 1.0
-    assert res["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]] and res["majority_accuracy"] == pytest.approx(1 / 3)
+    assert res["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 2]] \
+        and res["majority_accuracy"] == pytest.approx(1 / 3)
     # the training log's label accuracy is the constrained prediction evaluate.py makes, on the same 6 texts
     first, last = read_metrics(root / "cls", "eval")[0], read_metrics(root / "cls", "eval")[-1]
     assert last["val_label_acc"] == res["accuracy"] and first["val_label_acc"] < 1.0
@@ -267,8 +280,8 @@ def test_classification_metrics_against_hand_computed_values():
 def test_classification_errors(env):
     root, base, _, _ = env
     (root / "lab.jsonl").write_text('{"text": "x", "label": "good"}\n{"text": "y", "label": "great"}\n')
-    cls = lambda src, *a: run_script("tokenize_data.py", "classify", f"--source={src}", f"--tokenizer={base}",  # noqa: E731
-                                     "--label_names=('good','bad')", *a, cwd=root, check=False)
+    cls = lambda src, *a: run_script("tokenize_data.py", "classify", f"--source={src}",  # noqa: E731
+                                     f"--tokenizer={base}", "--label_names=('good','bad')", *a, cwd=root, check=False)
     one_line_error(cls(root / "lab.jsonl"), "line 2", "'great'", "label set")
     (root / "badjson.jsonl").write_text('{"text": "x", "label": "good"}\n\n{"text": "y" "label"}\n')
     one_line_error(cls(root / "badjson.jsonl"), "line 3", "not valid JSON")

@@ -17,7 +17,8 @@ def env(tmp_path_factory):
     base, tok = make_base(root, tok_path)
     other, _ = make_base(root, tok_path, seed=1, name="other.pt")  # same architecture and tokenizer, other weights
     rng = np.random.default_rng(2)
-    recs = [{"instruction": f"copy {w}", "output": f"{w} {w}"} for w in rng.choice(["cat", "dog", "mat", "ball", "red"], 50)]
+    recs = [{"instruction": f"copy {w}", "output": f"{w} {w}"}
+            for w in rng.choice(["cat", "dog", "mat", "ball", "red"], 50)]
     (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     run_script("tokenize_data.py", "sft", f"--source={root / 'a.jsonl'}", "--data_root=data", "--dataset=sft",
                f"--tokenizer={base}", cwd=root)
@@ -67,7 +68,8 @@ def test_adapters_start_as_identity_train_alone_and_merge_exactly(env):
 def test_lora_run_saves_adapters_only_and_resumes_exactly(env):
     root, base, _ = env
     common = [f"--init_from={base}", "--lora_rank=4", "--lora_dropout=0.1", "--dropout=0.1", "--eval_interval=4",
-              "--gradient_accumulation_steps=2", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2", "--lora_targets=('wq','wv','w1')"]
+              "--gradient_accumulation_steps=2", "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=1e-2",
+              "--lora_targets=('wq','wv','w1')"]
     proc = train(root, *common, "--max_iters=8", "--out_dir=full")
     assert "LoRA:" in proc.stdout and "trainable of" in proc.stdout
     train(root, *common, "--max_iters=4", "--out_dir=part")
@@ -82,8 +84,8 @@ def test_lora_run_saves_adapters_only_and_resumes_exactly(env):
 
 def test_adapter_generates_like_its_merge_and_refuses_another_base(env):
     root, base, other = env
-    train(root, f"--init_from={base}", "--lora_rank=4", "--max_iters=20", "--eval_interval=20", "--learning_rate=3e-2", "--warmup_iters=0",
-          "--out_dir=ad")
+    train(root, f"--init_from={base}", "--lora_rank=4", "--max_iters=20", "--eval_interval=20", "--learning_rate=3e-2",
+          "--warmup_iters=0", "--out_dir=ad")
     run_script("export.py", "--adapter=ad/ckpt.pt", "--format=ours", "--out=merged.pt", cwd=root)
     g = ["--prompt=copy cat", "--chat=True", "--temperature=0", "--max_new_tokens=12"]
     with_adapter = run_script("generate.py", f"--checkpoint={base}", "--adapter=ad/ckpt.pt", *g, cwd=root).stdout
@@ -93,8 +95,8 @@ def test_adapter_generates_like_its_merge_and_refuses_another_base(env):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "different base model" in last and str(base) in last
-    proc = run_script("export.py", f"--checkpoint={other}", "--adapter=ad/ckpt.pt", "--format=ours", "--out=x.pt", cwd=root,
-                      check=False)
+    proc = run_script("export.py", f"--checkpoint={other}", "--adapter=ad/ckpt.pt", "--format=ours", "--out=x.pt",
+                      cwd=root, check=False)
     assert "different base model" in proc.stderr.strip().splitlines()[-1]
     proc = run_script("generate.py", "--checkpoint=ad/ckpt.pt", cwd=root, check=False)  # an adapter is not a model
     assert "is a LoRA adapter, not a full model" in proc.stderr.strip().splitlines()[-1] and "--adapter=" in proc.stderr

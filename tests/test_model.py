@@ -81,7 +81,8 @@ def test_rope_is_a_rotation_of_interleaved_pairs():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
     # position 1, pair 0 turns by exactly 1 radian (theta^0 = 1)
     a, b = x[0, 1, 0, 0], x[0, 1, 0, 1]
-    torch.testing.assert_close(y[0, 1, 0, :2], torch.stack([a * math.cos(1) - b * math.sin(1), a * math.sin(1) + b * math.cos(1)]))
+    torch.testing.assert_close(y[0, 1, 0, :2], torch.stack([a * math.cos(1) - b * math.sin(1),
+                                                            a * math.sin(1) + b * math.cos(1)]))
 
 
 def test_loss_ignore_index_and_sum_reduction():
@@ -99,7 +100,8 @@ def test_loss_ignore_index_and_sum_reduction():
 def test_param_count_tied_and_untied():
     tied, untied = tiny(), tiny(tie_embeddings=False)
     a = tied.args
-    per_layer = 2 * a.dim * a.dim + 2 * a.dim * (a.dim // a.n_heads) * a.n_kv_heads + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    per_layer = (2 * a.dim * a.dim + 2 * a.dim * (a.dim // a.n_heads) * a.n_kv_heads + 3 * a.dim * a.hidden_dim
+                 + 2 * a.dim)
     assert tied.num_params() == a.vocab_size * a.dim + a.n_layers * per_layer + a.dim
     assert untied.num_params() == tied.num_params() + a.vocab_size * a.dim
     assert tied.num_params(non_embedding=True) == tied.num_params()  # tied head still costs its matmul

@@ -20,7 +20,8 @@ def test_device_and_dtype_rule_on_this_machine():
     assert runtime.device_and_dtype("cpu") == ("cpu", "cpu", "float32")  # no autocast where it buys nothing
 
 
-@pytest.mark.parametrize("device,dtype,msg", [("gpu", "auto", "not a device name"), ("cpu", "fp8", "dtype='fp8' is not one of"),
+@pytest.mark.parametrize("device,dtype,msg", [("gpu", "auto", "not a device name"),
+                                              ("cpu", "fp8", "dtype='fp8' is not one of"),
                                               ("meta", "auto", "not supported")])
 def test_device_and_dtype_refuse_what_cannot_run(device, dtype, msg):
     with pytest.raises(UsageError, match=msg):
@@ -66,7 +67,8 @@ if kind == "bug":
 
 
 @pytest.mark.parametrize("kind,fragment,status", [
-    ("usage", "error: bad thing; do the fix", 1), ("oserror", "No such file or directory: /nonexistent-dir/x.bin; check the path", 1),
+    ("usage", "error: bad thing; do the fix", 1),
+    ("oserror", "No such file or directory: /nonexistent-dir/x.bin; check the path", 1),
     ("isdir", "that path is a folder: pass a file path", 1), ("decode", "input is not utf-8 text", 1)])
 def test_handle_errors_prints_one_line(tmp_path, kind, fragment, status):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, kind], capture_output=True, text=True, cwd=tmp_path,
@@ -76,9 +78,11 @@ def test_handle_errors_prints_one_line(tmp_path, kind, fragment, status):
 
 
 def test_ctrl_c_is_quiet_with_status_130_and_bugs_keep_their_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "interrupt"], capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "interrupt"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO)})
     assert (proc.returncode, proc.stderr) == (130, "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "bug"], capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "bug"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError: a real bug" in proc.stderr
 
 

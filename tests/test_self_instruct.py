@@ -37,7 +37,8 @@ LISTS = [
     (f" {TIPS}\n10. {ANIMAL}\n11. Describe the image below in two sentences.\n12. Sort it.\n"  # blacklisted, too short
      "13. Write a program that reverses a string in Python.\n"                                   # write_a_program
      '14. "Quoted" tasks may not start with punctuation like this.\n'                            # bad start
-     "15. Écrivez un poème sur la mer et le ciel du soir.", "stop"),                            # bad start (non-ASCII)
+     # bad start (non-ASCII)
+     "15. Écrivez un poème sur la mer et le ciel du soir.", "stop"),
     (f" {TIPS}\n10. Give three good tips for staying healthy in the winter months.\n"            # duplicate, similar
      "11. Translate the sentence into Spanish.\n12. Translate the following sentence into Spanish please.\n"  # seed
      "13. " + "word " * 151 + "\n14. Name the longest river of the country and then explain how", "length"),

@@ -339,8 +339,8 @@ def test_a_client_that_hangs_up_cancels_its_generation(small):
 
 
 def test_loadgen_reports_every_level_and_only_429s_under_load(small, tmp_path):
-    out = run_script("loadgen.py", f"--url={small}", f"--api_key={KEY}", "--clients=1,4", "--duration=1.5", "--max_tokens=8",
-                     "--json_out=load.json", cwd=tmp_path)
+    out = run_script("loadgen.py", f"--url={small}", f"--api_key={KEY}", "--clients=1,4", "--duration=1.5",
+                     "--max_tokens=8", "--json_out=load.json", cwd=tmp_path)
     levels = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert [r["clients"] for r in levels] == [1, 4] and all(r["requests"] > 0 for r in levels)
     assert all(set(r["not_200"]) <= {"429"} for r in levels) and "out tok/s" in out.stdout

@@ -216,7 +216,8 @@ def test_cli_txt_and_one_line_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     assert list(sources.read_jsonl_texts(tmp_path / "d" / "a" / "docs.jsonl")) == [
         "First paragraph,\nstill first.", "Second one.", "Third."]
-    for args, msg in ((["download", "--data_root=d"], "could not load 'roneneldan/TinyStories' from the Hugging Face Hub"),
+    for args, msg in ((["download", "--data_root=d"],
+                       "could not load 'roneneldan/TinyStories' from the Hugging Face Hub"),
                       (["pretokenize", "--dataset=a", "--data_root=d"], "a/tok512.model not found; train one"),
                       (["frobnicate"], "give a subcommand"),
                       (["download", "--vocab_sise=3"], "did you mean vocab_size")):

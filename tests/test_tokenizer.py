@@ -147,7 +147,8 @@ def test_stream_decoder_equals_decode_token_by_token(trained):
     characters split over several tokens, streamed from the start or after a prompt."""
     import random
     tok = make_tokenizer(trained.path, SPECIAL_TOKENS)
-    words = ["def", " x", "  return", "\n\t", "日本語", " café", "🎉", "✓ ok", "<|user|>", "<|end_of_turn|>", " 42", "\n"]
+    words = ["def", " x", "  return", "\n\t", "日本語", " café", "🎉", "✓ ok", "<|user|>", "<|end_of_turn|>",
+             " 42", "\n"]
     rng = random.Random(0)
     for _ in range(200):
         ids = tok.encode("".join(rng.choice(words) for _ in range(rng.randrange(1, 12))), bos=rng.random() < 0.5)
