@@ -30,7 +30,8 @@ def test_bench_errors(tmp_path):
     assert proc.returncode != 0 and "a CUDA device, or --train_runs=False --trace_memory=True" in proc.stderr
     proc = run_script("bench.py", "--train_runs=False", "--decode=False", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "measures nothing unless trace_memory=True or decode=True" in proc.stderr
-    proc = run_script("bench.py", "--activation_checkpointing=True,", "--checkpoint_blocks=-1,", cwd=tmp_path, check=False)
+    proc = run_script("bench.py", "--activation_checkpointing=True,", "--checkpoint_blocks=-1,", cwd=tmp_path,
+                      check=False)
     assert proc.returncode != 0 and "checkpoint_blocks=(-1,) must all be >= 0" in proc.stderr
 
 
@@ -105,13 +106,15 @@ def test_static_decode_step_and_its_compiled_graph_pick_the_same_tokens():
     assert model._kv_pool is None
 
 
-@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="inductor compile takes ~30 s on 2 cores; set LLAMAFORGE_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"),
+                    reason="inductor compile takes ~30 s on 2 cores; set LLAMAFORGE_SLOW=1")
 def test_inductor_compiled_decode_picks_the_same_tokens():
     model = tiny_model()
     prompt = torch.randint(64, (2, 5))
     torch._dynamo.reset()
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
-    assert torch.equal(model.generate(prompt, 30, temperature=0, decode_step=step), model.generate(prompt, 30, temperature=0))
+    assert torch.equal(model.generate(prompt, 30, temperature=0, decode_step=step),
+                       model.generate(prompt, 30, temperature=0))
 
 
 @pytest.fixture
@@ -182,7 +185,8 @@ def test_tracing_1_3b_takes_no_real_memory(tmp_path):
     n_bytes = rows[0]["params"] * 4 / 2**30  # one fp32 copy of 1.3B weights: 4.84 GiB
     for r, copies in zip(rows, (3, 4)):  # weights + grads + momentum (SGD), + two moments (AdamW)
         assert copies * n_bytes < r["traced_gb"] < copies * n_bytes + 1.5  # + checkpointed activations, logits
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20  # KiB: no child of this worker went past 3 GiB
+    # KiB: no child of this worker went past 3 GiB
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20
 
 
 def test_find_max_on_traces_returns_the_boundary(tmp_path):
@@ -257,14 +261,16 @@ def test_compiling_block_by_block_keeps_optimizer_in_backward_saving_memory(tmp_
     import sys
     peak = {}
     for how in ("blocks", "whole"):
-        out = subprocess.run([sys.executable, "-c", PEAK_RSS_WITH_HOOKS, how], capture_output=True, text=True, check=True,
-                             env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), cwd=tmp_path).stdout.split()
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS_WITH_HOOKS, how], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                             cwd=tmp_path).stdout.split()
         peak[how], n_params = int(out[0]), int(out[1])
     grads = 4 * n_params  # bytes of one full set of fp32 gradients
     assert peak["whole"] - peak["blocks"] > 0.5 * grads  # measured: 95 MB more of 115 MB
 
 
-@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="two inductor compiles take ~1 min on 2 cores; set LLAMAFORGE_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"),
+                    reason="two inductor compiles take ~1 min on 2 cores; set LLAMAFORGE_SLOW=1")
 def test_train_py_compiled_with_optimizer_in_backward_keeps_the_trajectory(tmp_path):
     make_dataset(tmp_path / "data")
     flags = ["--optimizer_in_backward=True", "--activation_checkpointing=True", "--checkpoint_blocks=1"]

@@ -20,10 +20,12 @@ def test_scripts_are_found():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_config_mistakes(tmp_path, script):
     verb = SUBCOMMAND.get(script, [])
-    one_line_error(run_script(script, *verb, "--no_such_key=1", cwd=tmp_path, check=False), "unknown config key 'no_such_key'")
+    one_line_error(run_script(script, *verb, "--no_such_key=1", cwd=tmp_path, check=False),
+                   "unknown config key 'no_such_key'")
     (tmp_path / "cfg.yaml").write_text("batch_size: 4\n")
     one_line_error(run_script(script, *verb, "cfg.yaml", cwd=tmp_path, check=False), "is not a .py file")
-    one_line_error(run_script(script, *verb, "missing.py", cwd=tmp_path, check=False), "config file 'missing.py' not found")
+    one_line_error(run_script(script, *verb, "missing.py", cwd=tmp_path, check=False),
+                   "config file 'missing.py' not found")
     (tmp_path / "broken.py").write_text("x = (\n")
     one_line_error(run_script(script, *verb, "broken.py", cwd=tmp_path, check=False), "failed: SyntaxError")
 

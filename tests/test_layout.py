@@ -60,3 +60,10 @@ def test_the_readme_index_says_what_each_library_file_imports():
     for name in LIBRARY:
         said = set() if rows[name] == "nothing" else {w.strip() for w in rows[name].split(",")}
         assert said == our_imports(REPO / name), (name, sorted(said), sorted(our_imports(REPO / name)))
+
+
+@pytest.mark.parametrize("folder", ["tests", "config"])
+def test_tests_and_configs_keep_lines_within_120_characters(folder):
+    long = [f"{p.name}:{i + 1}" for p in sorted((REPO / folder).glob("*.py"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if len(line) > 120]
+    assert not long, f"lines over 120 characters: {long[:10]}"

@@ -37,7 +37,8 @@ def test_schedules_as_train_py_logs_them():
 
 
 def test_schedules_at_their_documented_points():
-    at = lambda it, s, **kw: optim.lr_at(it, s, **{"lr": 1.0, "min_lr": 0.1, "warmup": 10, "max_iters": 110, **kw})  # noqa: E731
+    base = {"lr": 1.0, "min_lr": 0.1, "warmup": 10, "max_iters": 110}
+    at = lambda it, s, **kw: optim.lr_at(it, s, **{**base, **kw})  # noqa: E731
     # cosine: linear warmup from lr/(warmup+1), the peak right after it, half-way at the middle, min_lr from decay_iters
     assert at(0, "cosine") == pytest.approx(1 / 11) and at(9, "cosine") == pytest.approx(10 / 11)
     assert at(10, "cosine") == 1.0 and at(60, "cosine") == pytest.approx(0.55) and at(110, "cosine") == 0.1

@@ -151,7 +151,8 @@ def test_error_corrupt_checkpoint(tmp_path, data):
 def test_error_tokenizer_mismatch(tmp_path, data):
     train(tmp_path, "--max_iters=2", "--eval_interval=2", out="base")
     make_dataset(tmp_path / "data", name="other", vocab_size=64,
-                 tokenizer={"kind": "tiktoken", "path": None, "special_tokens": [], "vocab_size": 64, "bos_id": 1, "eos_id": 2})
+                 tokenizer={"kind": "tiktoken", "path": None, "special_tokens": [], "vocab_size": 64, "bos_id": 1,
+                            "eos_id": 2})
     proc = train(tmp_path, f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", dataset="other", check=False)
     expect_error(proc, "tokenizer mismatch")
 
@@ -165,7 +166,8 @@ def test_plain_log_lines_without_a_terminal_and_resume_notes(tmp_path, data):
     assert "iter 2: loss" in proc.stdout and "iter 4: loss" in proc.stdout
     proc = run_script("train.py", *flags[2:3], "--init_from=resume", "--max_iters=6", "--warmup_iters=10")
     assert f"resuming {tmp_path / 'out' / 'ckpt.pt'} from iter 4 of 6" in proc.stdout
-    assert "warning: max_iters changed from 4 to 6" in proc.stdout and "warmup_iters=10 is past max_iters=6" in proc.stdout
+    assert "warning: max_iters changed from 4 to 6" in proc.stdout
+    assert "warmup_iters=10 is past max_iters=6" in proc.stdout
     assert read_metrics(tmp_path / "out", "train")[-1]["iter"] == 6  # and the rest of the settings came back
     proc = run_script("train.py", *flags[2:3], "--init_from=resume", "--dim=64", check=False)
     expect_error(proc, "dim=64 but", "was trained with dim=32", "--init_from=")
