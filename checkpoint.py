@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from formats import LLAMA2C_MAGIC, read_llama2c
+from formats import LLAMA2C_MAGIC, read_gguf, read_llama2c
 from hf import read_hf
 from lora import apply_adapter
 from model import ModelArgs, Transformer
@@ -26,7 +26,7 @@ def save_checkpoint(ckpt, path):
 
 
 def read_foreign(path):
-    """A checkpoint dict if path is a llama2.c model file or a Hugging Face folder, else None."""
+    """A checkpoint dict if path is a llama2.c model file, a GGUF file or a Hugging Face folder, else None."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
             and not os.path.isfile(os.path.join(path, "ckpt.pt")):
@@ -34,6 +34,8 @@ def read_foreign(path):
     if os.path.isfile(path):
         with open(path, "rb") as f:
             head = f.read(4)
+        if head == b"GGUF":
+            return read_gguf(path)
         if path.endswith(".bin") or (len(head) == 4 and struct.unpack("<I", head)[0] == LLAMA2C_MAGIC):
             return read_llama2c(path)
     return None

@@ -4,7 +4,7 @@
     python export.py --checkpoint=out/ckpt.pt --format=llama2c_q8 --out=model_q8.bin    # runq.c, int8 groups
     python export.py --tokenizer=tok512.model --format=llama2c_tokenizer --out=tok512.bin  # run.c -z
     python export.py --checkpoint=out/ckpt.pt --format=hf --out=hf_model/               # transformers
-    python export.py --checkpoint=out/ckpt.pt --format=gguf_q8 --out=model.gguf         # llama.cpp
+    python export.py --checkpoint=out/ckpt.pt --format=gguf_q8 --out=model.gguf         # llama.cpp (gguf_f16, gguf_q4)
     python export.py --checkpoint=hf_model/ --format=ours --out=out/imported/ckpt.pt    # import (also a .bin)
     python export.py --adapter=out/lora/ckpt.pt --format=ours --out=merged.pt            # LoRA merged into its base
     python export.py --checkpoint=hf_base/ --adapter=out/lora/ckpt.pt --format=peft --out=lora_peft/  # PEFT
@@ -23,13 +23,14 @@ from configurator import configure, print_config, require
 from formats import check_vocab, export_gguf, gguf_name, write_llama2c, write_llama2c_tokenizer  # noqa: F401
 from hf import export_hf, export_peft_adapter  # noqa: F401
 from lora import adapter_pairs, merge_lora
+from quant import check_export
 from runtime import UsageError, handle_errors
 from tokenizer import load_tokenizer, make_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 checkpoint = ""      # input: our ckpt.pt or run dir, a llama2.c .bin, or a Hugging Face Llama folder
 adapter = ""         # a LoRA run's ckpt.pt: export its base (checkpoint; "" = the one it recorded) with it merged in
-format = "llama2c"   # llama2c | llama2c_v1 | llama2c_q8 | llama2c_tokenizer | hf | gguf_f16 | gguf_q8 | ours | peft
+format = "llama2c"   # llama2c|llama2c_v1|llama2c_q8|llama2c_tokenizer|hf|gguf_f16|gguf_q8|gguf_q4|ours|peft
 out = ""             # output file (a folder for hf and peft)
 tokenizer = ""       # tokenizer .model / "gpt2" / GPT-2 BPE folder; "" = the one recorded in the checkpoint
 group_size = 0       # llama2c_q8: int8 group size; 0 = the largest of 64, 32, ... dividing dim and hidden_dim
@@ -60,8 +61,13 @@ def tokenizer_of(ckpt):
     return load_tokenizer(ckpt["tokenizer"]) if ckpt and ckpt.get("tokenizer") else None
 
 
+QUANT_OF = {"llama2c_q8": "llama2c_q8", "gguf_q8": "q8_0", "gguf_q4": "q4_0"}  # export format -> quant.py's
+
+
 def tensors(ckpt):
     model = build_model(ckpt)
+    # a model trained (--qat) to be rounded one way is refused by the other quantized formats
+    check_export((ckpt.get("config") or {}).get("qat"), QUANT_OF.get(format), model.args, group_size)
     return {k: v.detach().float() for k, v in model.state_dict().items()}, model.args
 
 
@@ -109,7 +115,8 @@ EXPORTS = {
     "llama2c_tokenizer": lambda: write_llama2c_tokenizer(tokenizer_of(load_checkpoint(checkpoint) if checkpoint
                                                                       else None), out),
     "hf": lambda: with_model(export_hf, dtype)(), "gguf_f16": with_model(export_gguf, "f16"),
-    "gguf_q8": with_model(export_gguf, "q8_0"), "ours": export_ours, "peft": export_peft,
+    "gguf_q8": with_model(export_gguf, "q8_0"), "gguf_q4": with_model(export_gguf, "q4_0"), "ours": export_ours,
+    "peft": export_peft,
 }
 
 

@@ -1,8 +1,10 @@
 """Other tools' model files, one home per format (Hugging Face's is hf.py): llama2.c's model and tokenizer
-files, read and written; llama.cpp's GGUF, written; and the one tensor-name table for HF and GGUF.
+files, read and written; llama.cpp's GGUF (F16, Q8_0, Q4_0), read and written; and the one tensor-name table for
+HF and GGUF. Quantized weights are rounded by quant.py, the one quantizer, which QAT trains against.
 
-checkpoint.load_checkpoint reads llama2.c files through read_llama2c, so every script that takes a checkpoint
-also takes a llama2.c model file (.bin: legacy, version 1 or version 2 / Q8_0). Sizes and header fields are
+checkpoint.load_checkpoint reads llama2.c files through read_llama2c and GGUF files through read_gguf, so every
+script that takes a checkpoint also takes a llama2.c model file (.bin: legacy, version 1 or version 2 / Q8_0) or a
+GGUF file. Sizes and header fields are
 checked before a single weight is read, so a truncated download is one line of error, not a reshape crash
 deep inside numpy. Writers write through runtime's atomic writer: a failed export leaves nothing behind.
 
@@ -16,7 +18,9 @@ import numpy as np
 import torch
 
 from chat import JINJA_TEMPLATE, has_chat_tokens
-from model import ModelArgs, precompute_rope
+from model import ModelArgs, Transformer, precompute_rope
+from quant import GGUF_BLOCK, ggml_blocks, quantize
+from quant import group_size as group_size_for
 from runtime import UsageError, atomic_file
 from tokenizer import END_OF_TURN
 
@@ -152,30 +156,12 @@ def f32_bytes(t):
     return t.detach().float().cpu().numpy().astype("<f4").tobytes()
 
 
-def pick_group_size(args, requested=0):
-    """runq.c quantizes activations in the same groups, so the group must divide dim and hidden_dim."""
-    sizes = [requested] if requested else [64, 32, 16, 8, 4, 2, 1]
-    for gs in sizes:
-        if gs > 0 and args.dim % gs == 0 and args.hidden_dim % gs == 0:
-            return gs
-    raise UsageError(f"group_size={requested} does not divide dim={args.dim} and hidden_dim="
-                     f"{args.hidden_dim}; pass a divisor of both or group_size=0 to pick one")
-
-
-def quantize_q8(w, gs):
-    """Symmetric int8 in groups of gs (llama2.c's Q8_0): w ~ q * scale, q in [-127, 127]."""
-    w = w.detach().float().reshape(-1, gs)
-    scale = w.abs().max(dim=1).values / 127.0
-    q = torch.round(w / torch.where(scale == 0, 1.0, scale)[:, None]).to(torch.int8)  # all-zero group: q = 0
-    return q, scale
-
-
 def write_llama2c(state, args, path, version=0, group_size=0):
     """version 0: legacy fp32 (run.c); 1: fp32 with a 256-byte header; 2: Q8_0 (runq.c)."""
     if abs(args.norm_eps - RUNC_NORM_EPS) > 1e-12 or args.rope_theta != RUNC_ROPE_THETA:
         raise UsageError(f"llama2.c files cannot store norm_eps={args.norm_eps} or rope_theta={args.rope_theta} "
                          f"(run.c hard-codes 1e-5 and 10000); export to --format=hf or gguf_* instead")
-    gs = pick_group_size(args, group_size) if version == 2 else None
+    gs = group_size_for("llama2c_q8", args, group_size) if version == 2 else None
     h = dict(dim=args.dim, hidden_dim=args.hidden_dim, n_layers=args.n_layers, n_heads=args.n_heads,
              n_kv_heads=args.n_kv_heads, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
              shared=args.tie_embeddings, group_size=gs)
@@ -197,7 +183,7 @@ def write_llama2c(state, args, path, version=0, group_size=0):
         for name, _, how in llama2c_order(version, h):
             t = extra[name] if how == "rope" else state[name]
             if how == "q8":
-                q, scale = quantize_q8(t, gs)
+                q, scale = quantize(t, "llama2c_q8", gs)
                 f.write(q.numpy().tobytes())
                 f.write(f32_bytes(scale))
             else:
@@ -336,6 +322,7 @@ def gguf_vocab(writer, tok, args):
 
 
 def export_gguf(state, args, tok, path, qtype="f16"):
+    """A llama.cpp model file: qtype f16, q8_0 or q4_0 (every matrix whose rows are whole 32-value blocks)."""
     import gguf
     if tok is None:
         raise UsageError("a GGUF file must carry its tokenizer and this checkpoint records none; "
@@ -356,7 +343,8 @@ def export_gguf(state, args, tok, path, qtype="f16"):
         w.add_value_length(args.dim // args.n_heads)
         w.add_rope_freq_base(args.rope_theta)
         w.add_vocab_size(args.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         gguf_vocab(w, tok, args)
         for name, t in state.items():
@@ -364,14 +352,52 @@ def export_gguf(state, args, tok, path, qtype="f16"):
                 continue  # llama.cpp falls back to token_embd when there is no output tensor
             # llama.cpp's converter permutes HF's q/k back to Meta's interleaved rotary pairs, which is
             # our layout already: q and k go in unchanged
-            a = t.detach().float().numpy()
-            if a.ndim == 1:
-                w.add_tensor(gguf_name(name), a.astype(np.float32))  # norms stay fp32, as llama.cpp keeps them
-            elif qtype == "q8_0" and a.shape[1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-                w.add_tensor(gguf_name(name), gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
-            else:  # rows not a multiple of Q8_0's 32-value block stay F16, as llama.cpp's converter does
-                w.add_tensor(gguf_name(name), a.astype(np.float16))
+            t = t.detach().float().cpu()
+            if t.ndim == 1:
+                w.add_tensor(gguf_name(name), t.numpy())  # norms stay fp32, as llama.cpp keeps them
+            elif qtype != "f16" and t.shape[1] % GGUF_BLOCK == 0:
+                qt = Q.Q8_0 if qtype == "q8_0" else Q.Q4_0
+                w.add_tensor(gguf_name(name), ggml_blocks(*quantize(t, qtype), qtype, t.shape[0]), raw_dtype=qt)
+            else:  # rows not a multiple of the 32-value block stay F16, as llama.cpp's converter does
+                w.add_tensor(gguf_name(name), t.numpy().astype(np.float16))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+
+
+def read_gguf(path, tokenizer=None):
+    """A llama-architecture GGUF file (ours, or llama.cpp's converter's: both keep Meta's q/k layout) as a checkpoint
+    dict, every tensor dequantized by gguf's own reader. It carries no SentencePiece model: pass --tokenizer."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, struct.error) as e:
+        raise UsageError(f"cannot read GGUF file {path} ({e}); the file is truncated or corrupt")
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    if field("general.architecture") != "llama":
+        raise UsageError(f"{path} holds a {field('general.architecture')!r} model; only 'llama' GGUF files are read")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UsageError(f"{path} has no token_embd.weight tensor; the file is not a complete llama model")
+    n_heads, dim = field("llama.attention.head_count"), field("llama.embedding_length")
+    args = ModelArgs(dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads,
+                     n_kv_heads=field("llama.attention.head_count_kv", n_heads),
+                     vocab_size=int(tensors["token_embd.weight"].shape[1]),
+                     hidden_dim=field("llama.feed_forward_length"),
+                     norm_eps=field("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                     max_seq_len=field("llama.context_length"), tie_embeddings="output.weight" not in tensors,
+                     rope_theta=field("llama.rope.freq_base", 10000.0))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    state = {}
+    for ours, shape in shapes.items():
+        if ours == "output.weight" and args.tie_embeddings:
+            continue
+        t = tensors.get(gguf_name(ours))
+        if t is None:
+            raise UsageError(f"{path} lacks the tensor {gguf_name(ours)}; the file is not a complete llama model")
+        state[ours] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(shape)
+    qtype = {gguf.LlamaFileType.MOSTLY_Q8_0: "gguf_q8", gguf.LlamaFileType.MOSTLY_Q4_0: "gguf_q4"}.get(
+        field("general.file_type"), "gguf")
+    return imported_ckpt(state, args, path, qtype, tokenizer)

@@ -92,6 +92,9 @@ dpo_beta = 0.1                  # DPO (preference data, dpo.py): how far the pol
 dpo_loss = "sigmoid"            # 'sigmoid' (DPO) or 'ipo' (squared, on per-token log-probs)
 dpo_label_smoothing = 0.0       # sigmoid loss: the fraction of pairs taken to be mislabelled (conservative DPO)
 dpo_sft_weight = 0.0            # + this x the chosen answers' next-token loss (counters the fall of both log-probs)
+qat = ""                        # quantization-aware training for an export format: 'q8_0', 'q4_0', 'llama2c_q8'
+qat_start_iter = 0              # fake-quantize from this iteration on (train in float first, then adapt)
+qat_activations = False         # also round each matmul's input as the format's C runtime does (runq.c, ggml)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors  # noqa: E402
 handle_errors()  # from here on, bad input ends the run with one line "error: ..." (runtime.py)
@@ -112,6 +115,7 @@ from data import Batches, check_token_ids  # noqa: E402
 from engine import complete, predict_labels  # noqa: E402
 from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_dict, memory_report  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, evaluate_batches  # noqa: E402
+from quant import check_qat, qat as fake_quantization  # noqa: E402
 from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, any_rank, autocast as autocast_for,  # noqa
                      cap_gpu_memory, check, device_and_dtype, distributed_world, gather, init_distributed, mfu,
                      teardown_distributed)
@@ -136,6 +140,7 @@ require(config, positive=("batch_size", "block_size", "gradient_accumulation_ste
         non_negative=("warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "loss_chunk_size", "memory_cap_gb",
                       "lora_rank", "stop_at_iter", "sample_temperature"), fraction=("dropout", "lora_dropout"))
 check(nonfinite in ("stop", "skip"), f"nonfinite='{nonfinite}' is not one of 'stop', 'skip'")
+check_qat(qat, qat_start_iter, lora_rank)
 check(not set(lora_targets) - set(LINEARS), f"lora_targets={lora_targets}: {sorted(set(lora_targets) - set(LINEARS))} "
       f"match no linear layer; use names among {', '.join(LINEARS)}")
 check(all(isinstance(p, str) for p in sample_prompts), f"sample_prompts={sample_prompts!r} must be a tuple of strings")
@@ -350,6 +355,7 @@ while True:
                      cooldown_frac, cooldown_shape)
     optim.set_lr(opts, lr)
     sampler_state = sampler.get_state()  # before drawing this iteration's batches: what a resume must restore
+    fake_quantization(raw_model, qat, qat_activations, on=iter_num >= qat_start_iter)
 
     resumed_here = iter_num == start_iter and resume_evaluated  # this iteration's evaluation happened before the save
     if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not resumed_here:
