@@ -21,6 +21,8 @@ chat = False                    # wrap --prompt in the chat template (chat.py) a
 interactive = False             # chat turn by turn, a user message per stdin line; old turns drop out of a full context
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
 compile = False                 # compile the per-token decode step (CUDA graphs on CUDA); the first token waits for it
+fast = True                     # fp32 on a CPU: decode with decode.py's step (packed weights, run.c's speed)
+threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors  # noqa: E402
 handle_errors()
@@ -32,6 +34,7 @@ configure(globals(), sys.argv[1:], explicit)
 import torch  # noqa: E402
 
 from checkpoint import load_any, tokenizer_for  # noqa: E402
+from decode import FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
 from model import check_sampling  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
@@ -56,12 +59,17 @@ def main():
         raise UsageError(str(e))
     check(num_samples >= 1 and max_new_tokens >= 1,
           f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must both be >= 1")
+    check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
     dev, dev_type, dt = device_and_dtype(device, dtype)
     ctx = autocast(dev_type, dt)
     model, ckpt = load_any(checkpoint, adapter, dev)
     tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
     # compiled at the call site, once: the model stays plain eager code
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True) if compile else None
+    if fast and not compile and dev_type == "cpu" and dt == "float32":
+        step = FastDecoder(model)
     if compile:
         print("compiling the decode step (a minute or more on a CPU) ...", file=sys.stderr, flush=True)
 
