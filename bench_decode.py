@@ -28,7 +28,7 @@ import time
 llama2c = ""               # a llama2.c checkout (run.c, runq.c): compiled here; required
 tokenizer = ""             # llama2.c tokenizer.bin covering the model's vocab (Llama 2's for the 15M shape); required
 checkpoint = ""            # the model to decode; "" = random weights of the stories15M shape
-threads = "1,2"            # comma-separated thread counts (OMP_NUM_THREADS for run.c, torch threads for ours)
+threads = (1, 2)           # thread counts: --threads=1,2,4 or --threads=1, (OMP_NUM_THREADS for run.c; torch's)
 max_tokens = 256           # tokens per decode (run.c's -n); at most the model's context
 rounds = 3                 # every contender runs once per round; the median is reported
 command = True             # also time the whole generate.py command and its start-up
@@ -129,8 +129,9 @@ def run_command(path, n_threads, n):
 
 def main():
     print_config(config)
-    counts = [int(t) for t in str(threads).split(",") if t]
-    check(counts and min(counts) >= 1, f"threads={threads!r} must list counts >= 1, e.g. 1,2")
+    counts = list(threads)
+    check(counts and all(isinstance(t, int) and t >= 1 for t in counts),
+          f"threads={threads!r} must list counts >= 1, e.g. --threads=1,2 or --threads=1,")
     check(tokenizer and os.path.isfile(tokenizer), f"tokenizer={tokenizer!r} is not a file; pass a llama2.c "
           f"tokenizer.bin covering the model's vocab (Llama 2's tokenizer.bin for the 15M shape)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,3 +63,23 @@ def test_generate_py_fast_and_eager_tell_the_same_story():
     fast = run_script("generate.py", *args).stdout
     eager = run_script("generate.py", *args, "--fast=False").stdout
     assert fast == eager and fast.startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_bench_decode_builds_run_c_and_times_everything_side_by_side(tmp_path):
+    """bench_decode.py end to end on stories260K: run.c and runq.c compiled from the llama2.c checkout beside
+    LLAMA2C_RUN, every contender timed, the generate.py command and its start-up too."""
+    import json
+    import os
+    import shutil
+    run = os.environ.get("LLAMA2C_RUN")
+    checkout = run and os.path.dirname(os.path.abspath(run))
+    if not checkout or not os.path.isfile(os.path.join(checkout, "runq.c")) or not shutil.which("gcc"):
+        pytest.skip("set LLAMA2C_RUN to run inside a llama2.c checkout (run.c, runq.c) and install gcc")
+    run_script("bench_decode.py", f"--llama2c={checkout}", f"--tokenizer={shared('stories260K', 'tok512.bin')}",
+               f"--checkpoint={shared('stories260K', 'stories260K.bin')}", "--threads=1,", "--max_tokens=32",
+               "--rounds=1", f"--out_json={tmp_path / 'b.json'}")
+    result = json.loads((tmp_path / "b.json").read_text())
+    (row,) = result["decode"]
+    assert row["threads"] == 1 and all(row[k] > 0 for k in ("run.c", "runq.c", "eager", "fast"))
+    (cmd,) = result["command"]
+    assert 0 < cmd["startup_seconds"] and 0 < cmd["seconds"]
