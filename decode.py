@@ -65,6 +65,8 @@ class FastDecoder:
         if w.device.type != "cpu" or w.dtype != torch.float32:
             raise UsageError(f"the fast decoder runs fp32 weights on a CPU, not {w.dtype} on {w.device.type}; "
                              f"pass --fast=False")
+        if any(hasattr(m, "lora_A") for m in model.modules()):
+            raise UsageError("the fast decoder runs plain weights; merge the LoRA adapter first (lora.merge_lora)")
         self.layers, self.head = pack(model)
         self.model, a = model, model.args
         self.hd, self.nh, self.nkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads

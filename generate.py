@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from checkpoint import load_any, tokenizer_for  # noqa: E402
 from decode import FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
+from lora import merge_lora  # noqa: E402
 from model import check_sampling  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
 
@@ -69,7 +70,7 @@ def main():
     # compiled at the call site, once: the model stays plain eager code
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True) if compile else None
     if fast and not compile and dev_type == "cpu" and dt == "float32":
-        step = FastDecoder(model)
+        step = FastDecoder(merge_lora(model) if adapter else model)  # the fast step runs plain weights, no hooks
     if compile:
         print("compiling the decode step (a minute or more on a CPU) ...", file=sys.stderr, flush=True)
 
