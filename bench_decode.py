@@ -28,7 +28,7 @@ import time
 llama2c = ""               # a llama2.c checkout (run.c, runq.c): compiled here; required
 tokenizer = ""             # llama2.c tokenizer.bin covering the model's vocab (Llama 2's for the 15M shape); required
 checkpoint = ""            # the model to decode; "" = random weights of the stories15M shape
-threads = (1, 2)           # thread counts: --threads=1,2,4 or --threads=1, (OMP_NUM_THREADS for run.c; torch's)
+threads = (1, 2)           # thread counts: --threads=1,2,4 or --threads=1 (OMP_NUM_THREADS for run.c; torch's)
 max_tokens = 256           # tokens per decode (run.c's -n); at most the model's context
 rounds = 3                 # every contender runs once per round; the median is reported
 command = True             # also time the whole generate.py command and its start-up
@@ -46,7 +46,7 @@ from decode import FastDecoder  # noqa: E402
 from engine import Engine, Request  # noqa: E402
 from formats import write_llama2c  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from runtime import UsageError, atomic_file, check  # noqa: E402
+from runtime import UsageError, check, check_output, write_text  # noqa: E402
 from tokenizer import Llama2cTokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +131,8 @@ def main():
     print_config(config)
     counts = list(threads)
     check(counts and all(isinstance(t, int) and t >= 1 for t in counts),
-          f"threads={threads!r} must list counts >= 1, e.g. --threads=1,2 or --threads=1,")
+          f"threads={threads!r} must list counts >= 1, e.g. --threads=1,2 or --threads=1")
+    check_output(out_json, "out_json")
     check(tokenizer and os.path.isfile(tokenizer), f"tokenizer={tokenizer!r} is not a file; pass a llama2.c "
           f"tokenizer.bin covering the model's vocab (Llama 2's tokenizer.bin for the 15M shape)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,8 +165,8 @@ def main():
                 results["command"].append(dict(threads=t, tokens=n, seconds=whole, startup_seconds=one))
                 print(f"generate.py, {t} thread(s): {whole:.2f} s for {n} tokens, {one:.2f} s of it start-up "
                       f"(the same command making 1 token): {100 * one / whole:.0f}%")
-    with atomic_file(out_json) as tmp_path, open(tmp_path, "w") as f:
-        json.dump(results, f, indent=1)
+    write_text(out_json, json.dumps(results, indent=1))
+    print(f"wrote {out_json}")
 
 
 if __name__ == "__main__":

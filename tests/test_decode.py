@@ -76,7 +76,7 @@ def test_bench_decode_builds_run_c_and_times_everything_side_by_side(tmp_path):
     if not checkout or not os.path.isfile(os.path.join(checkout, "runq.c")) or not shutil.which("gcc"):
         pytest.skip("set LLAMA2C_RUN to run inside a llama2.c checkout (run.c, runq.c) and install gcc")
     run_script("bench_decode.py", f"--llama2c={checkout}", f"--tokenizer={shared('stories260K', 'tok512.bin')}",
-               f"--checkpoint={shared('stories260K', 'stories260K.bin')}", "--threads=1,", "--max_tokens=32",
+               f"--checkpoint={shared('stories260K', 'stories260K.bin')}", "--threads=1", "--max_tokens=32",
                "--rounds=1", f"--out_json={tmp_path / 'b.json'}")
     result = json.loads((tmp_path / "b.json").read_text())
     (row,) = result["decode"]

@@ -67,6 +67,7 @@ IMPOSSIBLE = [
     ("generate.py", ["--max_new_tokens=0"], "must both be >= 1"),
     ("generate.py", ["--threads=-1"], "threads=-1 must be >= 0"),
     ("bench_decode.py", ["--threads=0,1"], "threads=(0, 1) must list counts >= 1"),
+    ("bench_decode.py", ["--out_json=."], "out_json=. is a folder"),
     ("evaluate.py", ["loss", "--batch_size=0"], "batch_size=0 must be > 0"),
     ("evaluate.py", ["hellaswag", "--max_items=-5"], "max_items=-5 must be >= 0"),
     ("export.py", ["--group_size=-32"], "group_size=-32 must be >= 0"),
