@@ -40,7 +40,14 @@ def test_val_loss_falls_well_below_unigram_entropy(tmp_path, data):
     assert all(r["grad_norm"] > 0 and r["tok_per_s"] > 0 for r in tr)
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def every_optimizer():
+    """Each registry entry; lion (one state tensor, like sgd's momentum) only with LLAMAFORGE_SLOW=1, to keep the
+    suite's time: muon stays in, its two optimizers being the case resume and DDP could get wrong."""
+    slow = pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="~20 s; set LLAMAFORGE_SLOW=1")
+    return [pytest.param(o, marks=slow) if o == "lion" else o for o in sorted(OPTIMIZERS)]
+
+
+@pytest.mark.parametrize("opt", every_optimizer())
 def test_resume_continues_the_exact_loss_sequence(tmp_path, data, opt):
     common = ["--log_interval=1", "--eval_interval=5", "--dropout=0.1", f"--optimizer={opt}",
               "--gradient_accumulation_steps=2", "--warmup_iters=2", "--lr_decay_iters=12"]
@@ -84,7 +91,7 @@ def test_sigterm_saves_checkpoint_and_resume_works(tmp_path, data):
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == ckpt["iter_num"] + 2
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("opt", every_optimizer())
 def test_ddp_two_cpu_processes(tmp_path, data, opt):
     """The README command with a short run: torchrun, 2 CPU processes, the default accumulation (per process)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
