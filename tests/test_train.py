@@ -190,7 +190,8 @@ def test_the_readme_ddp_command_as_written(tmp_path):
                 ["pretokenize", "--dataset=demo", "--vocab_size=512"]):
         run_script("tokenize_data.py", *cmd, cwd=tmp_path, timeout=600)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # the venv's, even when not activated
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
                            str(REPO / "config" / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
