@@ -6,13 +6,16 @@
 run.c and runq.c are compiled from the checkout the user points to (gcc -Ofast -fopenmp -march=native, as
 llama2.c's `make runomp`), into a temporary folder. The model (a checkpoint, or random weights of llama2.c's
 stories15M shape: dim 288, 6 layers, vocab 32000) is exported once to a legacy fp32 file (run.c) and a version-2
-Q8_0 file (runq.c); ours decodes the fp32 file as generate.py loads it. Each round runs every contender once per
-thread count, in turn, so load from other processes falls on all of them alike; the median of the rounds is
-reported. Tokens/s is counted as run.c counts it: the tokens after the first, over the time since the first.
-Ours: generate.py's own decode loop (engine.Engine, greedy sampling included) with decode.FastDecoder (fast) and
-with the model's eager decode_step (eager). Then the whole `generate.py` command is timed (a fresh process,
-loading the file, decoding max_tokens tokens, printing them) against the same command making one token: its
-start-up. Prints a table and writes every result to out_json.
+Q8_0 file (runq.c). Ours decodes the files as generate.py loads them: the fp32 file, and the v2 file read as
+int8 without dequantizing. Each round runs every contender once per thread count, in turn, so load from other
+processes falls on all of them alike; the median of the rounds is reported. Tokens/s is counted as run.c counts
+it: the tokens after the first, over the time since the first. Ours: generate.py's own decode loop
+(engine.Engine, greedy sampling included) with the model's eager decode_step (eager), decode.FastDecoder (fast),
+and decode.CompiledDecoder (generate.py --compile=True) on fp32 (compiled) and int8 (int8) weights, compiled
+before the timing, once per thread count. Then the whole `generate.py --compile=True` command is timed (a fresh
+process: loading the file, the compile cache, decoding max_tokens tokens, printing them) against the same command
+making one token, its start-up, with its peak RSS beside run.c's and runq.c's. Prints a table and writes every
+result to out_json.
 """
 import json
 import os
@@ -42,7 +45,7 @@ config = configure(globals(), sys.argv[1:])
 import torch  # noqa: E402
 
 from checkpoint import build_model, load_checkpoint  # noqa: E402
-from decode import FastDecoder  # noqa: E402
+from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request  # noqa: E402
 from formats import write_llama2c  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -82,14 +85,32 @@ def model_files(tmp):
     return paths, model.args
 
 
+# a small parent that runs the command and reports its peak RSS: a child's ru_maxrss counts the memory of the
+# process that forked it (Linux charges the parent's pages at exec), so this big Python process cannot fork it
+SPAWN = ("import os, subprocess, sys, time; t = time.perf_counter(); p = subprocess.Popen(sys.argv[1:]); "
+         "_, status, usage = os.wait4(p.pid, 0); "
+         "print(f'\\n{time.perf_counter() - t} {usage.ru_maxrss}', file=sys.stderr); "
+         "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def measured(cmd, env=None):
+    """(stdout, stderr, wall seconds, peak RSS in MiB; at least the ~10 MiB of the small Python parent)."""
+    proc = subprocess.run([sys.executable, "-c", SPAWN, *cmd], capture_output=True, text=True, env=env)
+    err, _, last = proc.stderr.rstrip().rpartition("\n")
+    if proc.returncode:
+        raise UsageError(f"{os.path.basename(cmd[0])} failed: {err.strip()[-200:]}")
+    wall, rss = last.split()
+    return proc.stdout, err, float(wall), int(rss) / 1024
+
+
 def run_c(binary, path, n_threads, n):
+    """(tok/s as run.c counts it, the whole command's seconds, its peak RSS in MiB)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(n_threads))
-    proc = subprocess.run([binary, path, "-z", tokenizer, "-t", "0", "-n", str(n)], capture_output=True,
-                          text=True, env=env)
-    found = re.search(r"achieved tok/s: ([0-9.]+)", proc.stderr)
-    if proc.returncode or not found:
-        raise UsageError(f"{binary} failed: {proc.stderr.strip()[-200:]}")
-    return float(found.group(1))
+    _, err, wall, rss = measured([binary, path, "-z", tokenizer, "-t", "0", "-n", str(n)], env)
+    found = re.search(r"achieved tok/s: ([0-9.]+)", err)
+    if not found:
+        raise UsageError(f"{binary} printed no tok/s: {err.strip()[-200:]}")
+    return float(found.group(1)), wall, rss
 
 
 class Timed:
@@ -106,25 +127,21 @@ class Timed:
         return out
 
 
-def run_ours(model, tok, kind, n_threads, n):
-    """generate.py's loop: an Engine over the model, the step fast or eager; BOS, then n - 1 decode steps."""
+def run_ours(model, tok, step, n_threads, n):
+    """generate.py's loop: an Engine over the model and a decode step; BOS, then n - 1 decode steps."""
     torch.set_num_threads(n_threads)
-    step = Timed(FastDecoder(model) if kind == "fast" else model.decode_step)
+    step = Timed(step)
     engine = Engine(model, tok, max_batch=1, decode_step=step)
-    req = Request([1], n, temperature=0.0)
-    engine.run([req])
+    engine.run([Request([1], n, temperature=0.0)])
     # decode_step never runs for the token the prefill gives: calls steps after it, from the first step's start
     return step.calls / (step.last - step.first)
 
 
 def run_command(path, n_threads, n):
+    """(seconds, peak RSS in MiB) of the whole generate.py command, compiled step (cached after its first run)."""
     cmd = [sys.executable, os.path.join(REPO, "generate.py"), f"--checkpoint={path}", f"--tokenizer={tokenizer}",
-           "--temperature=0", f"--max_new_tokens={n}", f"--threads={n_threads}", "--stream=False"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise UsageError(f"generate.py failed: {proc.stderr.strip()[-200:]}")
-    return time.perf_counter() - start
+           "--temperature=0", f"--max_new_tokens={n}", f"--threads={n_threads}", "--stream=False", "--compile=True"]
+    return measured(cmd)[2:]
 
 
 def main():
@@ -139,32 +156,51 @@ def main():
         binaries = build(tmp)
         paths, args = model_files(tmp)
         n = min(max_tokens, args.max_seq_len)
-        model = build_model(load_checkpoint(paths["fp32"]))  # as generate.py loads it: from the exported file
+        # as generate.py loads them: from the exported files; one model per kind of step (each packs its own way)
+        models = {kind: build_model(load_checkpoint(paths["fp32"])) for kind in ("fast", "compiled")}
+        models["int8"] = build_model(load_checkpoint(paths["q8"], int8=True))  # read as stored, never dequantized
         tok = Llama2cTokenizer(tokenizer)
         check(tok.vocab_size >= args.vocab_size, f"{tokenizer} has {tok.vocab_size} tokens but the model "
               f"{args.vocab_size}; pass the tokenizer the model was trained with")
-        runs = {(name, t): [] for t in counts for name in ("run.c", "runq.c", "eager", "fast")}
+        steps = {}
+        for t in counts:  # a compiled step is compiled for torch's thread count: one per count, compiled here
+            torch.set_num_threads(t)
+            steps["eager", t], steps["fast", t] = models["fast"].decode_step, FastDecoder(models["fast"])
+            for kind in ("compiled", "int8"):
+                steps[kind, t] = CompiledDecoder(models[kind])
+                run_ours(models[kind], tok, steps[kind, t], t, 4)
+        names = ("run.c", "runq.c", "eager", "fast", "compiled", "int8")
+        runs = {(name, t): [] for t in counts for name in names}
+        c_memory = {}
         for _ in range(rounds):
             for t in counts:
-                runs["run.c", t].append(run_c(binaries["run"], paths["fp32"], t, n))
-                runs["runq.c", t].append(run_c(binaries["runq"], paths["q8"], t, n))
-                runs["eager", t].append(run_ours(model, tok, "eager", t, n))
-                runs["fast", t].append(run_ours(model, tok, "fast", t, n))
-        results = {"config": config, "load": os.getloadavg(), "decode": [], "command": []}
+                for name, binary, path in (("run.c", "run", "fp32"), ("runq.c", "runq", "q8")):
+                    tps, _, c_memory[name] = run_c(binaries[binary], paths[path], t, n)
+                    runs[name, t].append(tps)
+                for kind in ("eager", "fast", "compiled", "int8"):
+                    model = models["fast" if kind == "eager" else kind]
+                    runs[kind, t].append(run_ours(model, tok, steps[kind, t], t, n))
+        results = {"config": config, "load": os.getloadavg(), "decode": [], "command": [], "c_peak_rss_mib": c_memory}
         print(f"\nbatch-1 greedy decode, {n} tokens, median of {rounds} rounds (load average {os.getloadavg()[0]:.1f})")
-        print(f"{'threads':>7} {'run.c':>8} {'runq.c':>8} {'eager':>8} {'fast':>8} {'fast/run.c':>10}  tok/s")
+        print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names)
+              + f"{'compiled/run.c':>15}{'int8/runq.c':>12}  tok/s")
         for t in counts:
-            med = {name: statistics.median(runs[name, t]) for name in ("run.c", "runq.c", "eager", "fast")}
+            med = {name: statistics.median(runs[name, t]) for name in names}
             results["decode"].append(dict(threads=t, **med, runs={k: v for (k, c), v in runs.items() if c == t}))
-            print(f"{t:>7} {med['run.c']:>8.1f} {med['runq.c']:>8.1f} {med['eager']:>8.1f} {med['fast']:>8.1f} "
-                  f"{med['fast'] / med['run.c']:>9.2f}x")
+            print(f"{t:>7}" + "".join(f"{med[k]:>9.1f}" for k in names) +
+                  f"{med['compiled'] / med['run.c']:>14.2f}x{med['int8'] / med['runq.c']:>11.2f}x")
         if command:
             for t in counts:
-                whole = statistics.median(run_command(paths["fp32"], t, n) for _ in range(rounds))
-                one = statistics.median(run_command(paths["fp32"], t, 1) for _ in range(rounds))
-                results["command"].append(dict(threads=t, tokens=n, seconds=whole, startup_seconds=one))
-                print(f"generate.py, {t} thread(s): {whole:.2f} s for {n} tokens, {one:.2f} s of it start-up "
-                      f"(the same command making 1 token): {100 * one / whole:.0f}%")
+                for kind, path in (("fp32", paths["fp32"]), ("int8", paths["q8"])):
+                    whole = [run_command(path, t, n) for _ in range(rounds)]
+                    one = statistics.median(run_command(path, t, 1)[0] for _ in range(rounds))
+                    sec, rss = statistics.median(w for w, _ in whole), max(r for _, r in whole)
+                    results["command"].append(dict(threads=t, weights=kind, tokens=n, seconds=sec,
+                                                   startup_seconds=one, peak_rss_mib=rss))
+                    print(f"generate.py --compile=True, {kind}, {t} thread(s): {sec:.2f} s for {n} tokens, {one:.2f} s "
+                          f"of it start-up (the same command making 1 token): {100 * one / sec:.0f}%; peak RSS "
+                          f"{rss:.0f} MiB")
+            print("run.c / runq.c peak RSS: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in c_memory.items()))
     write_text(out_json, json.dumps(results, indent=1))
     print(f"wrote {out_json}")
 

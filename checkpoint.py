@@ -14,8 +14,9 @@ import torch
 
 from formats import LLAMA2C_MAGIC, read_gguf, read_llama2c
 from hf import read_hf
-from lora import apply_adapter
-from model import ModelArgs, Transformer
+from lora import apply_adapter, merge_lora
+from model import ModelArgs, Transformer, precompute_rope
+from quant import is_int8, to_int8
 from runtime import UsageError, atomic_file
 from tokenizer import load_tokenizer, make_tokenizer, tokenizer_mismatch
 
@@ -25,8 +26,9 @@ def save_checkpoint(ckpt, path):
         torch.save(ckpt, f)
 
 
-def read_foreign(path):
-    """A checkpoint dict if path is a llama2.c model file, a GGUF file or a Hugging Face folder, else None."""
+def read_foreign(path, int8=False):
+    """A checkpoint dict if path is a llama2.c model file, a GGUF file or a Hugging Face folder, else None.
+    int8=True keeps a llama2.c version-2 file's int8 weights as they are (formats.read_llama2c)."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) \
             and not os.path.isfile(os.path.join(path, "ckpt.pt")):
@@ -37,7 +39,7 @@ def read_foreign(path):
         if head == b"GGUF":
             return read_gguf(path)
         if path.endswith(".bin") or (len(head) == 4 and struct.unpack("<I", head)[0] == LLAMA2C_MAGIC):
-            return read_llama2c(path)
+            return read_llama2c(path, int8=int8)
     return None
 
 
@@ -50,10 +52,10 @@ def read_pt(path, what, fix, map_location="cpu", mmap=False):
         raise UsageError(f"cannot read {what} '{path}' ({first}); {fix}")
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", int8=False):
     """Read one of our checkpoints (a .pt file, or a run directory holding ckpt.pt) into its dict.
     A llama2.c model file (.bin) or a Hugging Face Llama folder is converted into the same dict."""
-    foreign = read_foreign(path)
+    foreign = read_foreign(path, int8)
     if foreign is not None:
         return foreign
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
@@ -91,14 +93,26 @@ def build_model(ckpt, device="cpu"):
         args = ModelArgs.from_dict(ckpt["model_args"])
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint has invalid model_args ({e}); re-train or re-export it")
-    model = Transformer(args)
+    with torch.device("meta"):  # no memory and no random init: every weight comes from the checkpoint
+        model = Transformer(args)
     state = clean_state_dict(ckpt["model"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    int8 = any(k.endswith(".q") for k in state)
+    if int8:  # a llama2.c v2 file read as stored: the int8 layers take its tensors as they are (inference only)
+        try:
+            to_int8(model, state=state)
+        except KeyError as e:
+            raise UsageError(f"checkpoint has int8 weights but no {e.args[0]}; the file is corrupt")
+    else:  # real tensors, uninitialised, then loaded by copy (the model never shares memory with ckpt)
+        model.to_empty(device="cpu")
+        if args.tie_embeddings:  # to_empty gave the tied head a tensor of its own
+            model.output.weight = model.tok_embeddings.weight
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=int8)
     # a tied head shares the embedding tensor: its absence from the file is expected
-    missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
+    missing = [k for k in missing if not (args.tie_embeddings and k.startswith("output."))]
     if missing or unexpected:
         raise UsageError(f"checkpoint weights do not match its model_args (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); the file is from another model or corrupt")
+    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
     return model.to(device)
 
 
@@ -172,13 +186,24 @@ def load_for_training(path, resume, adapter, data_tokenizer, data_dir, dropout):
     return build_model(base), ckpt, os.path.abspath(ckpt.get("base_checkpoint") or path)
 
 
-def load_any(path, adapter="", device="cpu"):
+WEIGHTS = ("auto", "fp32", "int8")
+
+
+def load_any(path, adapter="", device="cpu", weights="auto"):
     """(model in eval mode, checkpoint dict) for generate/evaluate/export: a checkpoint, or a base plus a
-    LoRA adapter on top of it."""
+    LoRA adapter on top of it. weights: 'auto' as the file stores them (a llama2.c version-2 file stays int8,
+    read without dequantizing), 'fp32' (a v2 file dequantized), 'int8' (quant.to_int8 in llama2.c's groups;
+    an adapter is merged into the base first)."""
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights={weights!r} is not one of {', '.join(map(repr, WEIGHTS))}")
     if adapter:
         model, base, _ = load_with_adapter(path, adapter, device)
-        return model, base
-    return load_model(path, device)
+        return (to_int8(merge_lora(model)) if weights == "int8" else model), base
+    ckpt = load_checkpoint(path, int8=weights != "fp32")
+    model = build_model(ckpt, device).eval()
+    if weights == "int8" and not is_int8(model):
+        to_int8(model)
+    return model, ckpt
 
 
 # what a resumed run may not change (its weights and optimizer state would not fit), and what changes its

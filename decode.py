@@ -97,3 +97,117 @@ class FastDecoder:
             gate, up = torch.matmul(rms_norm(x, n2, self.eps), w13).chunk(2)
             x += torch.matmul(F.silu(gate).mul_(up), w2)
         return torch.matmul(rms_norm(x, m.norm.weight, self.eps), self.head).view(1, 1, -1)
+
+
+def gemv(w, x):
+    """w @ x as run.c computes it, one dot product per row, written so inductor compiles it to a vectorised loop
+    over the rows, split across the threads (MKL's GEMV runs on one thread and streams (out, in) at half speed):
+    w (out, in) fp32, or (q, scale) int8 in groups along the row, read as int8 inside the loop."""
+    if isinstance(w, tuple):
+        q, scale = w
+        # one reduction over the whole row (groups and their values), the group's scale broadcast inside it: 2x
+        # faster here than a sum per group then a sum of the scaled groups (measured, 32000x288 head, 1 thread)
+        return (q.view(*scale.shape, -1) * x.view(scale.shape[1], -1) * scale[..., None]).sum((-2, -1))
+    return (w * x).sum(-1)
+
+
+def pack_rows(model):
+    """q/k/v and gate/up stacked along their rows (one GEMV each), in place: the model's weights (fp32 parameters
+    or quant.Int8Linear's q and scale) become row slices of the stacked tensors, one copy, eager code unchanged.
+    Returns [(wqkv, wo, w13, w2)] per layer, each a tensor or a (q, scale) pair."""
+    if getattr(model, "packed_rows", None) is not None:
+        return model.packed_rows
+    if getattr(model, "packed", None) is not None:
+        raise UsageError("this model was packed for the eager fast step; load it afresh for the compiled one")
+
+    def stacked(mods):
+        int8 = hasattr(mods[0], "q")
+        parts = ("q", "scale") if int8 else ("weight",)
+        whole = [torch.cat([getattr(m, n).detach() for m in mods]) for n in parts]
+        start = 0
+        for m in mods:
+            rows = m.q.shape[0] if int8 else m.weight.shape[0]
+            for n, w in zip(parts, whole):
+                piece = w[start:start + rows]
+                setattr(m, n, piece if int8 else torch.nn.Parameter(piece, requires_grad=False))
+            start += rows
+        return tuple(whole) if int8 else whole[0]
+
+    model.packed_rows = [(stacked([ly.attention.wq, ly.attention.wk, ly.attention.wv]), stacked([ly.attention.wo]),
+                          stacked([ly.feed_forward.w1, ly.feed_forward.w3]), stacked([ly.feed_forward.w2]))
+                         for ly in model.layers]
+    return model.packed_rows
+
+
+def weights_of(m):
+    return (m.q, m.scale) if hasattr(m, "q") else m.weight.detach()
+
+
+class CompiledDecoder:
+    """generate.py --compile=True on a CPU: the batch-1 decode step of FastDecoder's contract, fp32 or int8
+    weights (quant.Int8Linear), compiled by inductor into C++ loops (one kernel a step here: the GEMVs as run.c
+    writes them, rows split across threads, the int8 ones reading 1 byte a weight). fp32 logits equal the eager
+    step's to float tolerance; int8 equals the eager step of the dequantized model to float tolerance (the same
+    products, summed per group). Compiled on the first call for torch's thread count at that moment; the
+    position is a dynamic size, so one compile serves every cache length (inductor caches it on disk)."""
+
+    def __init__(self, model):
+        w = model.norm.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            raise UsageError(f"the compiled CPU decoder runs fp32 or int8 weights on a CPU, not {w.dtype} on "
+                             f"{w.device.type}; on CUDA --compile=True compiles the model's own step")
+        if any(hasattr(m, "lora_A") for m in model.modules()):
+            raise UsageError("the compiled decoder runs plain weights; merge the LoRA adapter first (lora.merge_lora)")
+        a, self.model = model.args, model
+        layers = pack_rows(model)
+        hd, nh, nkv, hidden, eps = a.dim // a.n_heads, a.n_heads, a.n_kv_heads, a.hidden_dim, a.norm_eps
+        scale = 1.0 / math.sqrt(hd)
+
+        def rms(x, weight):
+            return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
+
+        def step(token, p, emb, layers, norms, final_norm, head, cos, sin, caches):
+            if isinstance(emb, tuple):  # an int8 row: dequantized on its own
+                x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
+            else:
+                x = emb[token].view(-1)
+            c, s = cos[p], sin[p]
+            for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):
+                qkv = gemv(wqkv, rms(x, n1))
+                qk = qkv[:(nh + nkv) * hd].view(nh + nkv, hd // 2, 2)  # rotary on q and k together, model's pairs
+                qk = torch.stack([qk[..., 0] * c - qk[..., 1] * s, qk[..., 0] * s + qk[..., 1] * c], -1)
+                q, k, v = qk[:nh].view(nkv, nh // nkv, hd), qk[nh:].view(nkv, hd), qkv[(nh + nkv) * hd:].view(nkv, hd)
+                ck[:, p:p + 1] = k[:, None]
+                cv[:, p:p + 1] = v[:, None]
+                keys, values = ck[:, :p + 1], cv[:, :p + 1]  # the filled prefix only: p is a dynamic size
+                probs = torch.softmax((keys[:, None] * q[:, :, None]).sum(-1) * scale, dim=-1)
+                x = x + gemv(wo, (probs[..., None] * values[:, None]).sum(-2).view(-1))
+                gate_up = gemv(w13, rms(x, n2))
+                x = x + gemv(w2, F.silu(gate_up[:hidden]) * gate_up[hidden:])
+            return gemv(head, rms(x, final_norm)).view(1, 1, -1)
+
+        self.args = (weights_of(model.tok_embeddings), layers,
+                     [(ly.attention_norm.weight.detach(), ly.ffn_norm.weight.detach()) for ly in model.layers],
+                     model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
+        # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
+        # recomputes it for every row; a lower bar for storing such a pointwise result first keeps the loops to
+        # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token); the knob exists in torch 2.10+
+        options = {"realize_cpu_opcount_threshold": 8}
+        import torch._inductor.config as inductor_config
+        self.step = torch.compile(step, dynamic=True, fullgraph=True,
+                                  options={k: v for k, v in options.items() if hasattr(inductor_config, k)})
+
+    @torch.no_grad()
+    def __call__(self, token, pos):
+        if token.shape[0] != 1:
+            raise UsageError(f"the compiled CPU decoder decodes one sequence at a time, not {token.shape[0]}; "
+                             f"pass --compile=False for batched decoding")
+        caches = [(ly.attention.cache.k[0], ly.attention.cache.v[0]) for ly in self.model.layers]
+        for t in torch.utils._pytree.tree_leaves((self.args, caches)):
+            torch._dynamo.mark_static(t)  # static shapes but for the position: one compile, the best loops
+        try:
+            return self.step(token[0], int(pos.reshape(-1)[0]), *self.args, caches)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
+                             f"--compile=False") from None

@@ -89,7 +89,7 @@ class Engine:
         self.model, self.tok, self.max_batch, self.queue_size = model, tok, max_batch, queue_size
         self.step_fn, self.compiled = decode_step or model.decode_step, decode_step is not None
         self.autocast = autocast or nullcontext()
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.norm.weight.device  # (a plain parameter even when the matrices are int8)
         self.waiting, self.active, self.admitting = deque(), [], None
         self.cond = threading.Condition()
         self.pool, self.views = None, {}
@@ -206,7 +206,7 @@ class Engine:
     def _make_pool(self):
         """The KV rows of every request, in the dtype attention computes in (autocast's, else the weights')."""
         kind = self.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.model.output.weight.dtype
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.model.norm.weight.dtype
         if self.pool is None or self.pool[0].k.dtype != dtype:
             a = self.model.args
             self.pool = [KVCache(self.max_batch, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, self.device)

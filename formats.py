@@ -40,9 +40,11 @@ def layer_keys(i):
 
 def imported_ckpt(state, args, source, fmt, tokenizer=None):
     """The checkpoint dict train.py would have written, for weights that came from elsewhere."""
-    state = {k: v.float().contiguous() for k, v in state.items()}
+    state = {k: v.contiguous() if k.endswith(".q") else v.float().contiguous() for k, v in state.items()}
     if args.tie_embeddings:  # what model.state_dict() holds for a tied head: the same tensor twice
-        state["output.weight"] = state["tok_embeddings.weight"]
+        for part in ("weight", "q", "scale"):
+            if f"tok_embeddings.{part}" in state:
+                state[f"output.{part}"] = state[f"tok_embeddings.{part}"]
     return {"model": state, "model_args": args.to_dict(), "config": {"imported_from": os.path.abspath(source),
             "format": fmt}, "tokenizer": tokenizer, "iter_num": 0, "best_val_loss": None}
 
@@ -119,7 +121,10 @@ def llama2c_nbytes(order, group_size):
     return total
 
 
-def read_llama2c(path, tokenizer=None):
+def read_llama2c(path, tokenizer=None, int8=False):
+    """A checkpoint dict from a llama2.c model file. A version-2 file's matrices are dequantized to fp32, or with
+    int8=True kept as they are stored: name.q (rows, cols) int8 and name.scale (rows, cols // group_size) fp32,
+    the buffers of quant.Int8Linear (checkpoint.build_model then builds an int8 model, no fp32 copy ever made)."""
     version, h, offset = llama2c_header(path)
     order = llama2c_order(version, h)
     expected, actual = offset + llama2c_nbytes(order, h["group_size"]), os.path.getsize(path)
@@ -131,9 +136,14 @@ def read_llama2c(path, tokenizer=None):
     for name, shape, how in order:
         n = int(np.prod(shape))
         if how == "q8":
-            q = raw[pos:pos + n].view(np.int8).astype(np.float32).reshape(-1, h["group_size"])
+            q = raw[pos:pos + n].view(np.int8)
             scale = raw[pos + n:pos + n + 4 * (n // h["group_size"])].view("<f4")
-            state[name] = torch.from_numpy((q * scale[:, None]).reshape(shape))
+            if int8:
+                state[name[:-len("weight")] + "q"] = torch.from_numpy(q.reshape(shape).copy())
+                state[name[:-len("weight")] + "scale"] = torch.from_numpy(scale.reshape(shape[0], -1).copy())
+            else:
+                q = q.astype(np.float32).reshape(-1, h["group_size"])
+                state[name] = torch.from_numpy((q * scale[:, None]).reshape(shape))
             pos += n + 4 * (n // h["group_size"])
         else:
             t = torch.from_numpy(raw[pos:pos + 4 * n].view("<f4").reshape(shape).copy())

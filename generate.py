@@ -20,8 +20,10 @@ stream = True                   # print tokens as they come
 chat = False                    # wrap --prompt in the chat template (chat.py) and stop at <|end_of_turn|>
 interactive = False             # chat turn by turn, a user message per stdin line; old turns drop out of a full context
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
-compile = False                 # compile the per-token decode step (CUDA graphs on CUDA); the first token waits for it
-fast = True                     # fp32 on a CPU: decode with decode.py's step (packed weights, run.c's speed)
+compile = False                 # compile the per-token decode step, once (cached on disk): on a CPU run.c's loops, fp32
+                                # or int8, at or above run.c's speed; on CUDA, CUDA graphs. The first token waits for it
+fast = True                     # fp32 on a CPU without compile: decode.py's eager step (packed weights)
+weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin stays int8), 'int8' (quantize), 'fp32'
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors  # noqa: E402
@@ -34,10 +36,11 @@ configure(globals(), sys.argv[1:], explicit)
 import torch  # noqa: E402
 
 from checkpoint import load_any, tokenizer_for  # noqa: E402
-from decode import FastDecoder  # noqa: E402
+from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from model import check_sampling  # noqa: E402
+from quant import is_int8, weight_bytes  # noqa: E402
 from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
 
 
@@ -65,14 +68,23 @@ def main():
         torch.set_num_threads(threads)
     dev, dev_type, dt = device_and_dtype(device, dtype)
     ctx = autocast(dev_type, dt)
-    model, ckpt = load_any(checkpoint, adapter, dev)
+    model, ckpt = load_any(checkpoint, adapter, dev, weights)
     tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
+    int8 = is_int8(model)
+    if int8:
+        actual, fp32 = weight_bytes(model)
+        print(f"int8 weights: {actual / 2**20:.1f} MiB ({fp32 / 2**20:.1f} MiB in fp32)", file=sys.stderr, flush=True)
     # compiled at the call site, once: the model stays plain eager code
-    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True) if compile else None
-    if fast and not compile and dev_type == "cpu" and dt == "float32":
+    step = None
+    if compile and dev_type == "cpu" and dt == "float32":
+        step = CompiledDecoder(merge_lora(model) if adapter and not int8 else model)
+    elif compile:
+        step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    elif fast and dev_type == "cpu" and dt == "float32" and not int8:
         step = FastDecoder(merge_lora(model) if adapter else model)  # the fast step runs plain weights, no hooks
     if compile:
-        print("compiling the decode step (a minute or more on a CPU) ...", file=sys.stderr, flush=True)
+        print("compiling the decode step (the first time ~15 s on a CPU, a minute or more on CUDA; cached on disk "
+              "after) ...", file=sys.stderr, flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused

@@ -298,8 +298,8 @@ class Transformer(nn.Module):
         batch, dtype and device match: CUDA-graph replay of a compiled decode step treats module buffers
         as fixed addresses, and new buffers on every generate() call would make it re-record the graph."""
         a = self.args
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = torch.device(device) if device is not None else self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype  # a plain parameter even when the matrices are int8
+        device = torch.device(device) if device is not None else self.norm.weight.device
         pool = getattr(self, "_kv_pool", None) if reuse else None
         if pool is None or (pool[0].k.shape[0], pool[0].k.dtype, pool[0].k.device) != (batch_size, dtype, device):
             pool = [KVCache(batch_size, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, device)

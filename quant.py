@@ -189,3 +189,77 @@ def check_export(trained, fmt, args, requested_gs=0):
 
 
 EXPORT_OF = {"llama2c_q8": "--format=llama2c_q8", "q8_0": "--format=gguf_q8", "q4_0": "--format=gguf_q4"}
+
+
+# ---- int8 inference: weights kept as llama2.c's version-2 file keeps them (llama2c_q8 groups along the rows)
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8, q (out, in), with one fp32 scale per group of gs along each row, scale
+    (out, in // gs): a quarter of fp32's memory. forward dequantizes the weight for F.linear, so every path runs
+    (prefill, batched serving, the GPU, compile=True's CUDA graphs); decode.CompiledDecoder's batch-1 CPU step
+    instead reads the int8 bytes directly in its fused loops."""
+
+    def __init__(self, q, scale):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    @property
+    def weight(self):
+        """The float32 weight a reader of the v2 file reconstructs (quant.dequantize's values, same bits)."""
+        return (self.q.view(*self.scale.shape, -1).float() * self.scale[..., None]).view(self.q.shape)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Int8Embedding(Int8Linear):
+    """The token embedding in int8: a looked-up row is dequantized on its own (groups run along rows)."""
+
+    def forward(self, idx):
+        gs = self.q.shape[1] // self.scale.shape[1]
+        return (self.q[idx].float().unflatten(-1, (-1, gs)) * self.scale[idx][..., None]).flatten(-2)
+
+
+def to_int8(model, gs=0, state=None):
+    """Swap the model's linear layers and token embedding for int8 ones in llama2.c's v2 grouping (gs=0: the
+    export's own choice, quant.group_size), quantizing the current weights with quantize(..., 'llama2c_q8'); with
+    state, take each layer's q and scale from it instead (a v2 file read without dequantizing, where the model was
+    built on the meta device and has no weights yet). A tied head stays one tensor. Returns the model."""
+    if any(isinstance(m, (QATLinear, QATEmbedding)) for m in model.modules()) or \
+            getattr(model, "packed", None) is not None or getattr(model, "packed_rows", None) is not None:
+        raise UsageError("int8 weights need a plain model (no QAT layers, not packed by decode.py); load it afresh")
+    if state is None:
+        gs = group_size("llama2c_q8", model.args, gs)
+    done = {}
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if type(m) not in (nn.Linear, nn.Embedding):
+                continue
+            key = id(m.weight)
+            if key not in done:  # the tied head and embedding share one weight: quantize it once
+                if state is not None:
+                    prefix = next(n for n, mod in model.named_modules() if mod is m)
+                    q, scale = state[prefix + ".q"], state[prefix + ".scale"]
+                else:
+                    q, scale = quantize(m.weight, "llama2c_q8", gs)
+                    q, scale = q.view(m.weight.shape), scale.view(m.weight.shape[0], -1)
+                done[key] = (q, scale)  # on the weight's device (quantize computes there)
+            cls = Int8Embedding if isinstance(m, nn.Embedding) else Int8Linear
+            setattr(parent, name, cls(*done[key]))
+    return model
+
+
+def is_int8(model):
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def weight_bytes(model):
+    """(bytes the model's weights take, bytes they would take in fp32), each tensor once (a tied head, packed
+    views)."""
+    seen, fp32 = {}, 0
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            fp32 += 0 if name.endswith(".scale") else 4 * t.numel()
+    return sum(seen.values()), fp32

@@ -1,0 +1,93 @@
+"""int8 inference: a llama2.c version-2 file read as it is stored (quant.Int8Linear: int8 weights, fp32 scales per
+group), whose logits are the dequantized model's in under a third of the memory; and the compiled batch-1 CPU step
+(decode.CompiledDecoder, generate.py --compile=True) on fp32 and int8 weights, step by step against the eager
+step of the same (dequantized) weights on a trained model, to the end of its context."""
+import pytest
+import torch
+
+from checkpoint import build_model, load_any, load_checkpoint
+from conftest import one_line_error, run_script, shared, tiny_model
+from decode import CompiledDecoder
+from formats import write_llama2c
+from quant import Int8Linear, is_int8, quantize, to_int8, weight_bytes
+from runtime import UsageError
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_v2_file_read_as_int8_is_the_dequantized_model_in_a_third_of_the_memory(tmp_path, tie):
+    m = tiny_model(dim=64, hidden_dim=96, vocab_size=300, tie_embeddings=tie)
+    write_llama2c(m.state_dict(), m.args, tmp_path / "q8.bin", version=2)
+    int8 = build_model(load_checkpoint(tmp_path / "q8.bin", int8=True))
+    fp32 = build_model(load_checkpoint(tmp_path / "q8.bin"))  # dequantized up front, as before
+    assert is_int8(int8) and not is_int8(fp32) and int8.layers[0].attention.wq.q.dtype == torch.int8
+    x = torch.randint(0, 300, (2, 9))
+    assert torch.equal(int8(x)[0], fp32(x)[0])  # the same values in, the same products: bit for bit
+    assert (int8.output.q is int8.tok_embeddings.q) == tie  # a tied head is one int8 tensor
+    actual, as_fp32 = weight_bytes(int8)
+    assert as_fp32 == weight_bytes(fp32)[0] and actual < 0.33 * as_fp32
+    # quantizing the fp32 model in memory gives the file's bytes: the one quantizer, llama2.c's groups (here 32)
+    mem = to_int8(build_model({"model": m.state_dict(), "model_args": m.args.to_dict()}))
+    q, scale = quantize(m.layers[1].feed_forward.w2.weight, "llama2c_q8", 32)
+    assert torch.equal(mem.layers[1].feed_forward.w2.q, q.view(64, 96))
+    assert torch.equal(int8.layers[1].feed_forward.w2.q, q.view(64, 96))
+    assert torch.equal(int8.layers[1].feed_forward.w2.scale, scale.view(64, 3))
+    assert isinstance(load_any(str(tmp_path / "q8.bin"))[0].layers[0].attention.wo, Int8Linear)  # 'auto' keeps int8
+    assert not is_int8(load_any(str(tmp_path / "q8.bin"), weights="fp32")[0])
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_the_compiled_step_decodes_a_trained_model_as_the_eager_step_to_the_end_of_its_context(tmp_path, weights):
+    """stories260K (GQA, tied head), greedy from BOS through all 511 positions. int8: the v2 export read as int8,
+    against the eager step of the same file dequantized. At every step the logits agree to 1e-5 of their largest
+    and the greedy token is the same: N = 511 tokens agree (measured worst ~5e-7 fp32, ~6e-7 int8)."""
+    path = shared("stories260K", "stories260K.bin")
+    if weights == "int8":
+        ref = build_model(load_checkpoint(path))
+        write_llama2c(ref.state_dict(), ref.args, tmp_path / "q8.bin", version=2)
+        path = tmp_path / "q8.bin"
+    ref = build_model(load_checkpoint(path)).eval()  # fp32 (the int8 file dequantized)
+    model = build_model(load_checkpoint(path, int8=weights == "int8")).eval()
+    assert is_int8(model) == (weights == "int8")
+    step = CompiledDecoder(model)
+    with torch.no_grad():
+        for m in (ref, model):
+            m.setup_cache(1)
+            m(torch.tensor([[1]]))
+        token, worst = torch.tensor([[1]]), 0.0
+        for p in range(1, model.args.max_seq_len):
+            a, b = ref.decode_step(token, torch.tensor([p])), step(token, torch.tensor([p]))
+            worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+            assert a.argmax() == b.argmax(), p
+            token = a[:, -1].argmax(-1, keepdim=True)
+    assert worst < 1e-5, worst
+
+
+def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
+    with pytest.raises(UsageError, match="weights='int4' is not one of 'auto', 'fp32', 'int8'"):
+        load_any(shared("stories260K", "stories260K.bin"), weights="int4")
+    with pytest.raises(UsageError, match="fp32 or int8 weights on a CPU, not torch.bfloat16"):
+        CompiledDecoder(tiny_model().to(torch.bfloat16))
+    m = tiny_model()
+    step = CompiledDecoder(m)
+    with pytest.raises(UsageError, match="int8 weights need a plain model"):
+        to_int8(m)  # packed by the compiled decoder: its weights are views now
+    with pytest.raises(UsageError, match="one sequence at a time"):
+        m.setup_cache(2)
+        step(torch.tensor([[1], [2]]), torch.tensor([3]))
+    one_line_error(run_script("generate.py", f"--checkpoint={shared('stories260K', 'stories260K.bin')}",
+                              f"--tokenizer={shared('stories260K', 'tok512.bin')}", "--weights=int4", check=False),
+                   "weights='int4' is not one of")
+
+
+def test_generate_py_int8_from_a_v2_file_tells_the_dequantized_story(tmp_path):
+    """The whole command: generate.py reads the v2 file as int8 (the default), says how much memory its weights
+    take, and decodes greedily the story the same file dequantized gives."""
+    base = [f"--tokenizer={shared('stories260K', 'tok512.bin')}", "--temperature=0", "--max_new_tokens=200",
+            "--stream=False"]
+    ref = build_model(load_checkpoint(shared("stories260K", "stories260K.bin")))
+    write_llama2c(ref.state_dict(), ref.args, tmp_path / "q8.bin", version=2)
+    int8 = run_script("generate.py", f"--checkpoint={tmp_path / 'q8.bin'}", *base)
+    fp32 = run_script("generate.py", f"--checkpoint={tmp_path / 'q8.bin'}", "--weights=fp32", *base)
+    # groups of 4 here (hidden_dim 172): a 4-byte scale per 4 weights, so half of fp32, not a quarter
+    assert "int8 weights: 0.5 MiB (1.0 MiB in fp32)" in int8.stderr and "int8" not in fp32.stderr
+    assert int8.stdout == fp32.stdout and int8.stdout.startswith("Once upon a time")
