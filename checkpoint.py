@@ -87,6 +87,18 @@ def clean_state_dict(state_dict):
     return out
 
 
+def materialize(model):
+    """Uninitialised CPU tensors for a meta-device model's parameters, a tied one once (what module.to_empty
+    does, without its meta empty_like, whose first call imports ~0.4 s of torch's symbolic-shape code)."""
+    made = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                m._parameters[name] = made[id(p)]
+
+
 def build_model(ckpt, device="cpu"):
     """A Transformer with the checkpoint's architecture and weights."""
     try:
@@ -103,9 +115,7 @@ def build_model(ckpt, device="cpu"):
         except KeyError as e:
             raise UsageError(f"checkpoint has int8 weights but no {e.args[0]}; the file is corrupt")
     else:  # real tensors, uninitialised, then loaded by copy (the model never shares memory with ckpt)
-        model.to_empty(device="cpu")
-        if args.tie_embeddings:  # to_empty gave the tied head a tensor of its own
-            model.output.weight = model.tok_embeddings.weight
+        materialize(model)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=int8)
     # a tied head shares the embedding tensor: its absence from the file is expected
     missing = [k for k in missing if not (args.tie_embeddings and k.startswith("output."))]

@@ -78,9 +78,10 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(head_dim, max_seq_len, theta):
-    """cos and sin tables of shape (max_seq_len, head_dim/2), in fp32."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    """cos and sin tables of shape (max_seq_len, head_dim/2), in fp32, on the CPU (also under a meta device
+    context: meta arange/outer would import ~1 s of torch's meta kernels); the model moves them with itself."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device="cpu").float(), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -203,7 +204,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # _weight: no init of its own (ours follows), so a model built on the meta device to be loaded
+        # (checkpoint.build_model) runs no normal_ there, whose first call imports ~1 s of torch's meta kernels
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -216,6 +219,8 @@ class Transformer(nn.Module):
         # the first checkpoint_blocks blocks recompute their activations in backward instead of keeping them:
         # each costs one more forward of the block (~1/3 of its compute) and frees all but its input
         self.checkpoint_blocks = 0
+        if self.output.weight.is_meta:
+            return  # built to be loaded: random init would be thrown away
         self.apply(self._init_weights)
         # GPT-2/llama2.c: scale the init of projections that write into the residual stream by depth
         for name, p in self.named_parameters():
