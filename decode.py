@@ -13,6 +13,7 @@ pre-allocated cache). So this step changes:
 fp32 results equal the eager path's to float tolerance (tests compare logits and greedy tokens).
 """
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -166,13 +167,15 @@ class CompiledDecoder:
         def rms(x, weight):
             return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
 
-        def step(token, p, emb, layers, norms, final_norm, head, cos, sin, caches):
+        def step(token, filled, emb, layers, norms, final_norm, head, cos, sin, caches):
+            p = filled - 1  # the position; passed as the filled length, >= 2, which dynamo never specialises
             if isinstance(emb, tuple):  # an int8 row: dequantized on its own
                 x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
             else:
                 x = emb[token].view(-1)
             c, s = cos[p], sin[p]
             for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):
+                ck, cv = ck[0], cv[0]  # (kv heads, context, head_dim) of the one row
                 qkv = gemv(wqkv, rms(x, n1))
                 qk = qkv[:(nh + nkv) * hd].view(nh + nkv, hd // 2, 2)  # rotary on q and k together, model's pairs
                 qk = torch.stack([qk[..., 0] * c - qk[..., 1] * s, qk[..., 0] * s + qk[..., 1] * c], -1)
@@ -194,19 +197,30 @@ class CompiledDecoder:
         # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token); the knob exists in torch 2.10+
         options = {"realize_cpu_opcount_threshold": 8}
         import torch._inductor.config as inductor_config
-        self.step = torch.compile(step, dynamic=True, fullgraph=True,
-                                  options={k: v for k, v in options.items() if hasattr(inductor_config, k)})
+        # a code object of its own: dynamo caches compiled code per code object, and every decoder's step would
+        # otherwise share one cache (and its limit of 8 entries) across models and thread counts
+        step = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
+        self.marked = None
+        options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}
+        # no guards: checking ~60 input tensors costs ~0.3 ms a token (10% of it). Safe here: this step's code
+        # object is its own, its inputs are the same weights and KV-cache tensors every call (shapes marked
+        # static), and only the token and the position change, the position being a dynamic size
+        options["guard_filter_fn"] = lambda entries: [False] * len(entries)
+        self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
 
     @torch.no_grad()
     def __call__(self, token, pos):
         if token.shape[0] != 1:
             raise UsageError(f"the compiled CPU decoder decodes one sequence at a time, not {token.shape[0]}; "
                              f"pass --compile=False for batched decoding")
-        caches = [(ly.attention.cache.k[0], ly.attention.cache.v[0]) for ly in self.model.layers]
-        for t in torch.utils._pytree.tree_leaves((self.args, caches)):
-            torch._dynamo.mark_static(t)  # static shapes but for the position: one compile, the best loops
+        caches = [(ly.attention.cache.k, ly.attention.cache.v) for ly in self.model.layers]  # the engine's own
+        key = [id(t) for pair in caches for t in pair]
+        if key != self.marked:  # the same tensors every step: marked once (marking costs ~0.25 ms a call)
+            for t in torch.utils._pytree.tree_leaves((self.args, caches)):
+                torch._dynamo.mark_static(t)  # static shapes but for the position: one compile, the best loops
+            self.marked = key
         try:
-            return self.step(token[0], int(pos.reshape(-1)[0]), *self.args, caches)
+            return self.step(token[0], int(pos.reshape(-1)[0]) + 1, *self.args, caches)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             first = str(e).strip().splitlines()[0][:200]
             raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
