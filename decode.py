@@ -1,4 +1,6 @@
-"""Batch-1 decoding on a CPU: the per-token step generate.py runs in fp32, computed as llama2.c's run.c does.
+"""Batch-1 decoding on a CPU: the per-token steps generate.py runs, computed as llama2.c's run.c does. Two of them:
+FastDecoder (eager, fp32, no compile wait; below) and CompiledDecoder (--compile=True: fp32 or int8 weights, the
+whole step compiled by inductor into run.c's loops; the fastest, see its docstring and README's numbers).
 
 At batch 1 a decode step is a string of matrix-vector products (GEMV) plus a few hundred tiny tensor ops. The
 profile of the eager step (model.decode_step, 15M shape, 1 thread): matmuls 69% of the time, the 32000x288 head
@@ -194,19 +196,23 @@ class CompiledDecoder:
                      model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
         # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
         # recomputes it for every row; a lower bar for storing such a pointwise result first keeps the loops to
-        # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token); the knob exists in torch 2.10+
-        options = {"realize_cpu_opcount_threshold": 8}
+        # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token)
         import torch._inductor.config as inductor_config
+        knob = "realize_cpu_opcount_threshold"  # older torch: one knob for every device
+        options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8}
         # a code object of its own: dynamo caches compiled code per code object, and every decoder's step would
         # otherwise share one cache (and its limit of 8 entries) across models and thread counts
         step = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
         self.marked = None
-        options = {k: v for k, v in options.items() if hasattr(inductor_config, k)}
         # no guards: checking ~60 input tensors costs ~0.3 ms a token (10% of it). Safe here: this step's code
         # object is its own, its inputs are the same weights and KV-cache tensors every call (shapes marked
         # static), and only the token and the position change, the position being a dynamic size
         options["guard_filter_fn"] = lambda entries: [False] * len(entries)
-        self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
+        try:
+            self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
+        except RuntimeError:  # a torch without guard_filter_fn: keep the guards
+            del options["guard_filter_fn"]
+            self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
 
     @torch.no_grad()
     def __call__(self, token, pos):

@@ -1,5 +1,5 @@
 """The one quantizer: weights rounded exactly as each export format stores them, used by the exporters
-(formats.py) and by quantization-aware training (train.py --qat).
+(formats.py), by quantization-aware training (train.py --qat) and by int8 inference (Int8Linear, to_int8).
 
 Formats (FORMATS), each a group of values sharing one scale along a weight's rows:
   llama2c_q8  llama2.c's version-2 file (runq.c): int8 in groups of group_size, scale = absmax/127 in fp32,

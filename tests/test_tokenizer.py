@@ -47,6 +47,10 @@ def test_trained_sentencepiece_round_trip_and_specials(trained):
     assert tok.decode(ids) == TEXT  # identity normalization, spaces kept, byte fallback for 🦙
     assert stream(tok, ids) == TEXT
     assert "<0x0A>" in {tok.backend.id_to_piece(i) for i in ids}  # newline is a byte piece, streamed as "\n"
+    # a model can emit byte tokens that are no UTF-8 (a lead byte then another lead byte, a stray continuation):
+    # the streamed pieces still add up to decode(), U+FFFD for each maximal invalid run, as Python's decoder
+    bad = [3 + 0xE6, 3 + 0xE6, 3 + 0x97, 3 + 0xA5, 3 + 0x80, 3 + 0xC3] + tok.encode("ok")  # "▁ok": " ok"
+    assert stream(tok, bad) == tok.decode(bad) == "\ufffd\u65e5\ufffd\ufffd ok"
 
 
 def test_trained_to_meta_load_round_trip(trained):
