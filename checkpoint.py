@@ -123,7 +123,10 @@ def build_model(ckpt, device="cpu"):
         raise UsageError(f"checkpoint weights do not match its model_args (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); the file is from another model or corrupt")
     model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
-    return model.to(device)
+    model = model.to(device)
+    if int8 and args.tie_embeddings:  # .to() moves each module's buffers on their own: one int8 table again
+        model.output.q, model.output.scale = model.tok_embeddings.q, model.tok_embeddings.scale
+    return model
 
 
 def load_model(path, device="cpu"):

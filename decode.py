@@ -222,6 +222,12 @@ class CompiledDecoder:
         caches = [(ly.attention.cache.k, ly.attention.cache.v) for ly in self.model.layers]  # the engine's own
         key = [id(t) for pair in caches for t in pair]
         if key != self.marked:  # the same tensors every step: marked once (marking costs ~0.25 ms a call)
+            # without guards, a cache of another dtype or shape would run silently wrong: refuse it
+            kind = [(t.dtype, t.shape[1:]) for pair in caches for t in pair]
+            if self.marked is not None and kind != self.kind:
+                raise UsageError("the compiled decoder was compiled for another KV cache (dtype or shape); make a "
+                                 "new CompiledDecoder for this one")
+            self.kind = kind
             for t in torch.utils._pytree.tree_leaves((self.args, caches)):
                 torch._dynamo.mark_static(t)  # static shapes but for the position: one compile, the best loops
             self.marked = key

@@ -126,6 +126,9 @@ def read_llama2c(path, tokenizer=None, int8=False):
     int8=True kept as they are stored: name.q (rows, cols) int8 and name.scale (rows, cols // group_size) fp32,
     the buffers of quant.Int8Linear (checkpoint.build_model then builds an int8 model, no fp32 copy ever made)."""
     version, h, offset = llama2c_header(path)
+    # llama2.c's own export only asks group_size to divide dim: its groups may then run across the rows of w2,
+    # which int8 layers (scales per row) cannot hold; such a file is dequantized as before
+    int8 = int8 and version == 2 and h["hidden_dim"] % h["group_size"] == 0
     order = llama2c_order(version, h)
     expected, actual = offset + llama2c_nbytes(order, h["group_size"]), os.path.getsize(path)
     if expected != actual:

@@ -207,6 +207,8 @@ class Transformer(nn.Module):
         # _weight: no init of its own (ours follows), so a model built on the meta device to be loaded
         # (checkpoint.build_model) runs no normal_ there, whose first call imports ~1 s of torch's meta kernels
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)  # nn.Embedding's own init: the same random stream as ever
         self.dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -285,10 +287,12 @@ class Transformer(nn.Module):
         """Parameter count; shared (tied) tensors counted once. non_embedding drops the token embedding
         (the number scaling laws and MFU use, since an embedding lookup costs no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum({id(b): b.numel() for name, b in self.named_buffers() if name.endswith(".q")}.values())  # int8
         if non_embedding:
-            n -= self.tok_embeddings.weight.numel()
+            embedding = self.args.vocab_size * self.args.dim  # (an int8 model has no .weight to count)
+            n -= embedding
             if self.args.tie_embeddings:  # the head still does a matmul with those weights
-                n += self.output.weight.numel()
+                n += embedding
         return n
 
     def flops_per_token(self, seq_len):

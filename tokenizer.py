@@ -100,11 +100,25 @@ class Tokenizer:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.kind == "tiktoken":  # like SentencePiece's control tokens, BOS/EOS are not text
             return self.backend.decode([i for i in ids if i != self.eos_id], errors="replace")
-        # SentencePiece: the tokens' own bytes, joined, then UTF-8 with U+FFFD for each maximal invalid run: what
-        # StreamDecoder's pieces add up to, also when a model emits byte tokens that are not valid UTF-8
-        # (sp.decode would put one U+FFFD per bad byte, and streamed and whole text would differ)
         out = b"".join(self.token_bytes(ids[k - 1] if k else None, i) for k, i in enumerate(ids))
-        return out.decode("utf-8", errors="replace")
+        try:
+            out.decode("utf-8")
+        except UnicodeDecodeError:
+            # byte tokens that are no UTF-8 (a model can emit them): U+FFFD for each maximal invalid run, as
+            # StreamDecoder's pieces add up to (sp.decode puts one per bad byte, and the two texts would differ)
+            return out.decode("utf-8", errors="replace")
+        if self._split_re is None:
+            return self.backend.decode(ids)
+        text, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self.id_to_special:
+                text.append(self.backend.decode(run))
+                run = []
+                if i is not None:
+                    text.append(self.id_to_special[i])
+            else:
+                run.append(i)
+        return "".join(text)
 
     def token_bytes(self, prev_id, id):
         """The raw bytes one token adds to the text (a UTF-8 character may span several tokens)."""

@@ -25,6 +25,7 @@ def test_a_v2_file_read_as_int8_is_the_dequantized_model_in_a_third_of_the_memor
     assert (int8.output.q is int8.tok_embeddings.q) == tie  # a tied head is one int8 tensor
     actual, as_fp32 = weight_bytes(int8)
     assert as_fp32 == weight_bytes(fp32)[0] and actual < 0.33 * as_fp32
+    assert int8.num_params() == fp32.num_params() and int8.num_params(True) == fp32.num_params(True)
     # quantizing the fp32 model in memory gives the file's bytes: the one quantizer, llama2.c's groups (here 32)
     mem = to_int8(build_model({"model": m.state_dict(), "model_args": m.args.to_dict()}))
     q, scale = quantize(m.layers[1].feed_forward.w2.weight, "llama2c_q8", 32)
