@@ -100,22 +100,17 @@ class Tokenizer:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.kind == "tiktoken":  # like SentencePiece's control tokens, BOS/EOS are not text
             return self.backend.decode([i for i in ids if i != self.eos_id], errors="replace")
+        # byte tokens that are no UTF-8 (a model emits some): one U+FFFD per invalid run, as StreamDecoder does
         out = b"".join(self.token_bytes(ids[k - 1] if k else None, i) for k, i in enumerate(ids))
-        try:
-            out.decode("utf-8")
-        except UnicodeDecodeError:
-            # byte tokens that are no UTF-8 (a model can emit them): U+FFFD for each maximal invalid run, as
-            # StreamDecoder's pieces add up to (sp.decode puts one per bad byte, and the two texts would differ)
-            return out.decode("utf-8", errors="replace")
+        if (text := out.decode("utf-8", errors="replace")).encode() != out:
+            return text  # (sp.decode puts one per bad byte: streamed and whole text would differ)
         if self._split_re is None:
             return self.backend.decode(ids)
         text, run = [], []
         for i in ids + [None]:
             if i is None or i in self.id_to_special:
-                text.append(self.backend.decode(run))
+                text += [self.backend.decode(run)] + ([self.id_to_special[i]] if i is not None else [])
                 run = []
-                if i is not None:
-                    text.append(self.id_to_special[i])
             else:
                 run.append(i)
         return "".join(text)
