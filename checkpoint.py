@@ -15,7 +15,7 @@ import torch
 from formats import LLAMA2C_MAGIC, read_gguf, read_llama2c
 from hf import read_hf
 from lora import apply_adapter, merge_lora
-from model import ModelArgs, Transformer, precompute_rope
+from model import ModelArgs, Transformer
 from quant import is_int8, to_int8
 from runtime import UsageError, atomic_file
 from tokenizer import load_tokenizer, make_tokenizer, tokenizer_mismatch
@@ -122,7 +122,6 @@ def build_model(ckpt, device="cpu"):
     if missing or unexpected:
         raise UsageError(f"checkpoint weights do not match its model_args (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); the file is from another model or corrupt")
-    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
     model = model.to(device)
     if int8 and args.tie_embeddings:  # .to() moves each module's buffers on their own: one int8 table again
         model.output.q, model.output.scale = model.tok_embeddings.q, model.tok_embeddings.scale

@@ -58,18 +58,25 @@ def pack(model):
     return model.packed
 
 
+def check_plain(model, what, fix):
+    """Both CPU steps run a plain model (no LoRA hooks) with fp32 parameters on a CPU (norm.weight tells: an int8
+    model's matrices are buffers)."""
+    w = model.norm.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        raise UsageError(f"{what} on a CPU, not {w.dtype} on {w.device.type}; {fix}")
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise UsageError(f"{what}, without LoRA hooks; merge the adapter first (lora.merge_lora)")
+
+
 class FastDecoder:
     """A decode step for Engine (engine.Engine(..., decode_step=FastDecoder(model))): token (1, 1), pos (1,) ->
     logits (1, 1, V), reading and writing the KV cache the engine attached to the model (its prefill runs the
     model itself). Batch 1, fp32, CPU; anything else is refused (use the model's own decode_step)."""
 
     def __init__(self, model):
-        w = model.tok_embeddings.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32:
-            raise UsageError(f"the fast decoder runs fp32 weights on a CPU, not {w.dtype} on {w.device.type}; "
-                             f"pass --fast=False")
-        if any(hasattr(m, "lora_A") for m in model.modules()):
-            raise UsageError("the fast decoder runs plain weights; merge the LoRA adapter first (lora.merge_lora)")
+        check_plain(model, "the fast decoder runs fp32 weights", "pass --fast=False (int8: --compile=True)")
+        if any(hasattr(m, "q") for m in model.modules()):
+            raise UsageError("the fast decoder runs fp32 weights, not int8; pass --compile=True (or --fast=False)")
         self.layers, self.head = pack(model)
         self.model, a = model, model.args
         self.hd, self.nh, self.nkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads
@@ -155,12 +162,8 @@ class CompiledDecoder:
     position is a dynamic size, so one compile serves every cache length (inductor caches it on disk)."""
 
     def __init__(self, model):
-        w = model.norm.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32:
-            raise UsageError(f"the compiled CPU decoder runs fp32 or int8 weights on a CPU, not {w.dtype} on "
-                             f"{w.device.type}; on CUDA --compile=True compiles the model's own step")
-        if any(hasattr(m, "lora_A") for m in model.modules()):
-            raise UsageError("the compiled decoder runs plain weights; merge the LoRA adapter first (lora.merge_lora)")
+        check_plain(model, "the compiled CPU decoder runs fp32 or int8 weights",
+                    "on CUDA --compile=True compiles the model's own step")
         a, self.model = model.args, model
         layers = pack_rows(model)
         hd, nh, nkv, hidden, eps = a.dim // a.n_heads, a.n_heads, a.n_kv_heads, a.hidden_dim, a.norm_eps

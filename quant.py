@@ -232,15 +232,15 @@ def to_int8(model, gs=0, state=None):
     if state is None:
         gs = group_size("llama2c_q8", model.args, gs)
     done = {}
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, m in list(parent.named_children()):
             if type(m) not in (nn.Linear, nn.Embedding):
                 continue
             key = id(m.weight)
             if key not in done:  # the tied head and embedding share one weight: quantize it once
                 if state is not None:
-                    prefix = next(n for n, mod in model.named_modules() if mod is m)
-                    q, scale = state[prefix + ".q"], state[prefix + ".scale"]
+                    full = f"{prefix}.{name}" if prefix else name
+                    q, scale = state[full + ".q"], state[full + ".scale"]
                 else:
                     q, scale = quantize(m.weight, "llama2c_q8", gs)
                     q, scale = q.view(m.weight.shape), scale.view(m.weight.shape[0], -1)

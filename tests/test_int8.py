@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import build_model, load_any, load_checkpoint
 from conftest import one_line_error, run_script, shared, tiny_model
-from decode import CompiledDecoder
+from decode import CompiledDecoder, FastDecoder
 from formats import write_llama2c
 from quant import Int8Linear, is_int8, quantize, to_int8, weight_bytes
 from runtime import UsageError
@@ -68,6 +68,8 @@ def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
         load_any(shared("stories260K", "stories260K.bin"), weights="int4")
     with pytest.raises(UsageError, match="fp32 or int8 weights on a CPU, not torch.bfloat16"):
         CompiledDecoder(tiny_model().to(torch.bfloat16))
+    with pytest.raises(UsageError, match="the fast decoder runs fp32 weights, not int8; pass --compile=True"):
+        FastDecoder(to_int8(tiny_model()))
     m = tiny_model()
     step = CompiledDecoder(m)
     with pytest.raises(UsageError, match="int8 weights need a plain model"):
