@@ -2,13 +2,14 @@
 model, running a script as a user would and checking its one-line error."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,11 +26,11 @@ def shared(*parts):
 
 
 def run_script(script, *args, cwd=None, check=True, timeout=240, env=None):
-    """Run one of our CLIs in a subprocess, as a user would; returns the CompletedProcess."""
+    """Run one of our CLIs in a process of its own, as a user would (forked from a server that has imported
+    torch: tests/forkrun.py); returns the CompletedProcess."""
     e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.update(env or {})
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = forkrun.run([sys.executable, str(REPO / script), *map(str, args)], cwd, e, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -151,6 +151,7 @@ def trace(tmp_path, *flags):
                   r["traced_gb"] for r in rows}
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="~30 s of tracing on 2 cores; set LLAMAFORGE_SLOW=1")
 def test_traced_memory_of_a_training_step(tmp_path):
     """The memory savers, traced on fake tensors (no memory behind them), save what they should."""
     # activations dominate (4 x 256 tokens): recomputing blocks in backward is what saves
@@ -180,7 +181,8 @@ def test_tracing_1_3b_takes_no_real_memory(tmp_path):
     import resource
     out = tmp_path / "big.json"
     run_script("bench.py", "--sizes=1.3B", "--optimizers=sgd,adamw", "--train_runs=False", "--trace_memory=True",
-               "--activation_checkpointing=True,", f"--out_json={out}", cwd=tmp_path)
+               "--activation_checkpointing=True,", f"--out_json={out}", cwd=tmp_path,
+               env={"LLAMAFORGE_FRESH_PROCESSES": "1"})  # a child of this process, for RUSAGE_CHILDREN below
     rows = json.loads(out.read_text())["train"]
     n_bytes = rows[0]["params"] * 4 / 2**30  # one fp32 copy of 1.3B weights: 4.84 GiB
     for r, copies in zip(rows, (3, 4)):  # weights + grads + momentum (SGD), + two moments (AdamW)
@@ -189,6 +191,7 @@ def test_tracing_1_3b_takes_no_real_memory(tmp_path):
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="~20 s of tracing on 2 cores; set LLAMAFORGE_SLOW=1")
 def test_find_max_on_traces_returns_the_boundary(tmp_path):
     out = tmp_path / "max.json"
     proc = run_script("bench.py", "--find_max=True", "--train_runs=False", "--trace_memory=True", "--memory_cap_gb=8",
@@ -253,6 +256,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, m.num_params())
 """
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"), reason="~20 s: inductor compiles; set LLAMAFORGE_SLOW=1")
 def test_compiling_block_by_block_keeps_optimizer_in_backward_saving_memory(tmp_path):
     """A whole-model compiled graph returns every gradient together at the end of its backward, so the hooks
     of optimizer_in_backward step only once all gradients exist; one graph per block hands them over block

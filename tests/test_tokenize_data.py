@@ -1,13 +1,13 @@
 """tokenize_data.py: download -> train_vocab -> pretokenize, the .bin/meta.json contract, and its errors."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import REPO as ROOT, SHARED_DATA  # noqa: E402
+import forkrun  # noqa: E402
 import data as ds  # noqa: E402
 import sources  # noqa: E402
 import tokenize_data as td  # noqa: E402
@@ -187,8 +187,7 @@ def test_download_errors(tmp_path, monkeypatch, built):
 def run_cli(*args, cwd, env=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(cwd / "hf_cache"), HF_HUB_OFFLINE="1",
                **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / "tokenize_data.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+    return forkrun.run([sys.executable, str(ROOT / "tokenize_data.py"), *args], cwd, env, 240)
 
 
 def test_cli_end_to_end(tmp_path):
