@@ -1,6 +1,6 @@
 """Batch-1 decoding on a CPU: the per-token steps generate.py runs, computed as llama2.c's run.c does. Two of them:
 FastDecoder (eager, fp32, no compile wait; below) and CompiledDecoder (--compile=True: fp32 or int8 weights, the
-whole step compiled by inductor into run.c's loops; the fastest, see its docstring and README's numbers).
+whole step compiled ahead of time into run.c's loops and kept on disk; the fastest, see its docstring and README).
 
 At batch 1 a decode step is a string of matrix-vector products (GEMV) plus a few hundred tiny tensor ops. The
 profile of the eager step (model.decode_step, 15M shape, 1 thread): matmuls 69% of the time, the 32000x288 head
@@ -14,8 +14,11 @@ pre-allocated cache). So this step changes:
     adds), no autograd, no dropout, no shape checks.
 fp32 results equal the eager path's to float tolerance (tests compare logits and greedy tokens).
 """
+import hashlib
+import json
 import math
-import types
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -153,15 +156,25 @@ def weights_of(m):
     return (m.q, m.scale) if hasattr(m, "q") else m.weight.detach()
 
 
+def cache_dir():
+    """Where compiled decode steps are kept: $LLAMAFORGE_CACHE, else $XDG_CACHE_HOME/llamaforge, else
+    ~/.cache/llamaforge."""
+    return os.environ.get("LLAMAFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llamaforge")
+
+
 class CompiledDecoder:
     """generate.py --compile=True on a CPU: the batch-1 decode step of FastDecoder's contract, fp32 or int8
-    weights (quant.Int8Linear), compiled by inductor into C++ loops (one kernel a step here: the GEMVs as run.c
-    writes them, rows split across threads, the int8 ones reading 1 byte a weight). fp32 logits equal the eager
-    step's to float tolerance; int8 equals the eager step of the dequantized model to float tolerance (the same
-    products, summed per group). Compiled on the first call for torch's thread count at that moment; the
-    position is a dynamic size, so one compile serves every cache length (inductor caches it on disk)."""
+    weights (quant.Int8Linear), compiled ahead of time by AOTInductor into one C++ kernel a step (the GEMVs as
+    run.c writes them, rows split across threads, the int8 ones reading 1 byte a weight) and kept on disk as a
+    .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
+    shape: the first run of a shape compiles (~30 s on 2 cores), every later one loads it in milliseconds,
+    without importing torch's compiler. fp32 logits equal the eager step's to float tolerance; int8 equals the
+    eager step of the dequantized model to float tolerance (the same products, summed per group). Compiled for
+    torch's thread count at construction (part of the package's key); the position is a dynamic size, so one
+    package serves every cache length up to the context."""
 
-    def __init__(self, model):
+    def __init__(self, model, folder=""):
         check_plain(model, "the compiled CPU decoder runs fp32 or int8 weights",
                     "on CUDA --compile=True compiles the model's own step")
         a, self.model = model.args, model
@@ -172,50 +185,74 @@ class CompiledDecoder:
         def rms(x, weight):
             return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
 
-        def step(token, filled, emb, layers, norms, final_norm, head, cos, sin, caches):
-            p = filled - 1  # the position; passed as the filled length, >= 2, which dynamo never specialises
-            if isinstance(emb, tuple):  # an int8 row: dequantized on its own
-                x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
-            else:
-                x = emb[token].view(-1)
-            c, s = cos[p], sin[p]
-            for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):
-                ck, cv = ck[0], cv[0]  # (kv heads, context, head_dim) of the one row
-                qkv = gemv(wqkv, rms(x, n1))
-                qk = qkv[:(nh + nkv) * hd].view(nh + nkv, hd // 2, 2)  # rotary on q and k together, model's pairs
-                qk = torch.stack([qk[..., 0] * c - qk[..., 1] * s, qk[..., 0] * s + qk[..., 1] * c], -1)
-                q, k, v = qk[:nh].view(nkv, nh // nkv, hd), qk[nh:].view(nkv, hd), qkv[(nh + nkv) * hd:].view(nkv, hd)
-                ck[:, p:p + 1] = k[:, None]
-                cv[:, p:p + 1] = v[:, None]
-                keys, values = ck[:, :p + 1], cv[:, :p + 1]  # the filled prefix only: p is a dynamic size
-                probs = torch.softmax((keys[:, None] * q[:, :, None]).sum(-1) * scale, dim=-1)
-                x = x + gemv(wo, (probs[..., None] * values[:, None]).sum(-2).view(-1))
-                gate_up = gemv(w13, rms(x, n2))
-                x = x + gemv(w2, F.silu(gate_up[:hidden]) * gate_up[hidden:])
-            return gemv(head, rms(x, final_norm)).view(1, 1, -1)
+        class Step(torch.nn.Module):
+            def forward(self, token, filled, emb, layers, norms, final_norm, head, cos, sin, caches):
+                p = filled.shape[0] - 1  # the position, as the length of an empty (filled, 0) tensor: a dynamic size
+                if isinstance(emb, tuple):  # an int8 row: dequantized on its own
+                    x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
+                else:
+                    x = emb[token].view(-1)
+                c, s = cos[p], sin[p]
+                upto = torch.arange(p + 1)  # the filled prefix (index_select: a slice could be the whole cache,
+                for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):  # which export refuses)
+                    ck, cv = ck[0], cv[0]  # (kv heads, context, head_dim) of the one row
+                    qkv = gemv(wqkv, rms(x, n1))
+                    qk = qkv[:(nh + nkv) * hd].view(nh + nkv, hd // 2, 2)  # rotary on q and k together, model's pairs
+                    qk = torch.stack([qk[..., 0] * c - qk[..., 1] * s, qk[..., 0] * s + qk[..., 1] * c], -1)
+                    q, k = qk[:nh].view(nkv, nh // nkv, hd), qk[nh:].view(nkv, hd)
+                    ck[:, p:p + 1] = k[:, None]
+                    cv[:, p:p + 1] = qkv[(nh + nkv) * hd:].view(nkv, 1, hd)
+                    keys, values = ck.index_select(1, upto), cv.index_select(1, upto)
+                    probs = torch.softmax((keys[:, None] * q[:, :, None]).sum(-1) * scale, dim=-1)
+                    x = x + gemv(wo, (probs[..., None] * values[:, None]).sum(-2).view(-1))
+                    gate_up = gemv(w13, rms(x, n2))
+                    x = x + gemv(w2, F.silu(gate_up[:hidden]) * gate_up[hidden:])
+                return gemv(head, rms(x, final_norm)).view(1, 1, -1)
 
+        self.step = Step()
         self.args = (weights_of(model.tok_embeddings), layers,
                      [(ly.attention_norm.weight.detach(), ly.ffn_norm.weight.detach()) for ly in model.layers],
                      model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
+        # the KV cache the engine will attach (model.setup_cache(1)): its shape is part of the package
+        self.kind = [(torch.float32, (nkv, a.max_seq_len, hd))] * (2 * a.n_layers)
+        leaves = [t for t in torch.utils._pytree.tree_leaves(self.args) if isinstance(t, torch.Tensor)]
+        with open(__file__, "rb") as f:  # this code, as it computes the step
+            code = hashlib.sha256(f.read()).hexdigest()
+        key = json.dumps([torch.__version__, torch.get_num_threads(), eps, _cpu_flags(), code,
+                          [(str(t.dtype), tuple(t.shape)) for t in leaves], [(str(d), s) for d, s in self.kind]])
+        self.path = os.path.join(folder or cache_dir(), f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
+        self.cached = os.path.exists(self.path)  # else the first call compiles
+        self.runner, self.marked = None, None
+
+    def compile(self, caches):
+        """Export the step for these inputs and compile it into self.path (a temporary file, then renamed: a
+        killed compile leaves no half package, and two processes compiling the same shape both end well)."""
+        from torch.export import Dim, export
+        import torch._inductor.config as inductor_config
+        n = caches[0][0].shape[2]
+        example = (torch.zeros(1, dtype=torch.long), torch.empty(max(2, n // 2), 0), *self.args, caches)
+        shapes = [torch.utils._pytree.tree_map(lambda t: None, x) for x in example]
+        shapes[1] = {0: Dim("filled", min=2, max=n)}
         # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
         # recomputes it for every row; a lower bar for storing such a pointwise result first keeps the loops to
         # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token)
-        import torch._inductor.config as inductor_config
         knob = "realize_cpu_opcount_threshold"  # older torch: one knob for every device
         options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8}
-        # a code object of its own: dynamo caches compiled code per code object, and every decoder's step would
-        # otherwise share one cache (and its limit of 8 entries) across models and thread counts
-        step = types.FunctionType(step.__code__.replace(), step.__globals__, "step", None, step.__closure__)
-        self.marked = None
-        # no guards: checking ~60 input tensors costs ~0.3 ms a token (10% of it). Safe here: this step's code
-        # object is its own, its inputs are the same weights and KV-cache tensors every call (shapes marked
-        # static), and only the token and the position change, the position being a dynamic size
-        options["guard_filter_fn"] = lambda entries: [False] * len(entries)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp.pt2"
         try:
-            self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
-        except RuntimeError:  # a torch without guard_filter_fn: keep the guards
-            del options["guard_filter_fn"]
-            self.step = torch.compile(step, dynamic=True, fullgraph=True, options=options)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, not the user's
+                program = export(self.step, example, dynamic_shapes=tuple(shapes), strict=False)
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=options)
+            os.replace(tmp, self.path)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
+                             f"--compile=False") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @torch.no_grad()
     def __call__(self, token, pos):
@@ -224,19 +261,26 @@ class CompiledDecoder:
                              f"pass --compile=False for batched decoding")
         caches = [(ly.attention.cache.k, ly.attention.cache.v) for ly in self.model.layers]  # the engine's own
         key = [id(t) for pair in caches for t in pair]
-        if key != self.marked:  # the same tensors every step: marked once (marking costs ~0.25 ms a call)
-            # without guards, a cache of another dtype or shape would run silently wrong: refuse it
-            kind = [(t.dtype, t.shape[1:]) for pair in caches for t in pair]
-            if self.marked is not None and kind != self.kind:
-                raise UsageError("the compiled decoder was compiled for another KV cache (dtype or shape); make a "
-                                 "new CompiledDecoder for this one")
-            self.kind = kind
-            for t in torch.utils._pytree.tree_leaves((self.args, caches)):
-                torch._dynamo.mark_static(t)  # static shapes but for the position: one compile, the best loops
+        if key != self.marked:  # the same tensors every step: the input list is made once
+            if [(t.dtype, tuple(t.shape[1:])) for pair in caches for t in pair] != self.kind:
+                raise UsageError("the compiled decoder runs the fp32 KV cache of model.setup_cache(1); make a new "
+                                 "CompiledDecoder for another one")
+            if self.runner is None:
+                if not os.path.exists(self.path):
+                    self.compile(caches)
+                self.runner = torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
+            self.inputs = [t for t in torch.utils._pytree.tree_leaves((self.args, caches))
+                           if isinstance(t, torch.Tensor)]
             self.marked = key
-        try:
-            return self.step(token[0], int(pos.reshape(-1)[0]) + 1, *self.args, caches)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
-                             f"--compile=False") from None
+        filled = torch.empty(int(pos.reshape(-1)[0]) + 1, 0)
+        return self.runner.boxed_run([token[0], filled, *self.inputs])[0]
+
+
+def _cpu_flags():
+    """The CPU's instruction sets (the package's kernels are compiled for them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        import platform
+        return platform.processor()

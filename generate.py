@@ -2,6 +2,7 @@
 
     python generate.py --checkpoint=out/ckpt.pt --prompt="Once upon a time" --temperature=0.8 --top_k=200
 """
+import os
 import sys
 
 checkpoint = "out/ckpt.pt"      # our ckpt.pt (or its run directory), a llama2.c .bin, or a Hugging Face folder
@@ -20,8 +21,9 @@ stream = True                   # print tokens as they come
 chat = False                    # wrap --prompt in the chat template (chat.py) and stop at <|end_of_turn|>
 interactive = False             # chat turn by turn, a user message per stdin line; old turns drop out of a full context
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
-compile = False                 # compile the per-token decode step, once (cached on disk): on a CPU run.c's loops, fp32
-                                # or int8, at or above run.c's speed; on CUDA, CUDA graphs. The first token waits for it
+compile = False                 # compile the per-token decode step: on a CPU ahead of time into run.c's loops, fp32 or
+                                # int8, once per model shape and thread count, kept in $LLAMAFORGE_CACHE (default
+                                # ~/.cache/llamaforge) and loaded in ms after; on CUDA, CUDA graphs
 fast = True                     # fp32 on a CPU without compile: decode.py's eager step (packed weights)
 weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin stays int8), 'int8' (quantize), 'fp32'
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
@@ -82,9 +84,12 @@ def main():
         step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
     elif fast and dev_type == "cpu" and dt == "float32" and not int8:
         step = FastDecoder(merge_lora(model) if adapter else model)  # the fast step runs plain weights, no hooks
-    if compile:
-        print("compiling the decode step (the first time ~15 s on a CPU, a minute or more on CUDA; cached on disk "
-              "after) ...", file=sys.stderr, flush=True)
+    if isinstance(step, CompiledDecoder) and not step.cached:
+        print(f"compiling the decode step for this shape and thread count, once (~30 s on 2 cores; kept in "
+              f"{os.path.dirname(step.path)}) ...", file=sys.stderr, flush=True)
+    elif compile and not isinstance(step, CompiledDecoder):
+        print("compiling the decode step (a minute or more on CUDA; cached on disk after) ...", file=sys.stderr,
+              flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused

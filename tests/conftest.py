@@ -3,6 +3,7 @@ model, running a script as a user would and checking its one-line error."""
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)  # the suite runs on 2 shared cores; more threads only thrash
+# compiled decode steps (decode.CompiledDecoder) go here, not to the user's ~/.cache; kept between runs, as
+# inductor's own cache is
+os.environ.setdefault("LLAMAFORGE_CACHE", os.path.join(tempfile.gettempdir(), "llamaforge-test-cache"))
 
 
 def shared(*parts):

@@ -2,6 +2,8 @@
 group), whose logits are the dequantized model's in under a third of the memory; and the compiled batch-1 CPU step
 (decode.CompiledDecoder, generate.py --compile=True) on fp32 and int8 weights, step by step against the eager
 step of the same (dequantized) weights on a trained model, to the end of its context."""
+import os
+
 import pytest
 import torch
 
@@ -77,6 +79,9 @@ def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
     with pytest.raises(UsageError, match="one sequence at a time"):
         m.setup_cache(2)
         step(torch.tensor([[1], [2]]), torch.tensor([3]))
+    m.setup_cache(1, dtype=torch.bfloat16)  # no guards in the package: a cache it was not compiled for is refused
+    with pytest.raises(UsageError, match="runs the fp32 KV cache of model.setup_cache"):
+        step(torch.tensor([[1]]), torch.tensor([3]))
     one_line_error(run_script("generate.py", f"--checkpoint={shared('stories260K', 'stories260K.bin')}",
                               f"--tokenizer={shared('stories260K', 'tok512.bin')}", "--weights=int4", check=False),
                    "weights='int4' is not one of")
@@ -94,3 +99,18 @@ def test_generate_py_int8_from_a_v2_file_tells_the_dequantized_story(tmp_path):
     # groups of 4 here (hidden_dim 172): a 4-byte scale per 4 weights, so half of fp32, not a quarter
     assert "int8 weights: 0.5 MiB (1.0 MiB in fp32)" in int8.stderr and "int8" not in fp32.stderr
     assert int8.stdout == fp32.stdout and int8.stdout.startswith("Once upon a time")
+
+
+def test_generate_py_compiles_a_shape_once_then_loads_it(tmp_path):
+    """--compile=True on a CPU: the first run of a shape (and thread count) compiles the step into the cache
+    folder, a later one loads the package without compiling; both tell the eager step's greedy story."""
+    cache = {"LLAMAFORGE_CACHE": str(tmp_path / "cache")}
+    stories = shared("stories260K")
+    args = [f"--checkpoint={stories / 'stories260K.bin'}", f"--tokenizer={stories / 'tok512.bin'}", "--temperature=0",
+            "--max_new_tokens=100", "--stream=False"]
+    eager = run_script("generate.py", *args, env=cache)
+    first = run_script("generate.py", *args, "--compile=True", env=cache)
+    assert "compiling the decode step" in first.stderr and len(os.listdir(tmp_path / "cache")) == 1
+    second = run_script("generate.py", *args, "--compile=True", env=cache)
+    assert "compiling" not in second.stderr
+    assert first.stdout == second.stdout == eager.stdout and eager.stdout.startswith("Once upon a time")
