@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import warnings
 
 import torch
@@ -218,8 +219,10 @@ class CompiledDecoder:
         leaves = [t for t in torch.utils._pytree.tree_leaves(self.args) if isinstance(t, torch.Tensor)]
         with open(__file__, "rb") as f:  # this code, as it computes the step
             code = hashlib.sha256(f.read()).hexdigest()
-        key = json.dumps([torch.__version__, torch.get_num_threads(), eps, _cpu_flags(), code,
-                          [(str(t.dtype), tuple(t.shape)) for t in leaves], [(str(d), s) for d, s in self.kind]])
+        self.threads, self.vocab = torch.get_num_threads(), a.vocab_size  # the count the kernel is compiled for
+        key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), code,
+                          [(str(t.dtype), tuple(t.shape), t.stride()) for t in leaves],
+                          [(str(d), s) for d, s in self.kind]])
         self.path = os.path.join(folder or cache_dir(), f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
         self.cached = os.path.exists(self.path)  # else the first call compiles
         self.runner, self.marked = None, None
@@ -237,7 +240,8 @@ class CompiledDecoder:
         # recomputes it for every row; a lower bar for storing such a pointwise result first keeps the loops to
         # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token)
         knob = "realize_cpu_opcount_threshold"  # older torch: one knob for every device
-        options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8}
+        options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8,
+                   "cpp.threads": self.threads}  # the key's count, whatever torch's is by the first call
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp.pt2"
         try:
@@ -259,28 +263,46 @@ class CompiledDecoder:
         if token.shape[0] != 1:
             raise UsageError(f"the compiled CPU decoder decodes one sequence at a time, not {token.shape[0]}; "
                              f"pass --compile=False for batched decoding")
+        # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
+        # outside their tensors, where the eager step raises
+        p, t_id = int(pos.reshape(-1)[0]), int(token.reshape(-1)[0])
+        if not (1 <= p < self.kind[0][1][1] and 0 <= t_id < self.vocab):
+            raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
+                             f"{self.kind[0][1][1] - 1}, tokens below {self.vocab})")
         caches = [(ly.attention.cache.k, ly.attention.cache.v) for ly in self.model.layers]  # the engine's own
         key = [id(t) for pair in caches for t in pair]
         if key != self.marked:  # the same tensors every step: the input list is made once
-            if [(t.dtype, tuple(t.shape[1:])) for pair in caches for t in pair] != self.kind:
+            if [(t.dtype, tuple(t.shape[1:])) for pair in caches for t in pair] != self.kind or \
+                    not all(t.shape[0] == 1 and t.is_contiguous() for pair in caches for t in pair):
                 raise UsageError("the compiled decoder runs the fp32 KV cache of model.setup_cache(1); make a new "
                                  "CompiledDecoder for another one")
             if self.runner is None:
-                if not os.path.exists(self.path):
-                    self.compile(caches)
-                self.runner = torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
+                self.runner = self.load(caches)
             self.inputs = [t for t in torch.utils._pytree.tree_leaves((self.args, caches))
                            if isinstance(t, torch.Tensor)]
             self.marked = key
-        filled = torch.empty(int(pos.reshape(-1)[0]) + 1, 0)
-        return self.runner.boxed_run([token[0], filled, *self.inputs])[0]
+        return self.runner.boxed_run([token[0], torch.empty(p + 1, 0), *self.inputs])[0]
+
+    def load(self, caches):
+        """The package's runner, compiled first if it is not on disk; a package that no longer loads (a torch
+        update not in its name, a damaged file) is compiled again, once."""
+        for attempt in (0, 1):
+            if not os.path.exists(self.path):
+                self.compile(caches)
+            try:
+                return torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
+            except RuntimeError as e:
+                if attempt:
+                    raise UsageError(f"the compiled decode step {self.path} does not load ({str(e)[:200]}); "
+                                     f"pass --compile=False") from None
+                os.remove(self.path)
 
 
 def _cpu_flags():
-    """The CPU's instruction sets (the package's kernels are compiled for them)."""
+    """The CPU's instruction sets (the package's kernels are compiled for them): x86 "flags", ARM "Features"."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        import platform
-        return platform.processor()
+        flags = ""
+    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]

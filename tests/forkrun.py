@@ -20,7 +20,7 @@ import tempfile
 import threading
 
 SERVER = r'''
-import atexit, os, pickle, runpy, struct, sys, threading
+import atexit, os, pickle, runpy, struct, sys, tempfile, threading
 import numpy, torch  # noqa: F401  what every script start would import again
 
 control_in, control_out = sys.stdin.buffer, sys.stdout.buffer
@@ -29,6 +29,8 @@ control_in, control_out = sys.stdin.buffer, sys.stdout.buffer
 def run(argv, cwd, env, out, err):
     os.environ.clear()
     os.environ.update(env)
+    tempfile.tempdir = None  # found again from this call's TMPDIR
+    numpy.random.seed()  # a fresh process's entropy (Python's random reseeds itself after a fork)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY), (2, err, os.O_WRONLY)):
         f = os.open(path, flags)
         os.dup2(f, fd)
@@ -90,7 +92,13 @@ AT_IMPORT = ("PYTHON", "TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL", "OPEN
 
 
 def _imported(env):
+    env = os.environ if env is None else env
     return {k: v for k, v in env.items() if k.startswith(AT_IMPORT)}
+
+
+def _stop():
+    global _server
+    _server = None
 
 
 def _read(proc, n, deadline_s):
@@ -126,12 +134,17 @@ def run(argv, cwd, env, timeout):
             request = pickle.dumps((argv[1:], os.path.abspath(cwd or os.getcwd()), env, out, err))
             proc.stdin.write(struct.pack("<I", len(request)) + request)
             proc.stdin.flush()
-            pid = struct.unpack("<i", _read(proc, 4, None))[0]
-            status = _read(proc, 4, timeout)
-            if status is None:  # as subprocess.run: kill the child, then raise
-                os.kill(pid, signal.SIGKILL)
-                _read(proc, 4, None)
-                raise subprocess.TimeoutExpired(argv, timeout)
+            try:
+                pid = struct.unpack("<i", _read(proc, 4, 60))[0]
+                status = _read(proc, 4, timeout)
+                if status is None:  # as subprocess.run: kill the child, then raise
+                    os.kill(pid, signal.SIGKILL)
+                    _read(proc, 4, None)
+                    raise subprocess.TimeoutExpired(argv, timeout)
+            except BaseException:  # Ctrl-C, a timeout, a dead server: drop the server, whose replies may be unread
+                proc.kill()
+                _stop()
+                raise
             code = struct.unpack("<i", status)[0]
             with open(out, "rb") as f, open(err, "rb") as g:
                 return subprocess.CompletedProcess(argv, code, _text(f.read()), _text(g.read()))

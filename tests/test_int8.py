@@ -79,6 +79,9 @@ def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
     with pytest.raises(UsageError, match="one sequence at a time"):
         m.setup_cache(2)
         step(torch.tensor([[1], [2]]), torch.tensor([3]))
+    m.setup_cache(1)
+    with pytest.raises(UsageError, match="position 48 or token 1 is outside the compiled step's range"):
+        step(torch.tensor([[1]]), torch.tensor([m.args.max_seq_len]))  # the kernel checks no bounds itself
     m.setup_cache(1, dtype=torch.bfloat16)  # no guards in the package: a cache it was not compiled for is refused
     with pytest.raises(UsageError, match="runs the fp32 KV cache of model.setup_cache"):
         step(torch.tensor([[1]]), torch.tensor([3]))
@@ -104,7 +107,8 @@ def test_generate_py_int8_from_a_v2_file_tells_the_dequantized_story(tmp_path):
 def test_generate_py_compiles_a_shape_once_then_loads_it(tmp_path):
     """--compile=True on a CPU: the first run of a shape (and thread count) compiles the step into the cache
     folder, a later one loads the package without compiling; both tell the eager step's greedy story."""
-    cache = {"LLAMAFORGE_CACHE": str(tmp_path / "cache")}
+    # fresh interpreters: the real command end to end, its exit with a compiled kernel loaded included
+    cache = {"LLAMAFORGE_CACHE": str(tmp_path / "cache"), "LLAMAFORGE_FRESH_PROCESSES": "1"}
     stories = shared("stories260K")
     args = [f"--checkpoint={stories / 'stories260K.bin'}", f"--tokenizer={stories / 'tok512.bin'}", "--temperature=0",
             "--max_new_tokens=100", "--stream=False"]
