@@ -226,6 +226,7 @@ class CompiledDecoder:
         self.path = os.path.join(folder or cache_dir(), f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
         self.cached = os.path.exists(self.path)  # else the first call compiles
         self.runner, self.marked = None, None
+        self.attention = [ly.attention for ly in model.layers]  # read every step: no nn.Module lookups then
 
     def compile(self, caches):
         """Export the step for these inputs and compile it into self.path (a temporary file, then renamed: a
@@ -269,7 +270,7 @@ class CompiledDecoder:
         if not (1 <= p < self.kind[0][1][1] and 0 <= t_id < self.vocab):
             raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
                              f"{self.kind[0][1][1] - 1}, tokens below {self.vocab})")
-        caches = [(ly.attention.cache.k, ly.attention.cache.v) for ly in self.model.layers]  # the engine's own
+        caches = [(a.cache.k, a.cache.v) for a in self.attention]  # the engine's own
         key = [id(t) for pair in caches for t in pair]
         if key != self.marked:  # the same tensors every step: the input list is made once
             if [(t.dtype, tuple(t.shape[1:])) for pair in caches for t in pair] != self.kind or \

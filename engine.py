@@ -219,7 +219,10 @@ class Engine:
         if (start, stop) not in self.views:
             self.views[start, stop] = [KVCache(0, 0, 0, 0, None, None, k=c.k[start:stop], v=c.v[start:stop])
                                        for c in self.pool]
-        for layer, cache in zip(self.model.layers, self.views[start, stop]):
+        views = self.views[start, stop]
+        if self.model.layers[0].attention.cache is views[0]:  # attached already (every decode step of one batch)
+            return
+        for layer, cache in zip(self.model.layers, views):
             layer.attention.cache = cache
 
     def _prefill(self, req, row):
@@ -246,7 +249,7 @@ class Engine:
         self._attach(0, b)
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], dtype=torch.long, device=self.device)
         logits = self.step_fn(tokens, self.pos[:b])[:, -1]
-        if self.compiled:
+        if self.compiled and logits.is_cuda:
             logits = logits.clone()  # a replayed CUDA graph reuses its output buffer
         self.pos[:b] += 1
         self.steps, self.rows = self.steps + 1, self.rows + b
@@ -256,8 +259,8 @@ class Engine:
         """One new token for each request from its row of logits (B, V), each with its own settings and generator."""
         ids = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.temperature < GREEDY_BELOW]
-        if greedy:  # as sample_next does at temperature 0, for all greedy rows at once
-            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+        if greedy:  # as sample_next does at temperature 0, for all greedy rows at once (no row copy if all are)
+            for i, t in zip(greedy, (logits if len(greedy) == len(reqs) else logits[greedy]).argmax(-1).tolist()):
                 ids[i] = t
         for i, r in enumerate(reqs):
             if ids[i] is None:
