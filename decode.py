@@ -216,12 +216,11 @@ class CompiledDecoder:
                      model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
         # the KV cache the engine will attach (model.setup_cache(1)): its shape is part of the package
         self.kind = [(torch.float32, (nkv, a.max_seq_len, hd))] * (2 * a.n_layers)
-        leaves = [t for t in torch.utils._pytree.tree_leaves(self.args) if isinstance(t, torch.Tensor)]
         with open(__file__, "rb") as f:  # this code, as it computes the step
             code = hashlib.sha256(f.read()).hexdigest()
-        self.threads, self.vocab = torch.get_num_threads(), a.vocab_size  # the count the kernel is compiled for
+        self.threads, self.vocab, self.context = torch.get_num_threads(), a.vocab_size, a.max_seq_len
         key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), code,
-                          [(str(t.dtype), tuple(t.shape), t.stride()) for t in leaves],
+                          [(str(t.dtype), tuple(t.shape), t.stride()) for t in _tensors(self.args)],
                           [(str(d), s) for d, s in self.kind]])
         self.path = os.path.join(folder or cache_dir(), f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
         self.cached = os.path.exists(self.path)  # else the first call compiles
@@ -267,9 +266,9 @@ class CompiledDecoder:
         # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
         # outside their tensors, where the eager step raises
         p, t_id = int(pos.reshape(-1)[0]), int(token.reshape(-1)[0])
-        if not (1 <= p < self.kind[0][1][1] and 0 <= t_id < self.vocab):
+        if not (1 <= p < self.context and 0 <= t_id < self.vocab):
             raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
-                             f"{self.kind[0][1][1] - 1}, tokens below {self.vocab})")
+                             f"{self.context - 1}, tokens below {self.vocab})")
         caches = [(a.cache.k, a.cache.v) for a in self.attention]  # the engine's own
         key = [id(t) for pair in caches for t in pair]
         if key != self.marked:  # the same tensors every step: the input list is made once
@@ -279,8 +278,7 @@ class CompiledDecoder:
                                  "CompiledDecoder for another one")
             if self.runner is None:
                 self.runner = self.load(caches)
-            self.inputs = [t for t in torch.utils._pytree.tree_leaves((self.args, caches))
-                           if isinstance(t, torch.Tensor)]
+            self.inputs = _tensors((self.args, caches))
             self.marked = key
         return self.runner.boxed_run([token[0], torch.empty(p + 1, 0), *self.inputs])[0]
 
@@ -297,6 +295,11 @@ class CompiledDecoder:
                     raise UsageError(f"the compiled decode step {self.path} does not load ({str(e)[:200]}); "
                                      f"pass --compile=False") from None
                 os.remove(self.path)
+
+
+def _tensors(tree):
+    """The tensors of nested tuples and lists, in the order the exported step takes them."""
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _cpu_flags():
