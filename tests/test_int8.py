@@ -65,6 +65,21 @@ def test_the_compiled_step_decodes_a_trained_model_as_the_eager_step_to_the_end_
     assert worst < 1e-5, worst
 
 
+def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_path):
+    """A package that does not load (here: a truncated file where it should be) is removed and compiled again,
+    and the step then gives the eager step's logits."""
+    ref, model = tiny_model(), tiny_model()
+    step = CompiledDecoder(model, folder=str(tmp_path))
+    (tmp_path / os.path.basename(step.path)).write_bytes(b"PK\x03\x04 truncated")
+    with torch.no_grad():
+        for m in (ref, model):
+            m.setup_cache(1)
+            m(torch.tensor([[1, 5, 9]]))
+        a, b = ref.decode_step(torch.tensor([[7]]), torch.tensor([3])), step(torch.tensor([[7]]), torch.tensor([3]))
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert os.path.getsize(step.path) > 1000  # the real package now
+
+
 def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
     with pytest.raises(UsageError, match="weights='int4' is not one of 'auto', 'fp32', 'int8'"):
         load_any(shared("stories260K", "stories260K.bin"), weights="int4")
