@@ -165,7 +165,8 @@ def cache_dir():
 
 
 class CompiledDecoder:
-    """generate.py --compile=True on a CPU: the batch-1 decode step of FastDecoder's contract, fp32 or int8
+    """generate.py --compile=True on a CPU: the batch-1 decode step of FastDecoder's contract, returning the
+    logits and their argmax (1,) (for engine.Engine's greedy sampling: in the kernel it is vectorised), fp32 or int8
     weights (quant.Int8Linear), compiled ahead of time by AOTInductor into one C++ kernel a step (the GEMVs as
     run.c writes them, rows split across threads, the int8 ones reading 1 byte a weight) and kept on disk as a
     .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
@@ -189,6 +190,7 @@ class CompiledDecoder:
         class Step(torch.nn.Module):
             def forward(self, token, filled, emb, layers, norms, final_norm, head, cos, sin, caches):
                 p = filled.shape[0] - 1  # the position, as the length of an empty (filled, 0) tensor: a dynamic size
+                token = token.view(1)
                 if isinstance(emb, tuple):  # an int8 row: dequantized on its own
                     x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
                 else:
@@ -208,7 +210,8 @@ class CompiledDecoder:
                     x = x + gemv(wo, (probs[..., None] * values[:, None]).sum(-2).view(-1))
                     gate_up = gemv(w13, rms(x, n2))
                     x = x + gemv(w2, F.silu(gate_up[:hidden]) * gate_up[hidden:])
-                return gemv(head, rms(x, final_norm)).view(1, 1, -1)
+                logits = gemv(head, rms(x, final_norm))
+                return logits.view(1, 1, -1), logits.argmax().view(1)  # a vectorised argmax: torch's takes 28 us
 
         self.step = Step()
         self.args = (weights_of(model.tok_embeddings), layers,
@@ -233,7 +236,7 @@ class CompiledDecoder:
         from torch.export import Dim, export
         import torch._inductor.config as inductor_config
         n = caches[0][0].shape[2]
-        example = (torch.zeros(1, dtype=torch.long), torch.empty(max(2, n // 2), 0), *self.args, caches)
+        example = (torch.zeros(1, 1, dtype=torch.long), torch.empty(max(2, n // 2), 0), *self.args, caches)
         shapes = [torch.utils._pytree.tree_map(lambda t: None, x) for x in example]
         shapes[1] = {0: Dim("filled", min=2, max=n)}
         # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
@@ -265,13 +268,15 @@ class CompiledDecoder:
                              f"pass --compile=False for batched decoding")
         # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
         # outside their tensors, where the eager step raises
-        p, t_id = int(pos.reshape(-1)[0]), int(token.reshape(-1)[0])
-        if not (1 <= p < self.context and 0 <= t_id < self.vocab):
-            raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
-                             f"{self.context - 1}, tokens below {self.vocab})")
-        caches = [(a.cache.k, a.cache.v) for a in self.attention]  # the engine's own
-        key = [id(t) for pair in caches for t in pair]
-        if key != self.marked:  # the same tensors every step: the input list is made once
+        p, t_id = int(pos), int(token)
+        if not (1 <= p < self.context and 0 <= t_id < self.vocab and token.dtype == torch.long):
+            raise UsageError(f"position {p} or token {t_id} ({token.dtype}) is outside the compiled step's range "
+                             f"(positions 1 to {self.context - 1}, int64 tokens below {self.vocab})")
+        # the engine attaches the same caches every step: the input list is made when they change (this Python runs
+        # for every token, with the CPU caches cold from the step's weights: each microsecond here counts ~3 times)
+        kv = [a.cache for a in self.attention]
+        if kv != self.marked:
+            caches = [(c.k, c.v) for c in kv]
             if [(t.dtype, tuple(t.shape[1:])) for pair in caches for t in pair] != self.kind or \
                     not all(t.shape[0] == 1 and t.is_contiguous() for pair in caches for t in pair):
                 raise UsageError("the compiled decoder runs the fp32 KV cache of model.setup_cache(1); make a new "
@@ -279,8 +284,8 @@ class CompiledDecoder:
             if self.runner is None:
                 self.runner = self.load(caches)
             self.inputs = _tensors((self.args, caches))
-            self.marked = key
-        return self.runner.boxed_run([token[0], torch.empty(p + 1, 0), *self.inputs])[0]
+            self.marked = kv
+        return tuple(self.runner.boxed_run([token, torch.empty(p + 1, 0), *self.inputs]))
 
     def load(self, caches):
         """The package's runner, compiled first if it is not on disk; a package that no longer loads (a torch

@@ -80,8 +80,10 @@ class Request:
 
 class Engine:
     """max_batch requests decode together; up to queue_size more wait (submit refuses beyond that). decode_step: a
-    compiled model.decode_step to use instead of the model's own (the caller compiles). autocast: the context the
-    engine's thread runs in (a script's run() uses the caller's)."""
+    compiled model.decode_step to use instead of the model's own (the caller compiles); it returns the logits (B, 1,
+    V), or the pair (logits, their argmax (B,)) when it computes the greedy ids itself (decode.CompiledDecoder, in
+    its kernel: torch's argmax over a 32000 vocab costs ~28 us a token). autocast: the context the engine's thread
+    runs in (a script's run() uses the caller's)."""
 
     def __init__(self, model, tok, max_batch=8, queue_size=64, decode_step=None, autocast=None):
         if max_batch < 1 or queue_size < 0:
@@ -92,7 +94,7 @@ class Engine:
         self.device = model.norm.weight.device  # (a plain parameter even when the matrices are int8)
         self.waiting, self.active, self.admitting = deque(), [], None
         self.cond = threading.Condition()
-        self.pool, self.views = None, {}
+        self.pool, self.views, self.attached = None, {}, None
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # each active row's next position
         self.thread, self.closed = None, False
         self.steps = self.rows = 0  # decode steps and rows decoded: rows / steps is the mean batch
@@ -142,6 +144,7 @@ class Engine:
                     self.step()
         finally:
             self.model.clear_cache()
+            self.attached = None
         return requests
 
     def start(self):
@@ -173,6 +176,7 @@ class Engine:
                             self._finish(r, "error", f"{type(e).__name__}: {e}")
                     self.active, self.admitting = [], None
         self.model.clear_cache()
+        self.attached = None
 
     # ---- one step: admit, decode, retire
 
@@ -211,19 +215,19 @@ class Engine:
             a = self.model.args
             self.pool = [KVCache(self.max_batch, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, self.device)
                          for _ in self.model.layers]
-            self.views = {}
+            self.views, self.attached = {}, None
 
     def _attach(self, start, stop):
         """Give every layer a cache over rows start:stop of the pool. The view objects are made once and reused:
         torch.compile guards on the modules it sees, and new ones every step would recompile the decode step."""
+        if self.attached == (start, stop):  # every decode step of one batch: nothing to do
+            return
         if (start, stop) not in self.views:
             self.views[start, stop] = [KVCache(0, 0, 0, 0, None, None, k=c.k[start:stop], v=c.v[start:stop])
                                        for c in self.pool]
-        views = self.views[start, stop]
-        if self.model.layers[0].attention.cache is views[0]:  # attached already (every decode step of one batch)
-            return
-        for layer, cache in zip(self.model.layers, views):
+        for layer, cache in zip(self.model.layers, self.views[start, stop]):
             layer.attention.cache = cache
+        self.attached = (start, stop)
 
     def _prefill(self, req, row):
         req.decoder, req.stop_text = self.tok.stream(req.ids[-1]), StopText(req.stop)
@@ -248,20 +252,24 @@ class Engine:
         b = len(self.active)
         self._attach(0, b)
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], dtype=torch.long, device=self.device)
-        logits = self.step_fn(tokens, self.pos[:b])[:, -1]
+        logits = self.step_fn(tokens, self.pos[:b])
+        logits, best = logits if isinstance(logits, tuple) else (logits, None)
+        logits = logits[:, -1]
         if self.compiled and logits.is_cuda:
             logits = logits.clone()  # a replayed CUDA graph reuses its output buffer
         self.pos[:b] += 1
         self.steps, self.rows = self.steps + 1, self.rows + b
-        self._sample(self.active, logits)
+        self._sample(self.active, logits, best)
 
-    def _sample(self, reqs, logits):
-        """One new token for each request from its row of logits (B, V), each with its own settings and generator."""
+    def _sample(self, reqs, logits, best=None):
+        """One new token for each request from its row of logits (B, V), each with its own settings and generator;
+        best: the rows' argmax, if the decode step computed it."""
         ids = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.temperature < GREEDY_BELOW]
-        if greedy:  # as sample_next does at temperature 0, for all greedy rows at once (no row copy if all are)
-            for i, t in zip(greedy, (logits if len(greedy) == len(reqs) else logits[greedy]).argmax(-1).tolist()):
-                ids[i] = t
+        if greedy:  # as sample_next does at temperature 0, for all greedy rows at once
+            best = (logits.argmax(-1) if best is None else best).tolist()
+            for i in greedy:
+                ids[i] = best[i]
         for i, r in enumerate(reqs):
             if ids[i] is None:
                 try:
