@@ -22,8 +22,9 @@ chat = False                    # wrap --prompt in the chat template (chat.py) a
 interactive = False             # chat turn by turn, a user message per stdin line; old turns drop out of a full context
 adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --checkpoint (its base); see lora.py
 compile = False                 # compile the per-token decode step: on a CPU ahead of time into run.c's loops, fp32 or
-                                # int8, once per model shape and thread count, kept in $LLAMAFORGE_CACHE (default
-                                # ~/.cache/llamaforge) and loaded in ms after; on CUDA, CUDA graphs
+                                # int8, once per model shape and thread count, kept in compile_cache and loaded in ms
+                                # after; on CUDA, CUDA graphs
+compile_cache = ""              # where CPU compiles are kept; "" = $LLAMAFORGE_CACHE, else ~/.cache/llamaforge
 fast = True                     # fp32 on a CPU without compile: decode.py's eager step (packed weights)
 weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin stays int8), 'int8' (quantize), 'fp32'
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
@@ -79,7 +80,7 @@ def main():
     # compiled at the call site, once: the model stays plain eager code
     step = None
     if compile and dev_type == "cpu" and dt == "float32":
-        step = CompiledDecoder(merge_lora(model) if adapter and not int8 else model)
+        step = CompiledDecoder(merge_lora(model) if adapter and not int8 else model, folder=compile_cache)
     elif compile:
         step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
     elif fast and dev_type == "cpu" and dt == "float32" and not int8:

@@ -126,14 +126,15 @@ def test_generate_py_compiles_a_shape_once_then_loads_it(tmp_path):
     folder, a later one loads the package without compiling; both tell the eager step's greedy story. Then the
     fp32 step of stories260K (GQA, tied head) against the eager step to the end of its context."""
     # fresh interpreters: the real command end to end, its exit with a compiled kernel loaded included
-    cache = {"LLAMAFORGE_CACHE": str(tmp_path / "cache"), "LLAMAFORGE_FRESH_PROCESSES": "1"}
+    fresh = {"LLAMAFORGE_FRESH_PROCESSES": "1"}
     stories = shared("stories260K")
     args = [f"--checkpoint={stories / 'stories260K.bin'}", f"--tokenizer={stories / 'tok512.bin'}", "--temperature=0",
             "--max_new_tokens=100", "--stream=False"]
-    eager = run_script("generate.py", *args, env=cache)
-    first = run_script("generate.py", *args, "--compile=True", env=cache)
+    eager = run_script("generate.py", *args, env=fresh)
+    args += ["--compile=True", f"--compile_cache={tmp_path / 'cache'}"]
+    first = run_script("generate.py", *args, env=fresh)
     assert "compiling the decode step" in first.stderr and len(os.listdir(tmp_path / "cache")) == 1
-    second = run_script("generate.py", *args, "--compile=True", env=cache)
+    second = run_script("generate.py", *args, env=fresh)
     assert "compiling" not in second.stderr
     assert first.stdout == second.stdout == eager.stdout and eager.stdout.startswith("Once upon a time")
     # the same package, found by this process under the same key, decodes all 511 positions as the eager step
