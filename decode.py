@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import time
 import warnings
 
 import torch
@@ -253,6 +254,7 @@ class CompiledDecoder:
                 program = export(self.step, example, dynamic_shapes=tuple(shapes), strict=False)
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=options)
             os.replace(tmp, self.path)
+            _prune(os.path.dirname(self.path), keep=self.path)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
@@ -294,12 +296,33 @@ class CompiledDecoder:
             if not os.path.exists(self.path):
                 self.compile(caches)
             try:
-                return torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
+                runner = torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
+                try:
+                    os.utime(self.path)  # its time is its last use: _prune keeps what is used
+                except OSError:  # a read-only cache folder serves as it is
+                    pass
+                return runner
             except RuntimeError as e:
                 if attempt:
                     raise UsageError(f"the compiled decode step {self.path} does not load ({str(e)[:200]}); "
                                      f"pass --compile=False") from None
                 os.remove(self.path)
+
+
+def _prune(folder, keep, days=30):
+    """Remove the packages of this folder not used for `days` (another torch, an older decode.py, a shape no longer
+    run: each is a few MB and none is ever loaded again by a later version) and temporary files a killed compile
+    left (after a day). Called after a compile, so a folder only grows by what is in use."""
+    now = time.time()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        stale = days * 86400 if not name.endswith(".tmp.pt2") else 86400
+        if name.startswith("decode-") and name.endswith(".pt2") and path != keep:
+            try:
+                if now - os.path.getmtime(path) > stale:
+                    os.remove(path)
+            except OSError:  # another process removed or replaced it first
+                pass
 
 
 def _tensors(tree):

@@ -3,6 +3,7 @@ group), whose logits are the dequantized model's in under a third of the memory;
 (decode.CompiledDecoder, generate.py --compile=True) on fp32 and int8 weights, step by step against the eager
 step of the same (dequantized) weights on a trained model, to the end of its context."""
 import os
+import time
 
 import pytest
 import torch
@@ -67,10 +68,16 @@ def test_the_compiled_int8_step_decodes_a_trained_model_as_the_eager_step_to_the
 
 def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_path):
     """A package that does not load (here: a truncated file where it should be) is removed and compiled again,
-    and the step then gives the eager step's logits."""
+    and the step then gives the eager step's logits. A compile prunes the folder: packages unused for 30 days and
+    a killed compile's day-old temporary file go, the rest stays; loading a package marks it used."""
     ref, model = tiny_model(), tiny_model()
     step = CompiledDecoder(model, folder=str(tmp_path))
     (tmp_path / os.path.basename(step.path)).write_bytes(b"PK\x03\x04 truncated")
+    day, now = 86400, time.time()
+    for name, age in [("decode-old.pt2", 31 * day), ("decode-recent.pt2", 29 * day), ("notes.txt", 99 * day),
+                      ("decode-old.pt2.123.tmp.pt2", 2 * day)]:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
     with torch.no_grad():
         for m in (ref, model):
             m.setup_cache(1)
@@ -78,6 +85,13 @@ def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_p
         a, b = ref.decode_step(torch.tensor([[7]]), torch.tensor([3])), step(torch.tensor([[7]]), torch.tensor([3]))[0]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert os.path.getsize(step.path) > 1000  # the real package now
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(step.path), "decode-recent.pt2", "notes.txt"])
+    os.utime(step.path, (now - 40 * day, now - 40 * day))
+    again = CompiledDecoder(model, folder=str(tmp_path))
+    assert again.cached
+    with torch.no_grad():
+        again(torch.tensor([[7]]), torch.tensor([4]))
+    assert os.path.getmtime(step.path) > now - day  # loaded: used today
 
 
 def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
