@@ -185,8 +185,8 @@ def test_download_errors(tmp_path, monkeypatch, built):
 
 
 def run_cli(*args, cwd, env=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(cwd / "hf_cache"), HF_HUB_OFFLINE="1",
-               **(env or {}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",  # as run_script's: forked
+               HF_DATASETS_CACHE=str(cwd / "hf_cache"), HF_HUB_OFFLINE="1", **(env or {}))
     return forkrun.run([sys.executable, str(ROOT / "tokenize_data.py"), *args], cwd, env, 240)
 
 
