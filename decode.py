@@ -14,6 +14,7 @@ pre-allocated cache). So this step changes:
     adds), no autograd, no dropout, no shape checks.
 fp32 results equal the eager path's to float tolerance (tests compare logits and greedy tokens).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -166,8 +167,9 @@ def cache_dir():
 
 
 class CompiledDecoder:
-    """generate.py --compile=True on a CPU: the batch-1 decode step of FastDecoder's contract, returning the
-    logits and their argmax (1,) (for engine.Engine's greedy sampling: in the kernel it is vectorised), fp32 or int8
+    """generate.py --compile=True on a CPU: a batch-1 decode step for engine.Engine, token (1, 1), pos (1,) ->
+    (logits (1, 1, V), their argmax (1,)): the argmax is vectorised in the kernel and the engine's greedy sampling
+    takes it (model.generate's decode_step wants logits alone: use the engine). fp32 or int8
     weights (quant.Int8Linear), compiled ahead of time by AOTInductor into one C++ kernel a step (the GEMVs as
     run.c writes them, rows split across threads, the int8 ones reading 1 byte a weight) and kept on disk as a
     .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
@@ -254,7 +256,6 @@ class CompiledDecoder:
                 program = export(self.step, example, dynamic_shapes=tuple(shapes), strict=False)
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=options)
             os.replace(tmp, self.path)
-            _prune(os.path.dirname(self.path), keep=self.path)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UsageError(f"compiling the decode step failed ({first}); install a C++ compiler (g++) or pass "
@@ -262,20 +263,23 @@ class CompiledDecoder:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        with contextlib.suppress(OSError):  # housekeeping: it never fails a compile that succeeded
+            _prune(os.path.dirname(self.path), keep=self.path)
 
     @torch.no_grad()
     def __call__(self, token, pos):
-        if token.shape[0] != 1:
-            raise UsageError(f"the compiled CPU decoder decodes one sequence at a time, not {token.shape[0]}; "
-                             f"pass --compile=False for batched decoding")
+        if token.shape != (1, 1) or token.dtype != torch.long:
+            raise UsageError(f"the compiled CPU decoder takes one int64 token of one sequence, shape (1, 1), not "
+                             f"{tuple(token.shape)} {token.dtype}; pass --compile=False for batched decoding")
         # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
         # outside their tensors, where the eager step raises
         p, t_id = int(pos), int(token)
-        if not (1 <= p < self.context and 0 <= t_id < self.vocab and token.dtype == torch.long):
-            raise UsageError(f"position {p} or token {t_id} ({token.dtype}) is outside the compiled step's range "
-                             f"(positions 1 to {self.context - 1}, int64 tokens below {self.vocab})")
+        if not (1 <= p < self.context and 0 <= t_id < self.vocab):
+            raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
+                             f"{self.context - 1}, tokens below {self.vocab})")
         # the engine attaches the same caches every step: the input list is made when they change (this Python runs
-        # for every token, with the CPU caches cold from the step's weights: each microsecond here counts ~3 times)
+        # for every token, with the CPU caches cold from the step's weights: each microsecond here counts ~3 times).
+        # The KVCache modules are compared, not their buffers: nothing here swaps a buffer inside an attached cache
         kv = [a.cache for a in self.attention]
         if kv != self.marked:
             caches = [(c.k, c.v) for c in kv]
@@ -295,18 +299,16 @@ class CompiledDecoder:
         for attempt in (0, 1):
             if not os.path.exists(self.path):
                 self.compile(caches)
+            with contextlib.suppress(OSError):  # its time is its last use (_prune keeps what is used); a
+                os.utime(self.path)  # read-only cache folder serves as it is
             try:
-                runner = torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
-                try:
-                    os.utime(self.path)  # its time is its last use: _prune keeps what is used
-                except OSError:  # a read-only cache folder serves as it is
-                    pass
-                return runner
+                return torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
             except RuntimeError as e:
                 if attempt:
                     raise UsageError(f"the compiled decode step {self.path} does not load ({str(e)[:200]}); "
                                      f"pass --compile=False") from None
-                os.remove(self.path)
+                with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                    os.remove(self.path)
 
 
 def _prune(folder, keep, days=30):

@@ -57,7 +57,8 @@ class Request:
     strings that do the same. logprobs=n records each new token's log-prob and the n most likely alternatives;
     prompt_logprobs the same for every prompt token after the first (scoring, as lm-evaluation-harness does).
     finish_reason: "stop" (a stop id or string), "length" (max_new_tokens or the context's end), "cancelled"
-    or "error" (then error holds the reason)."""
+    or "error" (then error holds the reason). The callbacks run inside the engine's step: they must not run the
+    engine's model (its KV cache is attached mid-step)."""
 
     def __init__(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, generator=None,
                  stop_ids=(), stop=(), logprobs=None, prompt_logprobs=False, on_text=None, on_done=None):
@@ -94,7 +95,8 @@ class Engine:
         self.device = model.norm.weight.device  # (a plain parameter even when the matrices are int8)
         self.waiting, self.active, self.admitting = deque(), [], None
         self.cond = threading.Condition()
-        self.pool, self.views, self.attached = None, {}, None
+        self.pool, self.views = None, {}
+        self.first = model.layers[0].attention  # read every step: _attach sees what is attached in one lookup
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # each active row's next position
         self.thread, self.closed = None, False
         self.steps = self.rows = 0  # decode steps and rows decoded: rows / steps is the mean batch
@@ -144,7 +146,6 @@ class Engine:
                     self.step()
         finally:
             self.model.clear_cache()
-            self.attached = None
         return requests
 
     def start(self):
@@ -176,7 +177,6 @@ class Engine:
                             self._finish(r, "error", f"{type(e).__name__}: {e}")
                     self.active, self.admitting = [], None
         self.model.clear_cache()
-        self.attached = None
 
     # ---- one step: admit, decode, retire
 
@@ -215,19 +215,19 @@ class Engine:
             a = self.model.args
             self.pool = [KVCache(self.max_batch, a.max_seq_len, a.n_kv_heads, a.dim // a.n_heads, dtype, self.device)
                          for _ in self.model.layers]
-            self.views, self.attached = {}, None
+            self.views = {}
 
     def _attach(self, start, stop):
         """Give every layer a cache over rows start:stop of the pool. The view objects are made once and reused:
         torch.compile guards on the modules it sees, and new ones every step would recompile the decode step."""
-        if self.attached == (start, stop):  # every decode step of one batch: nothing to do
-            return
         if (start, stop) not in self.views:
             self.views[start, stop] = [KVCache(0, 0, 0, 0, None, None, k=c.k[start:stop], v=c.v[start:stop])
                                        for c in self.pool]
-        for layer, cache in zip(self.model.layers, self.views[start, stop]):
+        views = self.views[start, stop]
+        if self.first.cache is views[0]:  # attached already (every decode step of one batch)
+            return
+        for layer, cache in zip(self.model.layers, views):
             layer.attention.cache = cache
-        self.attached = (start, stop)
 
     def _prefill(self, req, row):
         req.decoder, req.stop_text = self.tok.stream(req.ids[-1]), StopText(req.stop)

@@ -24,7 +24,8 @@ adapter = ""                    # a LoRA run's ckpt.pt to apply on top of --chec
 compile = False                 # compile the per-token decode step: on a CPU ahead of time into run.c's loops, fp32 or
                                 # int8, once per model shape and thread count, kept in compile_cache and loaded in ms
                                 # after; on CUDA, CUDA graphs
-compile_cache = ""              # where CPU compiles are kept; "" = $LLAMAFORGE_CACHE, else ~/.cache/llamaforge
+compile_cache = ""              # CPU compiles' folder; "" = $LLAMAFORGE_CACHE, else $XDG_CACHE_HOME/llamaforge or
+                                # ~/.cache/llamaforge (a compile removes decode-*.pt2 there unused for 30 days)
 fast = True                     # fp32 on a CPU without compile: decode.py's eager step (packed weights)
 weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin stays int8), 'int8' (quantize), 'fp32'
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)

@@ -72,6 +72,45 @@ def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch(mt):
     assert solo.tokens == ref and len(set(ref)) > 3
 
 
+def test_a_step_that_gives_its_own_argmax_decides_the_greedy_rows_only(mt):
+    """A decode step may return (logits, ids) (decode.CompiledDecoder computes the argmax in its kernel): greedy
+    rows take those ids, sampled rows and log-probs still read the logits. Here the step's ids are the second most
+    likely token, so a greedy row that took the logits' argmax instead would show it."""
+    from engine import Engine, Request
+    model, tok = mt
+
+    def second(tokens, pos):
+        logits = model.decode_step(tokens, pos)
+        return logits, logits[:, -1].topk(2, dim=-1).indices[:, 1]
+
+    ps = prompts(tok, (5, 9, 3), seed=2)
+
+    def requests():
+        return [Request(ps[0], 8, temperature=0, logprobs=2), Request(ps[1], 8, temperature=0.9, seed=3),
+                Request(ps[2], 8, temperature=0)]
+
+    plain, own = requests(), requests()
+    Engine(model, tok, max_batch=3).run(plain)
+    Engine(model, tok, max_batch=3, decode_step=second).run(own)
+    assert own[1].tokens == plain[1].tokens  # sampled: its logits and its generator, as before
+    for r, p in ((own[0], ps[0]), (own[2], ps[2])):
+        assert r.tokens != alone(model, p, 8, temperature=0)
+        logits = logits_of(model, p, r.tokens)
+        assert r.tokens[0] == int(logits[0].argmax())  # the prefill's token: the model's own argmax
+        assert r.tokens[1:] == logits[1:].topk(2, dim=-1).indices[:, 1].tolist()  # then the step's ids
+    lp = F.log_softmax(logits_of(model, ps[0], own[0].tokens), dim=-1)
+    assert [round(x[0], 4) for x in own[0].token_logprobs] == \
+        [round(float(lp[i, t]), 4) for i, t in enumerate(own[0].tokens)]  # the chosen token's, from the logits
+
+
+def logits_of(model, prompt, new):
+    """The logits (one row per new token) that predicted each of `new` after `prompt`."""
+    from model import IGNORE_INDEX
+    x = torch.tensor([prompt + new])
+    with torch.no_grad():  # targets (all ignored) make the model return every position's logits, not the last's
+        return model(x, torch.full_like(x, IGNORE_INDEX))[0][0, len(prompt) - 1:-1]
+
+
 def test_stop_text_holds_back_what_could_become_a_stop_string():
     from engine import StopText
     s = StopText(["abc", "bd", ""])

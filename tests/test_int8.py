@@ -75,7 +75,7 @@ def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_p
     (tmp_path / os.path.basename(step.path)).write_bytes(b"PK\x03\x04 truncated")
     day, now = 86400, time.time()
     for name, age in [("decode-old.pt2", 31 * day), ("decode-recent.pt2", 29 * day), ("notes.txt", 99 * day),
-                      ("decode-old.pt2.123.tmp.pt2", 2 * day)]:
+                      ("decode-old.pt2.123.tmp.pt2", 2 * day), ("decode-x.pt2.456.tmp.pt2", 3600)]:
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, (now - age, now - age))
     with torch.no_grad():
@@ -85,7 +85,8 @@ def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_p
         a, b = ref.decode_step(torch.tensor([[7]]), torch.tensor([3])), step(torch.tensor([[7]]), torch.tensor([3]))[0]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert os.path.getsize(step.path) > 1000  # the real package now
-    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(step.path), "decode-recent.pt2", "notes.txt"])
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(step.path), "decode-recent.pt2", "notes.txt",
+                                                   "decode-x.pt2.456.tmp.pt2"])  # (a compile under way elsewhere)
     os.utime(step.path, (now - 40 * day, now - 40 * day))
     again = CompiledDecoder(model, folder=str(tmp_path))
     assert again.cached
@@ -105,14 +106,16 @@ def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
     step = CompiledDecoder(m)
     with pytest.raises(UsageError, match="int8 weights need a plain model"):
         to_int8(m)  # packed by the compiled decoder: its weights are views now
-    with pytest.raises(UsageError, match="one sequence at a time"):
+    with pytest.raises(UsageError, match=r"one int64 token of one sequence, shape \(1, 1\), not \(2, 1\) torch.int64"):
         m.setup_cache(2)
         step(torch.tensor([[1], [2]]), torch.tensor([3]))
     m.setup_cache(1)
-    with pytest.raises(UsageError, match=r"position 48 or token 1 \(torch.int64\) is outside the compiled step's"):
-        step(torch.tensor([[1]]), torch.tensor([m.args.max_seq_len]))  # the kernel checks no bounds itself
-    with pytest.raises(UsageError, match=r"position 3 or token 1 \(torch.int32\) is outside"):
+    with pytest.raises(UsageError, match=r"not \(1, 2\) torch.int64"):
+        step(torch.tensor([[1, 2]]), torch.tensor([3]))
+    with pytest.raises(UsageError, match=r"not \(1, 1\) torch.int32"):
         step(torch.tensor([[1]], dtype=torch.int32), torch.tensor([3]))  # it would read int32 as int64
+    with pytest.raises(UsageError, match="position 48 or token 1 is outside the compiled step's range"):
+        step(torch.tensor([[1]]), torch.tensor([m.args.max_seq_len]))  # the kernel checks no bounds itself
     m.setup_cache(1, dtype=torch.bfloat16)  # no guards in the package: a cache it was not compiled for is refused
     with pytest.raises(UsageError, match="runs the fp32 KV cache of model.setup_cache"):
         step(torch.tensor([[1]]), torch.tensor([3]))
