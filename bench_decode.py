@@ -171,6 +171,9 @@ def main():
             steps["eager", t], steps["fast", t] = models["fast"].decode_step, FastDecoder(models["fast"])
             for kind in ("compiled", "int8"):
                 steps[kind, t] = CompiledDecoder(models[kind])
+                if not steps[kind, t].cached:
+                    print(f"compiling the {kind} step for {t} thread(s), once (20-30 s; kept in "
+                          f"{os.path.dirname(steps[kind, t].path)}) ...", flush=True)
                 run_ours(models[kind], tok, steps[kind, t], t, 4)
         names = ("run.c", "runq.c", "eager", "fast", "compiled", "int8")
         runs = {(name, t): [] for t in counts for name in names}
@@ -184,9 +187,9 @@ def main():
                     model = models["fast" if kind == "eager" else kind]
                     runs[kind, t].append(run_ours(model, tok, steps[kind, t], t, n))
         results = {"config": config, "load": os.getloadavg(), "decode": [], "command": [], "c_peak_rss_mib": c_memory}
-        print(f"\nbatch-1 greedy decode, {n} tokens, median of {rounds} rounds (load average {os.getloadavg()[0]:.1f})")
-        print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names)
-              + f"{'compiled/run.c':>15}{'int8/runq.c':>12}  tok/s")
+        print(f"\nbatch-1 greedy decode, tok/s, {n} tokens, median of {rounds} rounds (load average "
+              f"{os.getloadavg()[0]:.1f}); compiled and int8: generate.py --compile=True on fp32 and int8 weights")
+        print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names) + f"{'compiled/run.c':>15}{'int8/runq.c':>12}")
         for t in counts:
             med = {name: statistics.median(runs[name, t]) for name in names}
             results["decode"].append(dict(threads=t, **med, runs={k: v for (k, c), v in runs.items() if c == t}))

@@ -61,8 +61,9 @@ def load_checkpoint(path, map_location="cpu", int8=False):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' not found; pass the ckpt.pt written by train.py "
-                         f"(e.g. out/ckpt.pt) or its run directory")
+        what = "is a folder with no ckpt.pt (nor a Hugging Face config.json)" if os.path.isdir(path) else "not found"
+        raise UsageError(f"checkpoint '{path}' {what}; pass the ckpt.pt written by train.py (e.g. out/ckpt.pt) or "
+                         f"its run directory, a llama2.c .bin, a GGUF file or a Hugging Face Llama folder")
     ckpt = read_pt(path, "checkpoint", "it is truncated, corrupt or not a llamaforge checkpoint: re-train or "
                                        "re-export it", map_location)
     if isinstance(ckpt, dict) and "adapter" in ckpt and "model" not in ckpt:

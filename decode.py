@@ -173,7 +173,7 @@ class CompiledDecoder:
     weights (quant.Int8Linear), compiled ahead of time by AOTInductor into one C++ kernel a step (the GEMVs as
     run.c writes them, rows split across threads, the int8 ones reading 1 byte a weight) and kept on disk as a
     .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
-    shape: the first run of a shape compiles (~30 s on 2 cores), every later one loads it in milliseconds,
+    shape: the first run of a shape compiles (20-30 s on 2 cores), every later one loads it in milliseconds,
     without importing torch's compiler. fp32 logits equal the eager step's to float tolerance; int8 equals the
     eager step of the dequantized model to float tolerance (the same products, summed per group). Compiled for
     torch's thread count at construction (part of the package's key); the position is a dynamic size, so one
@@ -228,8 +228,17 @@ class CompiledDecoder:
         key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), code,
                           [(str(t.dtype), tuple(t.shape), t.stride()) for t in _tensors(self.args)],
                           [(str(d), s) for d, s in self.kind]])
-        self.path = os.path.join(folder or cache_dir(), f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
+        folder = folder or cache_dir()
+        self.path = os.path.join(folder, f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2")
         self.cached = os.path.exists(self.path)  # else the first call compiles
+        try:  # checked now, not at the first token: a caller may have started printing by then
+            os.makedirs(folder, exist_ok=True)
+            problem = None if self.cached or os.access(folder, os.W_OK) else "not writable"
+        except OSError as e:  # a file in the way, a path through a file
+            problem = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror.lower()
+        if problem:
+            raise UsageError(f"the compile cache {folder} cannot hold the compiled step ({problem}); pass "
+                             f"--compile_cache=<a folder you can write> (or set $LLAMAFORGE_CACHE)")
         self.runner, self.marked = None, None
         self.attention = [ly.attention for ly in model.layers]  # read every step: no nn.Module lookups then
 
@@ -248,7 +257,6 @@ class CompiledDecoder:
         knob = "realize_cpu_opcount_threshold"  # older torch: one knob for every device
         options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8,
                    "cpp.threads": self.threads}  # the key's count, whatever torch's is by the first call
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp.pt2"
         try:
             with torch.no_grad(), warnings.catch_warnings():

@@ -70,6 +70,9 @@ def main():
     check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
     if threads:
         torch.set_num_threads(threads)
+        if threads > (os.cpu_count() or threads):  # a note, not an error: more threads than cores only slow it
+            print(f"note: threads={threads} is more than the {os.cpu_count()} cores here; decoding will be slower",
+                  file=sys.stderr)
     dev, dev_type, dt = device_and_dtype(device, dtype)
     ctx = autocast(dev_type, dt)
     model, ckpt = load_any(checkpoint, adapter, dev, weights)
@@ -87,7 +90,7 @@ def main():
     elif fast and dev_type == "cpu" and dt == "float32" and not int8:
         step = FastDecoder(merge_lora(model) if adapter else model)  # the fast step runs plain weights, no hooks
     if isinstance(step, CompiledDecoder) and not step.cached:
-        print(f"compiling the decode step for this shape and thread count, once (~30 s on 2 cores; kept in "
+        print(f"compiling the decode step for this shape and thread count, once (20-30 s on 2 cores; kept in "
               f"{os.path.dirname(step.path)}) ...", file=sys.stderr, flush=True)
     elif compile and not isinstance(step, CompiledDecoder):
         print("compiling the decode step (a minute or more on CUDA; cached on disk after) ...", file=sys.stderr,

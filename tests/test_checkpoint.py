@@ -68,6 +68,8 @@ def test_loading_never_executes_code_from_the_file(tmp_path):
 def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         load_checkpoint(str(tmp_path / "nope.pt"))
+    with pytest.raises(UsageError, match="is a folder with no ckpt.pt .* a llama2.c .bin, a GGUF file or a Hugging"):
+        load_checkpoint(str(tmp_path))  # an empty run directory: not "not found"
     ckpt, _ = tiny_ckpt()
     save_checkpoint(ckpt, tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()

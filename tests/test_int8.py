@@ -102,6 +102,10 @@ def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
         CompiledDecoder(tiny_model().to(torch.bfloat16))
     with pytest.raises(UsageError, match="the fast decoder runs fp32 weights, not int8; pass --compile=True"):
         FastDecoder(to_int8(tiny_model()))
+    (tmp_path / "afile").write_text("")
+    for folder, why in (("afile", "a file is in the way"), ("afile/sub", "not a directory")):
+        with pytest.raises(UsageError, match=f"the compile cache .*{folder} cannot hold the compiled step \\({why}\\)"):
+            CompiledDecoder(tiny_model(), folder=str(tmp_path / folder))  # at construction, before any token
     m = tiny_model()
     step = CompiledDecoder(m)
     with pytest.raises(UsageError, match="int8 weights need a plain model"):
