@@ -2,6 +2,8 @@
 trajectory unchanged, and the static-shape (compilable) decode step must pick the same tokens."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -307,3 +309,24 @@ def test_find_max_on_a_gpu_walks_from_the_traced_guess(bench, monkeypatch, tmp_p
     monkeypatch.setattr(bench, "trace_memory", False)  # runs only: a plain binary search finds the same boundary
     runs.clear()
     assert bench.find_largest("adamw", str(tmp_path))[0]["largest"] == real_largest and len(runs) <= 4
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMAFORGE_SLOW"),
+                    reason="five bench.py runs with inductor compiles, ~75 s on 2 cores; set LLAMAFORGE_SLOW=1")
+def test_the_gpu_plan_runs_every_step_at_the_tiny_size_on_a_cpu(tmp_path):
+    """gpu_plan.sh (the one-call GPU plan) with GPU_PLAN_SMOKE=1: each step's command line is accepted by bench.py
+    and writes its JSON, so a scarce GPU lease is not lost to a typo."""
+    env = dict(os.environ, GPU_PLAN_SMOKE="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "gpu_plan.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("== ") and "(at most" in line]
+    assert len(steps) == 5 and proc.stdout.count("   exit 0 after") == 5, proc.stdout
+    res = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text())
+           for name in ("110m-bf16", "110m-fp16", "110m-eager-decode", "1.3b-adamw", "1.3b-sgd")}
+    assert all(r["status"] == "ok" for name in ("110m-bf16", "110m-fp16", "1.3b-adamw", "1.3b-sgd")
+               for r in res[name]["train"])
+    assert {(r["batch"], r["compiled"]) for r in res["110m-bf16"]["decode"]} == {(1, True), (8, True)}
+    assert {(r["batch"], r["compiled"]) for r in res["110m-eager-decode"]["decode"]} == {(1, False), (8, False)}
+    assert [(r["optimizer"], r["checkpoint_blocks"]) for r in res["1.3b-adamw"]["train"] + res["1.3b-sgd"]["train"]] \
+        == [("adamw", 16), ("sgd", 8)]
