@@ -172,8 +172,7 @@ def main():
             for kind in ("compiled", "int8"):
                 steps[kind, t] = CompiledDecoder(models[kind])
                 if not steps[kind, t].cached:
-                    print(f"compiling the {kind} step for {t} thread(s), once (20-30 s; kept in "
-                          f"{os.path.dirname(steps[kind, t].path)}) ...", flush=True)
+                    print(f"{kind}: {steps[kind, t].notice()}", flush=True)
                 run_ours(models[kind], tok, steps[kind, t], t, 4)
         names = ("run.c", "runq.c", "eager", "fast", "compiled", "int8")
         runs = {(name, t): [] for t in counts for name in names}

@@ -90,8 +90,7 @@ def main():
     elif fast and dev_type == "cpu" and dt == "float32" and not int8:
         step = FastDecoder(merge_lora(model) if adapter else model)  # the fast step runs plain weights, no hooks
     if isinstance(step, CompiledDecoder) and not step.cached:
-        print(f"compiling the decode step for this shape and thread count, once (20-30 s on 2 cores; kept in "
-              f"{os.path.dirname(step.path)}) ...", file=sys.stderr, flush=True)
+        print(step.notice(), file=sys.stderr, flush=True)
     elif compile and not isinstance(step, CompiledDecoder):
         print("compiling the decode step (a minute or more on CUDA; cached on disk after) ...", file=sys.stderr,
               flush=True)
