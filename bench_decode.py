@@ -7,16 +7,19 @@ run.c and runq.c are compiled from the checkout the user points to (gcc -Ofast -
 llama2.c's `make runomp`), into a temporary folder. The model (a checkpoint, or random weights of llama2.c's
 stories15M shape: dim 288, 6 layers, vocab 32000) is exported once to a legacy fp32 file (run.c) and a version-2
 Q8_0 file (runq.c). Ours decodes the files as generate.py loads them: the fp32 file, and the v2 file read as
-int8 without dequantizing. Each round runs every contender once per thread count, in turn, so load from other
-processes falls on all of them alike; the median of the rounds is reported. Tokens/s is counted as run.c counts
+int8 without dequantizing. Each round runs every contender once per thread count, in turn (run.c then ours on
+the same file, runq.c then ours, each pair back to back), every one on the same first N cores (N = the thread
+count, pinned: a 1-thread pair never lands on two cores loaded differently), so load from other processes falls
+on all of them alike; the median of the rounds is reported, and the median of the rounds' ratios (each pair's
+own). Tokens/s is counted as run.c counts
 it: the tokens after the first, over the time since the first. Ours: generate.py's own decode loop
 (engine.Engine, greedy sampling included) with the model's eager decode_step (eager), decode.FastDecoder (fast),
 and decode.CompiledDecoder (generate.py --compile=True) on fp32 (compiled) and int8 (int8) weights, compiled
 before the timing, once per thread count. Then the whole `generate.py --compile=True` command is timed (a fresh
 process: loading the file, the compile cache, decoding max_tokens tokens, printing them) against the same command
 making two, its start-up (loading, and compiling the step: the prefill makes the first token, the first decode
-step the second), with its peak RSS beside run.c's and runq.c's. Prints a table and writes every
-result to out_json.
+step the second), with its peak RSS beside run.c's and runq.c's, and beside the floor under it: the seconds a fresh
+Python takes to import torch. Prints a table and writes every result to out_json.
 """
 import json
 import os
@@ -34,12 +37,13 @@ tokenizer = ""             # llama2.c tokenizer.bin covering the model's vocab (
 checkpoint = ""            # the model to decode; "" = random weights of the stories15M shape
 threads = (1, 2)           # thread counts: --threads=1,2,4 or --threads=1 (OMP_NUM_THREADS for run.c; torch's)
 max_tokens = 256           # tokens per decode (run.c's -n); at most the model's context
-rounds = 3                 # every contender runs once per round; the median is reported
+rounds = 5                 # every contender runs once per round; the median is reported
 command = True             # also time the whole generate.py command and its start-up
 out_json = "bench_decode.json"  # every result as JSON, written here
 # -----------------------------------------------------------------------------
-from runtime import handle_errors  # noqa: E402
+from runtime import handle_errors, huge_pages  # noqa: E402
 handle_errors()
+huge_pages()
 from configurator import configure, print_config  # noqa: E402
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -117,17 +121,25 @@ def run_c(binary, path, n_threads, n):
 
 
 class Timed:
-    """Wraps a decode step: the time from the first step's start to the last step's end, and the step count."""
+    """Wraps a decode step: the time from the first step's start to the last step's end, and the step count. A
+    step the engine calls by ids (decode.CompiledDecoder.decode_ids) is wrapped as that."""
 
     def __init__(self, step):
         self.step, self.first, self.last, self.calls = step, None, None, 0
+        if hasattr(step, "decode_ids"):
+            self.decode_ids = self.timed(step.decode_ids)
+
+    def timed(self, fn):
+        def call(*args):
+            if self.first is None:
+                self.first = time.perf_counter()
+            out = fn(*args)
+            self.calls, self.last = self.calls + 1, time.perf_counter()
+            return out
+        return call
 
     def __call__(self, token, pos):
-        if self.first is None:
-            self.first = time.perf_counter()
-        out = self.step(token, pos)
-        self.calls, self.last = self.calls + 1, time.perf_counter()
-        return out
+        return self.timed(self.step)(token, pos)
 
 
 def run_ours(model, tok, step, n_threads, n):
@@ -145,6 +157,21 @@ def run_command(path, n_threads, n):
     cmd = [sys.executable, os.path.join(REPO, "generate.py"), f"--checkpoint={path}", f"--tokenizer={tokenizer}",
            "--temperature=0", f"--max_new_tokens={n}", f"--threads={n_threads}", "--stream=False", "--compile=True"]
     return measured(cmd)[2:]
+
+
+def torch_import():
+    """Seconds a fresh Python takes to import torch: the floor under any PyTorch command's start-up."""
+    code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def pin(n):
+    """Run this process and the ones it starts on the first n cores it may use (all of them when fewer)."""
+    if ALLOWED:
+        os.sched_setaffinity(0, ALLOWED[:n])
 
 
 def main():
@@ -179,23 +206,33 @@ def main():
         c_memory = {}
         for _ in range(rounds):
             for t in counts:
-                for name, binary, path in (("run.c", "run", "fp32"), ("runq.c", "runq", "q8")):
-                    tps, _, c_memory[name] = run_c(binaries[binary], paths[path], t, n)
+                pin(t)
+                for name in ("run.c", "compiled", "runq.c", "int8", "eager", "fast"):
+                    if name in ("run.c", "runq.c"):
+                        tps, _, c_memory[name] = run_c(binaries[name[:-2]], paths["q8" if name == "runq.c" else "fp32"],
+                                                       t, n)
+                    else:
+                        tps = run_ours(models["fast" if name == "eager" else name], tok, steps[name, t], t, n)
                     runs[name, t].append(tps)
-                for kind in ("eager", "fast", "compiled", "int8"):
-                    model = models["fast" if kind == "eager" else kind]
-                    runs[kind, t].append(run_ours(model, tok, steps[kind, t], t, n))
         results = {"config": config, "load": os.getloadavg(), "decode": [], "command": [], "c_peak_rss_mib": c_memory}
         print(f"\nbatch-1 greedy decode, tok/s, {n} tokens, median of {rounds} rounds (load average "
               f"{os.getloadavg()[0]:.1f}); compiled and int8: generate.py --compile=True on fp32 and int8 weights")
-        print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names) + f"{'compiled/run.c':>15}{'int8/runq.c':>12}")
+        print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names) + f"{'compiled/run.c':>15}{'int8/runq.c':>12}"
+              f"   (ratios: the median of the rounds' own)")
         for t in counts:
             med = {name: statistics.median(runs[name, t]) for name in names}
-            results["decode"].append(dict(threads=t, **med, runs={k: v for (k, c), v in runs.items() if c == t}))
+            ratio = {f"{a}/{b}": statistics.median(x / y for x, y in zip(runs[a, t], runs[b, t]))
+                     for a, b in (("compiled", "run.c"), ("int8", "runq.c"))}
+            results["decode"].append(dict(threads=t, **med, ratios=ratio,
+                                          runs={k: v for (k, c), v in runs.items() if c == t}))
             print(f"{t:>7}" + "".join(f"{med[k]:>9.1f}" for k in names) +
-                  f"{med['compiled'] / med['run.c']:>14.2f}x{med['int8'] / med['runq.c']:>11.2f}x")
+                  f"{ratio['compiled/run.c']:>14.2f}x{ratio['int8/runq.c']:>11.2f}x")
         if command:
+            pin(len(ALLOWED))
+            floor = statistics.median(torch_import() for _ in range(rounds))
+            results["torch_import_seconds"] = floor
             for t in counts:
+                pin(t)
                 for kind, path in (("fp32", paths["fp32"]), ("int8", paths["q8"])):
                     whole = [run_command(path, t, n) for _ in range(rounds)]
                     # 2 tokens: the prefill gives the first, so the second is the first decode step and its compile
@@ -204,8 +241,9 @@ def main():
                     results["command"].append(dict(threads=t, weights=kind, tokens=n, seconds=sec,
                                                    startup_seconds=one, peak_rss_mib=rss))
                     print(f"generate.py --compile=True, {kind}, {t} thread(s): {sec:.2f} s for {n} tokens, {one:.2f} s "
-                          f"of it start-up (the same command making 2 tokens): {100 * one / sec:.0f}%; peak RSS "
-                          f"{rss:.0f} MiB")
+                          f"of it start-up (the same command making 2 tokens): {100 * one / sec:.0f}%, "
+                          f"{100 * (one - floor) / sec:.0f}% beyond importing torch; peak RSS {rss:.0f} MiB")
+            print(f"importing torch alone: {floor:.2f} s (python -c 'import torch', median of {rounds})")
             print("run.c / runq.c peak RSS: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in c_memory.items()))
     write_text(out_json, json.dumps(results, indent=1))
     print(f"wrote {out_json}")

@@ -136,10 +136,23 @@ def pack_rows(model):
     if getattr(model, "packed", None) is not None:
         raise UsageError("this model was packed for the eager fast step; load it afresh for the compiled one")
 
+    int8 = hasattr(model.layers[0].attention.wq, "q")
+    parts = ("q", "scale") if int8 else ("weight",)
+    # every layer's matrices side by side in one tensor per part (views of it): a tensor of 2 MB or more is backed by
+    # 2 MB pages (runtime.huge_pages), a matrix of its own here (0.3-1.8 MB in the 15M shape) by 4 KB ones, and the
+    # TLB misses of streaming those cost 5-8% of a token (measured, 15M shape, 1 and 2 threads)
+    mods = [m for ly in model.layers for m in (ly.attention.wq, ly.attention.wk, ly.attention.wv, ly.attention.wo,
+                                               ly.feed_forward.w1, ly.feed_forward.w2, ly.feed_forward.w3)]
+    arena = {n: torch.empty(sum(getattr(m, n).numel() for m in mods), dtype=getattr(mods[0], n).dtype) for n in parts}
+    used = dict.fromkeys(parts, 0)
+
     def stacked(mods):
-        int8 = hasattr(mods[0], "q")
-        parts = ("q", "scale") if int8 else ("weight",)
-        whole = [torch.cat([getattr(m, n).detach() for m in mods]) for n in parts]
+        whole = []
+        for n in parts:
+            pieces = [getattr(m, n).detach() for m in mods]
+            rows, cols = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
+            whole.append(torch.cat(pieces, out=arena[n][used[n]:used[n] + rows * cols].view(rows, cols)))
+            used[n] += rows * cols
         start = 0
         for m in mods:
             rows = m.q.shape[0] if int8 else m.weight.shape[0]
@@ -167,9 +180,11 @@ def cache_dir():
 
 
 class CompiledDecoder:
-    """generate.py --compile=True on a CPU: a batch-1 decode step for engine.Engine, token (1, 1), pos (1,) ->
-    (logits (1, 1, V), their argmax (1,)): the argmax is vectorised in the kernel and the engine's greedy sampling
-    takes it (model.generate's decode_step wants logits alone: use the engine). fp32 or int8
+    """generate.py --compile=True on a CPU: a batch-1 decode step for engine.Engine. The engine calls
+    decode_ids(token id, position) -> (logits (1, V), their argmax as an int), Python ints in and out: the kernel
+    is the one torch call of a token (each tensor op around it costs tens of microseconds with the CPU caches cold
+    from the weights; measured). Called as a step, token (1, 1), pos (1,) -> (logits (1, 1, V), argmax (1,)), as
+    model.decode_step is (model.generate's decode_step wants logits alone: use the engine). fp32 or int8
     weights (quant.Int8Linear), compiled ahead of time by AOTInductor into one C++ kernel a step (the GEMVs as
     run.c writes them, rows split across threads, the int8 ones reading 1 byte a weight) and kept on disk as a
     .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
@@ -191,7 +206,7 @@ class CompiledDecoder:
             return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
 
         class Step(torch.nn.Module):
-            def forward(self, token, filled, emb, layers, norms, final_norm, head, cos, sin, caches):
+            def forward(self, token, filled, best, emb, layers, norms, final_norm, head, cos, sin, caches):
                 p = filled.shape[0] - 1  # the position, as the length of an empty (filled, 0) tensor: a dynamic size
                 token = token.view(1)
                 if isinstance(emb, tuple):  # an int8 row: dequantized on its own
@@ -214,7 +229,8 @@ class CompiledDecoder:
                     gate_up = gemv(w13, rms(x, n2))
                     x = x + gemv(w2, F.silu(gate_up[:hidden]) * gate_up[hidden:])
                 logits = gemv(head, rms(x, final_norm))
-                return logits.view(1, 1, -1), logits.argmax().view(1)  # a vectorised argmax: torch's takes 28 us
+                best.copy_(logits.argmax().view(1))  # vectorised (torch's argmax takes 28 us), read by the caller
+                return logits.view(1, -1)  # from the buffer it shares with Python, no tensor op
 
         self.step = Step()
         self.args = (weights_of(model.tok_embeddings), layers,
@@ -241,6 +257,11 @@ class CompiledDecoder:
                              f"--compile_cache=<a folder you can write> (or set $LLAMAFORGE_CACHE)")
         self.runner, self.marked = None, None
         self.attention = [ly.attention for ly in model.layers]  # read every step: no nn.Module lookups then
+        # the token in and the argmax out live in a bytearray Python reads and writes as ints (ids[0], ids[1]); the
+        # position is passed as the length of an empty tensor (filled), one made per position, once
+        buffer = bytearray(16)
+        self.ids, both = memoryview(buffer).cast("q"), torch.frombuffer(buffer, dtype=torch.long)
+        self.token, self.best, self.filled = both[:1].view(1, 1), both[1:], [None] * self.context
 
     def notice(self):
         """What a script says before the first call of a step that is not on disk yet."""
@@ -253,7 +274,8 @@ class CompiledDecoder:
         from torch.export import Dim, export
         import torch._inductor.config as inductor_config
         n = caches[0][0].shape[2]
-        example = (torch.zeros(1, 1, dtype=torch.long), torch.empty(max(2, n // 2), 0), *self.args, caches)
+        token, best = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        example = (token, torch.empty(max(2, n // 2), 0), best, *self.args, caches)
         shapes = [torch.utils._pytree.tree_map(lambda t: None, x) for x in example]
         shapes[1] = {0: Dim("filled", min=2, max=n)}
         # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
@@ -279,20 +301,22 @@ class CompiledDecoder:
         with contextlib.suppress(OSError):  # housekeeping: it never fails a compile that succeeded
             _prune(os.path.dirname(self.path), keep=self.path)
 
-    @torch.no_grad()
     def __call__(self, token, pos):
         if token.shape != (1, 1) or token.dtype != torch.long:
             raise UsageError(f"the compiled CPU decoder takes one int64 token of one sequence, shape (1, 1), not "
                              f"{tuple(token.shape)} {token.dtype}; pass --compile=False for batched decoding")
+        logits, best = self.decode_ids(int(token), int(pos))
+        return logits.view(1, 1, -1), torch.tensor([best])
+
+    def decode_ids(self, token, pos):
+        """(logits (1, V), their argmax) for token id `token` at position `pos`, into the KV cache attached."""
         # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
         # outside their tensors, where the eager step raises
-        p, t_id = int(pos), int(token)
-        if not (1 <= p < self.context and 0 <= t_id < self.vocab):
-            raise UsageError(f"position {p} or token {t_id} is outside the compiled step's range (positions 1 to "
+        if not (1 <= pos < self.context and 0 <= token < self.vocab):
+            raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 1 to "
                              f"{self.context - 1}, tokens below {self.vocab})")
-        # the engine attaches the same caches every step: the input list is made when they change (this Python runs
-        # for every token, with the CPU caches cold from the step's weights: a warm microsecond here costs 6-8).
-        # The KVCache modules are compared, not their buffers: nothing here swaps a buffer inside an attached cache
+        # the engine attaches the same caches every step: the input list is made when they change. The KVCache
+        # modules are compared, not their buffers: nothing here swaps a buffer inside an attached cache
         kv = [a.cache for a in self.attention]
         if kv != self.marked:
             caches = [(c.k, c.v) for c in kv]
@@ -304,7 +328,12 @@ class CompiledDecoder:
                 self.runner = self.load(caches)
             self.inputs = _tensors((self.args, caches))
             self.marked = kv
-        return tuple(self.runner.boxed_run([token, torch.empty(p + 1, 0), *self.inputs]))
+        filled = self.filled[pos]
+        if filled is None:
+            filled = self.filled[pos] = torch.empty(pos + 1, 0)
+        self.ids[0] = token
+        (logits,) = self.runner.boxed_run([self.token, filled, self.best, *self.inputs])
+        return logits, self.ids[1]
 
     def load(self, caches):
         """The package's runner, compiled first if it is not on disk; a package that no longer loads (a torch

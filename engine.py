@@ -82,22 +82,24 @@ class Request:
 class Engine:
     """max_batch requests decode together; up to queue_size more wait (submit refuses beyond that). decode_step: a
     compiled model.decode_step to use instead of the model's own (the caller compiles); it returns the logits (B, 1,
-    V), or the pair (logits, their argmax (B,)) when it computes the greedy ids itself (decode.CompiledDecoder, in
-    its kernel: torch's argmax over a 32000 vocab costs ~28 us a token). autocast: the context the engine's thread
-    runs in (a script's run() uses the caller's)."""
+    V), or the pair (logits, their argmax (B,)) when it computes the greedy ids itself (torch's argmax over a 32000
+    vocab costs ~28 us a token). A step with a decode_ids(token id, position) method (decode.CompiledDecoder) is
+    called through it at batch 1: Python ints in, (logits (1, V), argmax id) out, no tensor op around it. autocast:
+    the context the engine's thread runs in (a script's run() uses the caller's)."""
 
     def __init__(self, model, tok, max_batch=8, queue_size=64, decode_step=None, autocast=None):
         if max_batch < 1 or queue_size < 0:
             raise UsageError(f"max_batch={max_batch} must be >= 1 and queue_size={queue_size} >= 0")
         self.model, self.tok, self.max_batch, self.queue_size = model, tok, max_batch, queue_size
         self.step_fn, self.compiled = decode_step or model.decode_step, decode_step is not None
+        self.decode_ids = getattr(decode_step, "decode_ids", None)
         self.autocast = autocast or nullcontext()
         self.device = model.norm.weight.device  # (a plain parameter even when the matrices are int8)
         self.waiting, self.active, self.admitting = deque(), [], None
         self.cond = threading.Condition()
         self.pool, self.views = None, {}
         self.first = model.layers[0].attention  # read every step: _attach sees what is attached in one lookup
-        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # each active row's next position
+        self.pos = [0] * max_batch  # each active row's next position
         self.thread, self.closed = None, False
         self.steps = self.rows = 0  # decode steps and rows decoded: rows / steps is the mean batch
 
@@ -251,23 +253,29 @@ class Engine:
     def _decode(self):
         b = len(self.active)
         self._attach(0, b)
-        tokens = torch.tensor([[r.tokens[-1]] for r in self.active], dtype=torch.long, device=self.device)
-        logits = self.step_fn(tokens, self.pos[:b])
-        logits, best = logits if isinstance(logits, tuple) else (logits, None)
-        logits = logits[:, -1]
-        if self.compiled and logits.is_cuda:
-            logits = logits.clone()  # a replayed CUDA graph reuses its output buffer
-        self.pos[:b] += 1
+        if self.decode_ids is not None and b == 1:
+            logits, best = self.decode_ids(self.active[0].tokens[-1], self.pos[0])
+            best = [best]
+        else:  # tokens and positions in one tensor (one copy to the device), each a contiguous row of it
+            both = torch.tensor([[r.tokens[-1] for r in self.active], self.pos[:b]], device=self.device)
+            logits = self.step_fn(both[0][:, None], both[1])
+            logits, best = logits if isinstance(logits, tuple) else (logits, None)
+            logits = logits[:, -1]
+            if self.compiled and logits.is_cuda:
+                logits = logits.clone()  # a replayed CUDA graph reuses its output buffer
+        for i in range(b):
+            self.pos[i] += 1
         self.steps, self.rows = self.steps + 1, self.rows + b
         self._sample(self.active, logits, best)
 
     def _sample(self, reqs, logits, best=None):
         """One new token for each request from its row of logits (B, V), each with its own settings and generator;
-        best: the rows' argmax, if the decode step computed it."""
+        best: the rows' argmax (a tensor or a list), if the decode step computed it."""
         ids = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.temperature < GREEDY_BELOW]
         if greedy:  # as sample_next does at temperature 0, for all greedy rows at once
-            best = (logits.argmax(-1) if best is None else best).tolist()
+            best = logits.argmax(-1) if best is None else best
+            best = best if isinstance(best, list) else best.tolist()
             for i in greedy:
                 ids[i] = best[i]
         for i, r in enumerate(reqs):
@@ -329,7 +337,7 @@ class Engine:
                 continue
             last = len(self.active) - 1
             if row != last:
-                n = int(self.pos[last])
+                n = self.pos[last]
                 for c in self.pool:
                     c.k[row, :, :n] = c.k[last, :, :n]
                     c.v[row, :, :n] = c.v[last, :, :n]

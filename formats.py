@@ -121,6 +121,14 @@ def llama2c_nbytes(order, group_size):
     return total
 
 
+def torch_copy(array):
+    """A numpy array (of a memory-mapped file) copied into memory torch allocates, not numpy: torch backs a tensor of
+    2 MB or more with 2 MB pages where asked to (runtime.huge_pages), and decoding streams these weights every token."""
+    out = torch.empty(array.shape, dtype={"i1": torch.int8, "f4": torch.float32}[array.dtype.str[1:]])
+    out.numpy()[...] = array
+    return out
+
+
 def read_llama2c(path, tokenizer=None, int8=False):
     """A checkpoint dict from a llama2.c model file. A version-2 file's matrices are dequantized to fp32, or with
     int8=True kept as they are stored: name.q (rows, cols) int8 and name.scale (rows, cols // group_size) fp32,
@@ -142,14 +150,14 @@ def read_llama2c(path, tokenizer=None, int8=False):
             q = raw[pos:pos + n].view(np.int8)
             scale = raw[pos + n:pos + n + 4 * (n // h["group_size"])].view("<f4")
             if int8:
-                state[name[:-len("weight")] + "q"] = torch.from_numpy(q.reshape(shape).copy())
-                state[name[:-len("weight")] + "scale"] = torch.from_numpy(scale.reshape(shape[0], -1).copy())
+                state[name[:-len("weight")] + "q"] = torch_copy(q.reshape(shape))
+                state[name[:-len("weight")] + "scale"] = torch_copy(scale.reshape(shape[0], -1))
             else:
                 q = q.astype(np.float32).reshape(-1, h["group_size"])
                 state[name] = torch.from_numpy((q * scale[:, None]).reshape(shape))
             pos += n + 4 * (n // h["group_size"])
         else:
-            t = torch.from_numpy(raw[pos:pos + 4 * n].view("<f4").reshape(shape).copy())
+            t = torch_copy(raw[pos:pos + 4 * n].view("<f4").reshape(shape))
             pos += 4 * n
             if how == "f32":
                 state[name] = t

@@ -86,3 +86,4 @@ def test_bench_decode_builds_run_c_and_times_everything_side_by_side(tmp_path):
     for cmd in result["command"]:
         assert 0 < cmd["startup_seconds"] and 0 < cmd["seconds"] and cmd["peak_rss_mib"] > 100  # torch's own
     assert 0 < result["c_peak_rss_mib"]["run.c"] < 100
+    assert 0 < result["torch_import_seconds"]  # the floor under start-up, printed beside it

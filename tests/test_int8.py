@@ -57,13 +57,34 @@ def decodes_as_eager(ref, model, step):
 
 def test_the_compiled_int8_step_decodes_a_trained_model_as_the_eager_step_to_the_end_of_its_context(tmp_path):
     """stories260K (GQA, tied head): the v2 export read as int8, against the eager step of the same file
-    dequantized: N = 511 greedy tokens agree (measured worst 1.03e-6; fp32: in the generate.py test below)."""
+    dequantized: N = 511 greedy tokens agree (measured worst 1.03e-6; fp32: in the generate.py test below). Then
+    generate.py's loop: the engine calls the step by ids (decode_ids: ints in and out, the kernel the one torch call
+    of a token), and greedy, seeded sampled and log-prob requests get what the eager step gives them."""
+    from engine import Engine, Request
+    from tokenizer import Llama2cTokenizer
     ref = build_model(load_checkpoint(shared("stories260K", "stories260K.bin")))
     write_llama2c(ref.state_dict(), ref.args, tmp_path / "q8.bin", version=2)
     ref = build_model(load_checkpoint(tmp_path / "q8.bin")).eval()  # fp32: the int8 file dequantized
     model = build_model(load_checkpoint(tmp_path / "q8.bin", int8=True)).eval()
     assert is_int8(model)
-    decodes_as_eager(ref, model, CompiledDecoder(model))
+    step = CompiledDecoder(model)
+    decodes_as_eager(ref, model, step)
+    positions, by_ids = [], step.decode_ids
+    step.decode_ids = lambda token, pos: positions.append(pos) or by_ids(token, pos)
+    tok = Llama2cTokenizer(shared("stories260K", "tok512.bin"))
+    ids = tok.encode("Once upon a time", bos=True)
+
+    def requests():
+        return [Request(ids, 80, temperature=0), Request(ids, 80, temperature=1.0, seed=3),
+                Request(ids, 30, temperature=0.8, top_k=20, seed=4, logprobs=2)]
+    eager = Engine(ref, tok, max_batch=1).run(requests())
+    compiled = Engine(model, tok, max_batch=1, decode_step=step).run(requests())
+    for a, b in zip(eager, compiled):
+        assert a.tokens == b.tokens and a.text == b.text and len(set(a.tokens)) > 5
+    assert [lp for lp, _ in compiled[2].token_logprobs] == pytest.approx([lp for lp, _ in eager[2].token_logprobs],
+                                                                         abs=1e-4)
+    # every token after the prefill's came from decode_ids, at the positions in order
+    assert positions == [p for r in compiled for p in range(len(ids), len(ids) + len(r.tokens) - 1)]
 
 
 def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_path):
@@ -164,3 +185,55 @@ def test_generate_py_compiles_a_shape_once_then_loads_it(tmp_path):
     step = CompiledDecoder(model, folder=str(tmp_path / "cache"))
     assert step.cached
     decodes_as_eager(ref, model, step)
+
+
+HUGE = '''
+import re, sys
+from runtime import huge_pages
+huge_pages()
+import torch
+from checkpoint import build_model, load_checkpoint
+from decode import pack_rows
+model = build_model(load_checkpoint(sys.argv[1], int8=True))
+layers = pack_rows(model)
+
+
+def huge_kb(ptr):  # the 2 MB pages of the mapping that holds ptr (an allocation this big is a mapping of its own)
+    inside = False
+    for line in open("/proc/self/smaps"):
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span.group(1), 16) <= ptr < int(span.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+
+
+assert all(ly[0][0].untyped_storage().data_ptr() == layers[0][0][0].untyped_storage().data_ptr() for ly in layers)
+print(huge_kb(model.output.q.data_ptr()), huge_kb(layers[0][0][0].data_ptr()))
+'''
+
+
+def test_the_weights_decoding_streams_sit_on_2_mb_pages_where_the_kernel_offers_them(tmp_path):
+    """runtime.huge_pages (generate.py, bench_decode.py): a v2 file's int8 head (read into memory torch allocates,
+    not numpy) and the compiled step's layer matrices (one tensor for all of them: each alone is under 2 MB) are
+    backed by 2 MB pages, which decode 5-8% faster (README); the user's own THP_MEM_ALLOC_ENABLE=0 wins."""
+    import subprocess
+    import sys
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(thp) or "[never]" in open(thp).read():
+        pytest.skip("this kernel offers no transparent huge pages")
+    # head 4 MB, layers 5 MB: torch madvises an allocation of 2 MB or more at 4 KB alignment, so only a 2 MB block
+    # wholly inside it can be a huge page, and a 4 MB one always holds one
+    m = tiny_model(dim=256, n_layers=6, n_heads=4, hidden_dim=768, vocab_size=16384)
+    write_llama2c(m.state_dict(), m.args, tmp_path / "q8.bin", version=2)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def pages(**env):  # a fresh interpreter: torch reads the setting at its first large allocation
+        e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", HUGE, str(tmp_path / "q8.bin")], capture_output=True, text=True,
+                             env={**e, "PYTHONPATH": repo, **env}, check=True).stdout
+        return [int(x) for x in out.split()]
+    head, layers = pages()
+    assert head >= 2048 and layers >= 2048
+    if "[always]" not in open(thp).read():  # else every large mapping gets them anyway
+        assert pages(THP_MEM_ALLOC_ENABLE="0") == [0, 0]
