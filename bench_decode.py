@@ -125,7 +125,8 @@ class Timed:
     step the engine calls by ids (decode.CompiledDecoder.decode_ids) is wrapped as that."""
 
     def __init__(self, step):
-        self.step, self.first, self.last, self.calls = step, None, None, 0
+        self.first, self.last, self.calls = None, None, 0
+        self.call = self.timed(step)  # made once: the wrapper runs every token
         if hasattr(step, "decode_ids"):
             self.decode_ids = self.timed(step.decode_ids)
 
@@ -139,7 +140,7 @@ class Timed:
         return call
 
     def __call__(self, token, pos):
-        return self.timed(self.step)(token, pos)
+        return self.call(token, pos)
 
 
 def run_ours(model, tok, step, n_threads, n):

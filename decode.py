@@ -141,9 +141,9 @@ def pack_rows(model):
     # every layer's matrices side by side in one tensor per part (views of it): a tensor of 2 MB or more is backed by
     # 2 MB pages (runtime.huge_pages), a matrix of its own here (0.3-1.8 MB in the 15M shape) by 4 KB ones, and the
     # TLB misses of streaming those cost 5-8% of a token (measured, 15M shape, 1 and 2 threads)
-    mods = [m for ly in model.layers for m in (ly.attention.wq, ly.attention.wk, ly.attention.wv, ly.attention.wo,
-                                               ly.feed_forward.w1, ly.feed_forward.w2, ly.feed_forward.w3)]
-    arena = {n: torch.empty(sum(getattr(m, n).numel() for m in mods), dtype=getattr(mods[0], n).dtype) for n in parts}
+    every = [m for ly in model.layers for m in (ly.attention.wq, ly.attention.wk, ly.attention.wv, ly.attention.wo,
+                                                ly.feed_forward.w1, ly.feed_forward.w2, ly.feed_forward.w3)]
+    arena = {n: torch.empty(sum(getattr(m, n).numel() for m in every), dtype=getattr(every[0], n).dtype) for n in parts}
     used = dict.fromkeys(parts, 0)
 
     def stacked(mods):
