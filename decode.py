@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from quant import from_words, to_words
 from runtime import UsageError
 
 
@@ -115,22 +116,40 @@ class FastDecoder:
         return torch.matmul(rms_norm(x, m.norm.weight, self.eps), self.head).view(1, 1, -1)
 
 
+def stored(v):
+    """v as a tensor in memory: inductor inlines a GEMV's input (a norm, the rotary, an int8 embedding row) into the
+    GEMV's loop and recomputes it for every row, but must store a tensor it views with as_strided. (Its own knob for
+    this, a lower realize-opcount threshold, also stores the int8 GEMV's per-weight terms: a full-size buffer.)"""
+    return torch.as_strided(v, v.shape, v.stride())
+
+
 def gemv(w, x):
     """w @ x as run.c computes it, one dot product per row, written so inductor compiles it to a vectorised loop
     over the rows, split across the threads (MKL's GEMV runs on one thread and streams (out, in) at half speed):
-    w (out, in) fp32, or (q, scale) int8 in groups along the row, read as int8 inside the loop."""
-    if isinstance(w, tuple):
-        q, scale = w
-        # one reduction over the whole row (groups and their values), the group's scale broadcast inside it: 2x
-        # faster here than a sum per group then a sum of the scaled groups (measured, 32000x288 head, 1 thread)
-        return (q.view(*scale.shape, -1) * x.view(scale.shape[1], -1) * scale[..., None]).sum((-2, -1))
-    return (w * x).sum(-1)
+    w (out, in) fp32, or (q, scale) int8 in groups along the row, q as quant.to_words lays it out and seen as fp32
+    (4 bytes a value), or, for groups not a multiple of 4, int8 in the values' order."""
+    x = stored(x)
+    if not isinstance(w, tuple):
+        return (w * x).sum(-1)
+    q, scale = w
+    if q.dtype == torch.float32:
+        # 4 weights a word: each byte shifted to the top and back (sign kept) is a lane of 8 (AVX2) or 16 ints, times
+        # a run of consecutive activations. Loaded as fp32 and bit-cast: inductor loads int8 and int32 vectors
+        # through a stack copy on AVX2 (8x slower; 32000x288 head, 1 thread: 14.4 ms as int8, 1.8 ms so)
+        words = q.view(torch.int32).view(*scale.shape, -1)  # (out, groups, gs / 4)
+        xs = x.view(scale.shape[1], 4, -1)  # (groups, 4, gs / 4): run b is the values byte b of the words holds
+        terms = sum(((words << (24 - 8 * b)) >> 24).float() * xs[:, b] for b in range(4))
+        return (terms * scale[..., None]).sum((-2, -1))
+    # one reduction over the whole row (groups and their values), the group's scale broadcast inside it: 2x
+    # faster here than a sum per group then a sum of the scaled groups (measured, 32000x288 head, 1 thread)
+    return (q.view(*scale.shape, -1) * x.view(scale.shape[1], -1) * scale[..., None]).sum((-2, -1))
 
 
 def pack_rows(model):
     """q/k/v and gate/up stacked along their rows (one GEMV each), in place: the model's weights (fp32 parameters
     or quant.Int8Linear's q and scale) become row slices of the stacked tensors, one copy, eager code unchanged.
-    Returns [(wqkv, wo, w13, w2)] per layer, each a tensor or a (q, scale) pair."""
+    int8 q in groups of a multiple of 4 is regrouped into words (quant.to_words), the head and embedding too, which
+    Int8Linear reads back in order. Returns [(wqkv, wo, w13, w2)] per layer, each a tensor or a (q, scale) pair."""
     if getattr(model, "packed_rows", None) is not None:
         return model.packed_rows
     if getattr(model, "packed", None) is not None:
@@ -138,6 +157,13 @@ def pack_rows(model):
 
     int8 = hasattr(model.layers[0].attention.wq, "q")
     parts = ("q", "scale") if int8 else ("weight",)
+    gs = model.tok_embeddings.q.shape[1] // model.tok_embeddings.scale.shape[1] if int8 else 0
+    words = int8 and gs % 4 == 0 and not model.tok_embeddings.words
+
+    def laid_out(m, n):
+        t = getattr(m, n).detach()
+        return to_words(t, gs) if words and n == "q" else t
+
     # every layer's matrices side by side in one tensor per part (views of it): a tensor of 2 MB or more is backed by
     # 2 MB pages (runtime.huge_pages), a matrix of its own here (0.3-1.8 MB in the 15M shape) by 4 KB ones, and the
     # TLB misses of streaming those cost 5-8% of a token (measured, 15M shape, 1 and 2 threads)
@@ -149,7 +175,7 @@ def pack_rows(model):
     def stacked(mods):
         whole = []
         for n in parts:
-            pieces = [getattr(m, n).detach() for m in mods]
+            pieces = [laid_out(m, n) for m in mods]
             rows, cols = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
             whole.append(torch.cat(pieces, out=arena[n][used[n]:used[n] + rows * cols].view(rows, cols)))
             used[n] += rows * cols
@@ -159,17 +185,28 @@ def pack_rows(model):
             for n, w in zip(parts, whole):
                 piece = w[start:start + rows]
                 setattr(m, n, piece if int8 else torch.nn.Parameter(piece, requires_grad=False))
+            if int8:
+                m.words = words
             start += rows
         return tuple(whole) if int8 else whole[0]
 
     model.packed_rows = [(stacked([ly.attention.wq, ly.attention.wk, ly.attention.wv]), stacked([ly.attention.wo]),
                           stacked([ly.feed_forward.w1, ly.feed_forward.w3]), stacked([ly.feed_forward.w2]))
                          for ly in model.layers]
+    if words:  # the head and the embedding (one tensor when tied), regrouped once each
+        done = {}
+        for m in (model.tok_embeddings, model.output):
+            m.q = done.setdefault(id(m.q), to_words(m.q, gs).contiguous())
+            m.words = True
     return model.packed_rows
 
 
-def weights_of(m):
-    return (m.q, m.scale) if hasattr(m, "q") else m.weight.detach()
+def weights_of(m, gemv=True):
+    """What the compiled step takes of a layer: its fp32 weight, or int8 (q, scale), q regrouped into words seen as
+    fp32 where it is (gemv's input), else int8 (an embedding row, looked up and put back in order in the step)."""
+    if not hasattr(m, "q"):
+        return m.weight.detach()
+    return (m.q.view(torch.float32) if m.words and gemv else m.q, m.scale)
 
 
 def cache_dir():
@@ -199,6 +236,8 @@ class CompiledDecoder:
                     "on CUDA --compile=True compiles the model's own step")
         a, self.model = model.args, model
         layers = pack_rows(model)
+        words = getattr(model.output, "words", False)  # int8 regrouped into words: gemv reads them as fp32
+        layers = [tuple((w[0].view(torch.float32), w[1]) if words else w for w in ly) for ly in layers]
         hd, nh, nkv, hidden, eps = a.dim // a.n_heads, a.n_heads, a.n_kv_heads, a.hidden_dim, a.norm_eps
         scale = 1.0 / math.sqrt(hd)
 
@@ -209,8 +248,10 @@ class CompiledDecoder:
             def forward(self, token, filled, best, emb, layers, norms, final_norm, head, cos, sin, caches):
                 p = filled.shape[0] - 1  # the position, as the length of an empty (filled, 0) tensor: a dynamic size
                 token = token.view(1)
-                if isinstance(emb, tuple):  # an int8 row: dequantized on its own
-                    x = (emb[0][token].float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
+                if isinstance(emb, tuple):  # an int8 row: put in order and dequantized on its own
+                    row = emb[0][token].view(-1)
+                    row = from_words(row, row.shape[0] // emb[1].shape[1]) if words else row
+                    x = (row.float().view(emb[1].shape[1], -1) * emb[1][token].view(-1, 1)).view(-1)
                 else:
                     x = emb[token].view(-1)
                 c, s = cos[p], sin[p]
@@ -233,7 +274,7 @@ class CompiledDecoder:
                 return logits.view(1, -1)  # from the buffer it shares with Python, no tensor op
 
         self.step = Step()
-        self.args = (weights_of(model.tok_embeddings), layers,
+        self.args = (weights_of(model.tok_embeddings, gemv=False), layers,
                      [(ly.attention_norm.weight.detach(), ly.ffn_norm.weight.detach()) for ly in model.layers],
                      model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
         # the KV cache the engine will attach (model.setup_cache(1)): its shape is part of the package
@@ -272,18 +313,12 @@ class CompiledDecoder:
         """Export the step for these inputs and compile it into self.path (a temporary file, then renamed: a
         killed compile leaves no half package, and two processes compiling the same shape both end well)."""
         from torch.export import Dim, export
-        import torch._inductor.config as inductor_config
         n = caches[0][0].shape[2]
         token, best = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         example = (token, torch.empty(max(2, n // 2), 0), best, *self.args, caches)
         shapes = [torch.utils._pytree.tree_map(lambda t: None, x) for x in example]
         shapes[1] = {0: Dim("filled", min=2, max=n)}
-        # inductor inlines a GEMV's input (the norm, the rotary, the int8 embedding row) into the GEMV's loop and
-        # recomputes it for every row; a lower bar for storing such a pointwise result first keeps the loops to
-        # weight * vector (int8 15M shape, 1 thread: 3.6 -> 1.3 ms a token)
-        knob = "realize_cpu_opcount_threshold"  # older torch: one knob for every device
-        options = {knob if hasattr(inductor_config, knob) else "realize_opcount_threshold": 8,
-                   "cpp.threads": self.threads}  # the key's count, whatever torch's is by the first call
+        options = {"cpp.threads": self.threads}  # the key's count, whatever torch's is by the first call
         tmp = f"{self.path}.{os.getpid()}.tmp.pt2"
         try:
             with torch.no_grad(), warnings.catch_warnings():

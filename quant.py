@@ -193,24 +193,48 @@ EXPORT_OF = {"llama2c_q8": "--format=llama2c_q8", "q8_0": "--format=gguf_q8", "q
 
 # ---- int8 inference: weights kept as llama2.c's version-2 file keeps them (llama2c_q8 groups along the rows)
 
+def to_words(q, gs):
+    """q's values regrouped for a CPU loop that reads them 4 bytes at a time (decode.CompiledDecoder): each group of
+    gs values (gs a multiple of 4) as gs/4 words of 4 bytes, byte b of word k holding the group's value b*gs/4 + k,
+    so the 4 bytes of consecutive words meet 4 runs of consecutive activations. Along q's last dimension."""
+    return q.unflatten(-1, (-1, 4, gs // 4)).transpose(-1, -2).flatten(-3)
+
+
+def from_words(q, gs):
+    """to_words undone: the values in their own order."""
+    return q.unflatten(-1, (-1, gs // 4, 4)).transpose(-1, -2).flatten(-3)
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is int8, q (out, in), with one fp32 scale per group of gs along each row, scale
     (out, in // gs): a quarter of fp32's memory. forward dequantizes the weight for F.linear, so every path runs
     (prefill, batched serving, the GPU, compile=True's CUDA graphs); decode.CompiledDecoder's batch-1 CPU step
-    instead reads the int8 bytes directly in its fused loops."""
+    instead reads the int8 bytes directly in its fused loops, from q regrouped in place (to_words; words=True),
+    which the weight, the embedding's rows and the state dict read back in the values' own order."""
+    words = False
 
     def __init__(self, q, scale):
         super().__init__()
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
 
+    def values(self, q=None):
+        """q (or rows of it) in the values' own order, whatever the layout in memory."""
+        q = self.q if q is None else q
+        return from_words(q, self.q.shape[1] // self.scale.shape[1]) if self.words else q
+
     @property
     def weight(self):
         """The float32 weight a reader of the v2 file reconstructs (quant.dequantize's values, same bits)."""
-        return (self.q.view(*self.scale.shape, -1).float() * self.scale[..., None]).view(self.q.shape)
+        return (self.values().reshape(*self.scale.shape, -1).float() * self.scale[..., None]).view(self.q.shape)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.words:  # a checkpoint or export written from a decoding model gets the file's order
+            destination[prefix + "q"] = self.values()
 
 
 class Int8Embedding(Int8Linear):
@@ -218,7 +242,7 @@ class Int8Embedding(Int8Linear):
 
     def forward(self, idx):
         gs = self.q.shape[1] // self.scale.shape[1]
-        return (self.q[idx].float().unflatten(-1, (-1, gs)) * self.scale[idx][..., None]).flatten(-2)
+        return (self.values(self.q[idx]).float().unflatten(-1, (-1, gs)) * self.scale[idx][..., None]).flatten(-2)
 
 
 def to_int8(model, gs=0, state=None):

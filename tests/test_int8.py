@@ -87,6 +87,34 @@ def test_the_compiled_int8_step_decodes_a_trained_model_as_the_eager_step_to_the
     assert positions == [p for r in compiled for p in range(len(ids), len(ids) + len(r.tokens) - 1)]
 
 
+def test_the_compiled_int8_step_reads_the_files_values_regrouped_into_words_in_place(tmp_path):
+    """Groups of 32 (dim 64, hidden 96): the compiled step regroups q into 4-byte words in place (quant.to_words,
+    its loop's layout: int8 vectors load 8x slower on AVX2). gemv over the words is the dequantized matrix times x;
+    the model's weights, embedding rows and state dict still give the file's values in order, and the step decodes
+    as the eager step of the same file to the end of the context."""
+    from decode import gemv
+    from quant import from_words, to_words
+    torch.manual_seed(0)
+    q, scale = quantize(torch.randn(40, 64), "llama2c_q8", 32)
+    q, scale, x = q.view(40, 64), scale.view(40, 2), torch.randn(64)
+    words = to_words(q, 32)
+    assert torch.equal(from_words(words, 32), q) and not torch.equal(words, q)
+    assert torch.equal(words[0, :8], q[0, [0, 8, 16, 24, 1, 9, 17, 25]])  # word k of a group: values k, k+8, ...
+    dequantized = (q.view(40, 2, 32).float() * scale[..., None]).view(40, 64)
+    assert torch.allclose(gemv((words.contiguous().view(torch.float32), scale), x), dequantized @ x, atol=1e-5)
+    m = tiny_model(dim=64, hidden_dim=96, vocab_size=300)
+    write_llama2c(m.state_dict(), m.args, tmp_path / "q8.bin", version=2)
+    ref, model = (build_model(load_checkpoint(tmp_path / "q8.bin", int8=True)) for _ in range(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = CompiledDecoder(model, folder=str(tmp_path / "cache"))
+    wq = model.layers[0].attention.wq
+    assert model.output.words and wq.words and not torch.equal(wq.q, before["layers.0.attention.wq.q"])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the file's order, whatever memory holds
+    assert torch.equal(wq.weight, ref.layers[0].attention.wq.weight)
+    decodes_as_eager(ref, model, step)
+
+
 def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_path):
     """A package that does not load (here: a truncated file where it should be) is removed and compiled again,
     and the step then gives the eager step's logits. A compile prunes the folder: packages unused for 30 days and
