@@ -47,6 +47,7 @@ decode = True                       # also time batch-1 and batch-N greedy decod
 decode_batch = 8                    # N of batch-N decoding
 decode_tokens = 128                 # new tokens per decode run (fewer if the context is shorter)
 compile_decode = False              # time decoding through a compiled model.decode_step (CUDA graphs on CUDA)
+decode_int8 = False                 # decode with int8 weights (quant.to_int8: llama2.c's groups, fp32 scales)
 memory_cap_gb = 0.0                 # >0 (CUDA): cap training runs at this many GiB, as train.py does
 trace_memory = False                # also trace one training step on fake tensors: its peak of live tensor bytes
 train_runs = True                   # run train.py per setting; False: with trace_memory, estimates only (any machine);
@@ -92,6 +93,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import optim  # noqa: E402
 from data import write_token_dataset  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from quant import to_int8  # noqa: E402
 from runtime import UsageError, check_output, device_and_dtype, peak_flops, write_text  # noqa: E402
 
 # the one device/dtype rule, except that a trace-only call plans a GPU run, so it traces in bf16
@@ -315,6 +317,8 @@ def time_decode(size, dev, ptdtype, batch, compiled):
     model = Transformer(args).to(dev).eval()
     if ptdtype != torch.float32:
         model = model.to(ptdtype)  # decoding reads every weight per token: half-width weights, half the bytes
+    if decode_int8:
+        to_int8(model)  # a quarter of fp32's bytes (the norms stay in ptdtype, the scales fp32)
     prompt = torch.randint(args.vocab_size, (batch, 16), device=dev)
     n_new = min(decode_tokens, args.max_seq_len - 16)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -416,9 +420,10 @@ def main():
                 results["llama2c"].append(compare_llama2c(size, comp, results["train"], dev, dt, peak, tmp))
     if decode and not find_max and (train_runs or not trace_memory):  # a trace-only call runs nothing real
         for size in size_list:
-            for batch in (1, decode_batch):
+            for batch in sorted({1, decode_batch}):
                 tok_s = time_decode(size, dev, getattr(torch, dt), batch, compile_decode)
-                results["decode"].append({"size": size, "batch": batch, "compiled": compile_decode, "tok_per_s": tok_s})
+                results["decode"].append({"size": size, "batch": batch, "compiled": compile_decode,
+                                          "int8": decode_int8, "tok_per_s": tok_s})
 
     print(f"\n{'size':>5} {'params':>8} {'opt':>5} {'comp':>5} {'ckpt':>5} {'in_bw':>5} {'B x T':>9} "
           f"{'tok/s':>10} {'MFU':>6} {'peak GiB':>8} {'traced':>6}  status")
@@ -434,7 +439,8 @@ def main():
               + (f"{r['tok_per_s']:,.0f} tok/s, MFU {fmt(r['mfu'] * 100 if r['mfu'] else None, '.1f')} (ours/llama2.c: "
                  f"{fmt(r['ours_over_llama2c'], '.2f')}x)" if r["status"] == "ok" else f"{r['status']}: {r['error']}"))
     for r in results["decode"]:
-        print(f"decode {r['size']:>5} batch {r['batch']:>3} compiled={r['compiled']}: {r['tok_per_s']:,.0f} tok/s")
+        print(f"decode {r['size']:>5} batch {r['batch']:>3} compiled={r['compiled']} int8={r['int8']}: "
+              f"{r['tok_per_s']:,.0f} tok/s")
     for r in results["find_max"]:
         print(f"largest model training under {r['memory_cap_gb']} GiB with {r['optimizer']} (by {r['by']}): "
               f"{r['largest']} ({r['params'] / 1e6:,.0f}M params)")

@@ -229,7 +229,13 @@ class Int8Linear(nn.Module):
         return (self.values().reshape(*self.scale.shape, -1).float() * self.scale[..., None]).view(self.q.shape)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight.to(x.dtype)
+        if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+            # one row (batch-1 decoding) under torch.compile (generate.py --compile=True on CUDA): the products summed
+            # as a reduction, into which inductor fuses the dequantization, so the GEMV reads 1 byte a weight;
+            # F.linear would read a dequantized copy written first (1 + 2 + 2 bytes a weight in bf16)
+            return (x.unsqueeze(-2) * w).sum(-1)
+        return F.linear(x, w)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -17,7 +17,7 @@ from runtime import UsageError
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_a_v2_file_read_as_int8_is_the_dequantized_model_in_a_third_of_the_memory(tmp_path, tie):
+def test_a_v2_file_read_as_int8_is_the_dequantized_model_in_a_third_of_the_memory(tmp_path, tie, monkeypatch):
     m = tiny_model(dim=64, hidden_dim=96, vocab_size=300, tie_embeddings=tie)
     write_llama2c(m.state_dict(), m.args, tmp_path / "q8.bin", version=2)
     int8 = build_model(load_checkpoint(tmp_path / "q8.bin", int8=True))
@@ -37,6 +37,12 @@ def test_a_v2_file_read_as_int8_is_the_dequantized_model_in_a_third_of_the_memor
     assert torch.equal(int8.layers[1].feed_forward.w2.scale, scale.view(64, 3))
     assert isinstance(load_any(str(tmp_path / "q8.bin"))[0].layers[0].attention.wo, Int8Linear)  # 'auto' keeps int8
     assert not is_int8(load_any(str(tmp_path / "q8.bin"), weights="fp32")[0])
+    # one row under torch.compile (CUDA's batch-1 step): a reduction inductor fuses with the dequantization, F.linear's
+    # values; more rows keep F.linear
+    layer, row, rows = int8.layers[0].attention.wq, torch.randn(1, 1, 64), torch.randn(2, 3, 64)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.allclose(layer(row), torch.nn.functional.linear(row, layer.weight), atol=1e-6)
+    assert torch.equal(layer(rows), torch.nn.functional.linear(rows, layer.weight))
 
 
 def decodes_as_eager(ref, model, step):
