@@ -309,7 +309,7 @@ def compare_llama2c(size, comp, ours, dev, dt, peak, tmp):
 
 
 def time_decode(size, dev, ptdtype, batch, compiled):
-    """Greedy decoding tokens/s (all rows together) after one untimed warm-up run; includes a 16-token prefill."""
+    """Greedy decoding tokens/s (all rows together), its results row; one untimed warm-up run, a 16-token prefill."""
     args = model_args(size)
     if compiled:  # fresh compile caches: a new model per size/batch would pile up recompiles until dynamo's
         torch.compiler.reset()  # recompile limit silently sends the step back to eager, and old CUDA graphs hold memory
@@ -328,7 +328,8 @@ def time_decode(size, dev, ptdtype, batch, compiled):
     t = time.perf_counter()
     model.generate(prompt, n_new, temperature=0, decode_step=step)
     sync()
-    return batch * n_new / (time.perf_counter() - t)
+    tok_s = batch * n_new / (time.perf_counter() - t)
+    return dict(size=size, batch=batch, compiled=compiled, int8=decode_int8, tok_per_s=tok_s)
 
 
 def fmt(v, spec):
@@ -419,11 +420,8 @@ def main():
             for size, comp in itertools.product(size_list, compile) if llama2c_dir and train_runs else ():
                 results["llama2c"].append(compare_llama2c(size, comp, results["train"], dev, dt, peak, tmp))
     if decode and not find_max and (train_runs or not trace_memory):  # a trace-only call runs nothing real
-        for size in size_list:
-            for batch in sorted({1, decode_batch}):
-                tok_s = time_decode(size, dev, getattr(torch, dt), batch, compile_decode)
-                results["decode"].append({"size": size, "batch": batch, "compiled": compile_decode,
-                                          "int8": decode_int8, "tok_per_s": tok_s})
+        for size, batch in itertools.product(size_list, sorted({1, decode_batch})):
+            results["decode"].append(time_decode(size, dev, getattr(torch, dt), batch, compile_decode))
 
     print(f"\n{'size':>5} {'params':>8} {'opt':>5} {'comp':>5} {'ckpt':>5} {'in_bw':>5} {'B x T':>9} "
           f"{'tok/s':>10} {'MFU':>6} {'peak GiB':>8} {'traced':>6}  status")

@@ -193,11 +193,10 @@ def pack_rows(model):
     model.packed_rows = [(stacked([ly.attention.wq, ly.attention.wk, ly.attention.wv]), stacked([ly.attention.wo]),
                           stacked([ly.feed_forward.w1, ly.feed_forward.w3]), stacked([ly.feed_forward.w2]))
                          for ly in model.layers]
-    if words:  # the head and the embedding (one tensor when tied), regrouped once each
-        done = {}
-        for m in (model.tok_embeddings, model.output):
-            m.q = done.setdefault(id(m.q), to_words(m.q, gs).contiguous())
-            m.words = True
+    if words:  # the head and the embedding (one tensor when tied), regrouped in their own memory, once each
+        for q in {id(m.q): m.q for m in (model.tok_embeddings, model.output)}.values():
+            q.copy_(to_words(q, gs))
+        model.tok_embeddings.words = model.output.words = True
     return model.packed_rows
 
 

@@ -9,6 +9,7 @@
 Imports nothing of ours: every library file may import it.
 """
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -90,8 +91,13 @@ def huge_pages():
     offers them; every 2 MB-aligned block inside such a tensor): batch-1 decoding streams every weight once a token,
     and on 4 KB pages the TLB misses cost 5-8% of a token (15M shape, 1 and 2 threads, measured in one process).
     torch reads the setting at its first large allocation: call before loading a model. A THP_MEM_ALLOC_ENABLE the
-    user set wins."""
+    user set wins. With it, glibc's malloc is told to map every block of 2 MB or more afresh: by default, after a
+    large free it serves such blocks from heap memory already touched, hence on 4 KB pages (seen: a model's head
+    regrouped in memory landed there about one time in two)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: no mallopt
+            ctypes.CDLL(None).mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD, fixed (glibc's own moves up to 32 MB)
 
 
 def check(ok, message):
