@@ -105,9 +105,8 @@ TRAIN_DEFAULTS = {k: v for k, (v, _) in script_settings(os.path.join(REPO, "trai
 
 def names(text, allowed, key):
     out = [s.strip() for s in text.split(",") if s.strip()]
-    for n in out:
-        if n not in allowed:
-            raise UsageError(f"{key}: '{n}' is not one of {', '.join(allowed)}")
+    for n in (n for n in out if n not in allowed):
+        raise UsageError(f"{key}: '{n}' is not one of {', '.join(allowed)}")
     return out
 
 
@@ -315,19 +314,20 @@ def time_decode(size, dev, ptdtype, batch, compiled):
         torch.compiler.reset()  # recompile limit silently sends the step back to eager, and old CUDA graphs hold memory
     torch.manual_seed(0)
     model = Transformer(args).to(dev).eval()
-    if ptdtype != torch.float32:
+    if decode_int8:  # a quarter of fp32's bytes; the rest fp32 under autocast, as generate.py runs int8
+        to_int8(model)
+    elif ptdtype != torch.float32:
         model = model.to(ptdtype)  # decoding reads every weight per token: half-width weights, half the bytes
-    if decode_int8:
-        to_int8(model)  # a quarter of fp32's bytes (the norms stay in ptdtype, the scales fp32)
     prompt = torch.randint(args.vocab_size, (batch, 16), device=dev)
     n_new = min(decode_tokens, args.max_seq_len - 16)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True) if compiled else None
-    model.generate(prompt, n_new, temperature=0, decode_step=step)  # warm-up (and compilation)
-    sync()
-    t = time.perf_counter()
-    model.generate(prompt, n_new, temperature=0, decode_step=step)
-    sync()
+    with torch.autocast(dev.type, dtype=ptdtype, enabled=decode_int8 and ptdtype != torch.float32):
+        model.generate(prompt, n_new, temperature=0, decode_step=step)  # warm-up (and compilation)
+        sync()
+        t = time.perf_counter()
+        model.generate(prompt, n_new, temperature=0, decode_step=step)
+        sync()
     tok_s = batch * n_new / (time.perf_counter() - t)
     return dict(size=size, batch=batch, compiled=compiled, int8=decode_int8, tok_per_s=tok_s)
 

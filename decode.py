@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 
@@ -158,7 +159,9 @@ def pack_rows(model):
     int8 = hasattr(model.layers[0].attention.wq, "q")
     parts = ("q", "scale") if int8 else ("weight",)
     gs = model.tok_embeddings.q.shape[1] // model.tok_embeddings.scale.shape[1] if int8 else 0
-    words = int8 and gs % 4 == 0 and not model.tok_embeddings.words
+    if int8 and model.tok_embeddings.words:
+        raise UsageError("this model's int8 weights were regrouped by an earlier packing; load it afresh")
+    words = int8 and gs % 4 == 0
 
     def laid_out(m, n):
         t = getattr(m, n).detach()
@@ -226,7 +229,7 @@ class CompiledDecoder:
     .pt2 package. The package takes the weights and the KV cache as inputs, so it serves every model of the same
     shape: the first run of a shape compiles (20-30 s on 2 cores), every later one loads it in milliseconds,
     without importing torch's compiler. fp32 logits equal the eager step's to float tolerance; int8 equals the
-    eager step of the dequantized model to float tolerance (the same products, summed per group). Compiled for
+    eager step of the dequantized model to float tolerance (the same products, summed in another order). Compiled for
     torch's thread count at construction (part of the package's key); the position is a dynamic size, so one
     package serves every cache length up to the context."""
 
@@ -278,8 +281,11 @@ class CompiledDecoder:
                      model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
         # the KV cache the engine will attach (model.setup_cache(1)): its shape is part of the package
         self.kind = [(torch.float32, (nkv, a.max_seq_len, hd))] * (2 * a.n_layers)
-        with open(__file__, "rb") as f:  # this code, as it computes the step
-            code = hashlib.sha256(f.read()).hexdigest()
+        code = hashlib.sha256()  # this code, as it computes the step, and quant's layout of the int8 words
+        for path in (__file__, sys.modules[to_words.__module__].__file__):
+            with open(path, "rb") as f:
+                code.update(f.read())
+        code = code.hexdigest()
         self.threads, self.vocab, self.context = torch.get_num_threads(), a.vocab_size, a.max_seq_len
         key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), code,
                           [(str(t.dtype), tuple(t.shape), t.stride()) for t in _tensors(self.args)],

@@ -13,6 +13,8 @@ dequantize(*quantize(w, fmt)) is bit for bit what a reader of the file gets back
 reader and runq.c). Activations can be fake-quantized the way the format's C runtime quantizes them before its
 integer dot products (runq.c's quantize(); ggml's Q8_0 rows for Q8_0 and Q4_0 weights).
 """
+import itertools
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -196,7 +198,8 @@ EXPORT_OF = {"llama2c_q8": "--format=llama2c_q8", "q8_0": "--format=gguf_q8", "q
 def to_words(q, gs):
     """q's values regrouped for a CPU loop that reads them 4 bytes at a time (decode.CompiledDecoder): each group of
     gs values (gs a multiple of 4) as gs/4 words of 4 bytes, byte b of word k holding the group's value b*gs/4 + k,
-    so the 4 bytes of consecutive words meet 4 runs of consecutive activations. Along q's last dimension."""
+    so the 4 bytes of consecutive words meet 4 runs of consecutive activations. Along q's last dimension. Byte b
+    is the word's bits 8b..8b+7 on a little-endian CPU (x86, ARM: what the compiled step runs on)."""
     return q.unflatten(-1, (-1, 4, gs // 4)).transpose(-1, -2).flatten(-3)
 
 
@@ -208,7 +211,8 @@ def from_words(q, gs):
 class Int8Linear(nn.Module):
     """A linear layer whose weight is int8, q (out, in), with one fp32 scale per group of gs along each row, scale
     (out, in // gs): a quarter of fp32's memory. forward dequantizes the weight for F.linear, so every path runs
-    (prefill, batched serving, the GPU, compile=True's CUDA graphs); decode.CompiledDecoder's batch-1 CPU step
+    (prefill, batched serving, the GPU, compile=True's CUDA graphs; one row under torch.compile: a reduction the
+    dequantization fuses into); decode.CompiledDecoder's batch-1 CPU step
     instead reads the int8 bytes directly in its fused loops, from q regrouped in place (to_words; words=True),
     which the weight, the embedding's rows and the state dict read back in the values' own order."""
     words = False
@@ -233,7 +237,7 @@ class Int8Linear(nn.Module):
         if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
             # one row (batch-1 decoding) under torch.compile (generate.py --compile=True on CUDA): the products summed
             # as a reduction, into which inductor fuses the dequantization, so the GEMV reads 1 byte a weight;
-            # F.linear would read a dequantized copy written first (1 + 2 + 2 bytes a weight in bf16)
+            # F.linear would read a dequantized copy written first (under autocast, a cast copy of that too)
             return (x.unsqueeze(-2) * w).sum(-1)
         return F.linear(x, w)
 
@@ -286,10 +290,10 @@ def is_int8(model):
 
 def weight_bytes(model):
     """(bytes the model's weights take, bytes they would take in fp32), each tensor once (a tied head, packed
-    views)."""
-    seen, fp32 = {}, 0
-    for name, t in model.state_dict().items():
-        if t.data_ptr() not in seen:
+    views). Read from the module's own tensors: a state dict of regrouped int8 (Int8Linear.words) is a copy."""
+    seen, fp32, saved = {}, 0, set(model.state_dict())  # persistent tensors only, not the rotary tables
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name in saved and t.data_ptr() not in seen:
             seen[t.data_ptr()] = t.numel() * t.element_size()
             fp32 += 0 if name.endswith(".scale") else 4 * t.numel()
     return sum(seen.values()), fp32

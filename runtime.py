@@ -93,9 +93,10 @@ def huge_pages():
     torch reads the setting at its first large allocation: call before loading a model. A THP_MEM_ALLOC_ENABLE the
     user set wins. With it, glibc's malloc is told to map every block of 2 MB or more afresh: by default, after a
     large free it serves such blocks from heap memory already touched, hence on 4 KB pages (seen: a model's head
-    regrouped in memory landed there about one time in two)."""
+    regrouped in memory landed there about one time in two). For the whole process, so a large temporary (a
+    prefill's logits) is mapped and faulted in afresh each time, on 2 MB pages: for the decoding scripts only."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if os.environ["THP_MEM_ALLOC_ENABLE"] == "1":
+    if os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc: no mallopt
             ctypes.CDLL(None).mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD, fixed (glibc's own moves up to 32 MB)
 

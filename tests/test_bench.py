@@ -121,6 +121,14 @@ def test_inductor_compiled_decode_picks_the_same_tokens():
                            model.generate(prompt, 30, temperature=0))
 
 
+def test_int8_decoding_times_under_autocast_as_generate_py_runs_it(bench, monkeypatch):
+    """bench.py --decode_int8 in bf16 (the GPU plan's dtype): int8 layers, the rest fp32 under autocast."""
+    monkeypatch.setattr(bench, "decode_int8", True)
+    monkeypatch.setattr(bench, "decode_tokens", 8)
+    row = bench.time_decode("tiny", torch.device("cpu"), torch.bfloat16, 1, False)
+    assert row["int8"] and row["batch"] == 1 and row["tok_per_s"] > 0
+
+
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench.py"])  # bench.py reads its --key=value flags at import
