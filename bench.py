@@ -105,8 +105,8 @@ TRAIN_DEFAULTS = {k: v for k, (v, _) in script_settings(os.path.join(REPO, "trai
 
 def names(text, allowed, key):
     out = [s.strip() for s in text.split(",") if s.strip()]
-    for n in (n for n in out if n not in allowed):
-        raise UsageError(f"{key}: '{n}' is not one of {', '.join(allowed)}")
+    if bad := [n for n in out if n not in allowed]:
+        raise UsageError(f"{key}: '{bad[0]}' is not one of {', '.join(allowed)}")
     return out
 
 

@@ -203,12 +203,8 @@ def pack_rows(model):
     return model.packed_rows
 
 
-def weights_of(m, gemv=True):
-    """What the compiled step takes of a layer: its fp32 weight, or int8 (q, scale), q regrouped into words seen as
-    fp32 where it is (gemv's input), else int8 (an embedding row, looked up and put back in order in the step)."""
-    if not hasattr(m, "q"):
-        return m.weight.detach()
-    return (m.q.view(torch.float32) if m.words and gemv else m.q, m.scale)
+def weights_of(m):
+    return (m.q, m.scale) if hasattr(m, "q") else m.weight.detach()
 
 
 def cache_dir():
@@ -238,8 +234,11 @@ class CompiledDecoder:
                     "on CUDA --compile=True compiles the model's own step")
         a, self.model = model.args, model
         layers = pack_rows(model)
-        words = getattr(model.output, "words", False)  # int8 regrouped into words: gemv reads them as fp32
-        layers = [tuple((w[0].view(torch.float32), w[1]) if words else w for w in ly) for ly in layers]
+        words = getattr(model.output, "words", False)  # int8 regrouped into words: gemv reads them seen as fp32
+
+        def for_gemv(w):
+            return (w[0].view(torch.float32), w[1]) if words else w
+        layers = [tuple(map(for_gemv, ly)) for ly in layers]
         hd, nh, nkv, hidden, eps = a.dim // a.n_heads, a.n_heads, a.n_kv_heads, a.hidden_dim, a.norm_eps
         scale = 1.0 / math.sqrt(hd)
 
@@ -276,9 +275,9 @@ class CompiledDecoder:
                 return logits.view(1, -1)  # from the buffer it shares with Python, no tensor op
 
         self.step = Step()
-        self.args = (weights_of(model.tok_embeddings, gemv=False), layers,
+        self.args = (weights_of(model.tok_embeddings), layers,
                      [(ly.attention_norm.weight.detach(), ly.ffn_norm.weight.detach()) for ly in model.layers],
-                     model.norm.weight.detach(), weights_of(model.output), model.rope_cos, model.rope_sin)
+                     model.norm.weight.detach(), for_gemv(weights_of(model.output)), model.rope_cos, model.rope_sin)
         # the KV cache the engine will attach (model.setup_cache(1)): its shape is part of the package
         self.kind = [(torch.float32, (nkv, a.max_seq_len, hd))] * (2 * a.n_layers)
         code = hashlib.sha256()  # this code, as it computes the step, and quant's layout of the int8 words
