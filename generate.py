@@ -182,3 +182,9 @@ def chat_main(engine, gen, ctx):
 
 if __name__ == "__main__":
     main()
+    # done: skip the interpreter's teardown of torch's ~170,000 objects and the model (0.12-0.14 s, a tenth of a short
+    # command's time; measured). Only when nothing here started inductor, whose exit handlers stop its compile workers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "torch._inductor" not in sys.modules:
+        os._exit(0)

@@ -46,8 +46,9 @@ def _one_line(exc):
                errno.ENOTDIR: "a part of that path is a file, not a folder: fix the path",
                errno.ENOENT: "check the path",
                errno.EEXIST: "a file of that name is in the way of a folder: pass another path",
+               errno.EPIPE: "the program reading this output closed it (e.g. `| head`); the rest was not written",
                }.get(exc.errno, "check the path, its permissions and free disk space")
-        return f"{exc.strerror or exc}:{where}; {fix}"
+        return f"{exc.strerror or exc}{':' if where else ''}{where}; {fix}"
     return None
 
 

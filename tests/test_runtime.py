@@ -63,6 +63,9 @@ if kind == "interrupt":
     raise KeyboardInterrupt
 if kind == "bug":
     raise ZeroDivisionError("a real bug")
+if kind == "pipe":
+    while True:
+        print("x" * 100)
 """
 
 
@@ -75,6 +78,18 @@ def test_handle_errors_prints_one_line(tmp_path, kind, fragment, status):
                           env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == status
     assert fragment in one_line_error(proc)
+
+
+def test_a_reader_that_stops_early_gets_one_line_not_a_path_hint(tmp_path):
+    """`script | head`: the pipe closes while the script still writes; one line says so, status 1."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, "pipe"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PYTHONPATH": str(REPO)})
+    assert proc.stdout.read(1000).startswith("x")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert err.strip() == ("error: Broken pipe; the program reading this output closed it (e.g. `| head`); the rest "
+                           "was not written")
 
 
 def test_ctrl_c_is_quiet_with_status_130_and_bugs_keep_their_traceback(tmp_path):
