@@ -268,8 +268,9 @@ class CompiledDecoder:
                     keys, values = ck.index_select(1, upto), cv.index_select(1, upto)
                     scores = (keys[:, None] * q[:, :, None]).sum(-1) * scale
                     # softmax by hand: inductor inlines its division into the sum over the values below, a division
-                    # per value read (hd / 8 times per probability); times the sum's reciprocal, computed once a head
-                    # (15M shape, 1 thread: 3.7-4% a token, alternated call by call)
+                    # per vector of values read (hd / 8 per probability on AVX2); times the sum's reciprocal, computed
+                    # once a head (15M shape, alternated call by call: 1 thread +3.7-4% a token; 2 threads -2.0-2.4%,
+                    # though the C++ differs by that multiplication alone: code placement, see BENCHMARKS.md)
                     e = torch.exp(scores - scores.amax(-1, keepdim=True))
                     probs = e * (1 / e.sum(-1, keepdim=True))
                     x = x + gemv(wo, (probs[..., None] * values[:, None]).sum(-2).view(-1))

@@ -79,8 +79,12 @@ def handle_errors():
             line, seen = _one_line(seen), seen.__cause__ or seen.__context__
         if line is None:
             return previous(kind, exc, tb)  # a bug, not bad input: the traceback is what helps
-        if not quiet:
+        try:
             sys.stdout.flush()
+        except BrokenPipeError:  # `| head` closed it: what is still buffered goes nowhere, and Python's own flush at
+            with contextlib.suppress(OSError, ValueError):  # exit must not fail again (status 120, two tracebacks)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not quiet:
             print(f"error: {line}", file=sys.stderr, flush=True)
         # returning lets Python exit with status 1 as for any uncaught exception
 
