@@ -1,9 +1,10 @@
-"""run_script's fast path: each script still runs in a process of its own, forked from a per-worker server
-that imported torch and numpy once, instead of a fresh interpreter paying their ~1.5 s import every time (most
-of the suite's time: it runs our CLIs hundreds of times). The child is set up as `python script.py args` would
-be: its argv, cwd and sys.path[0], stdin from /dev/null, stdout and stderr to files, the script run as
-__main__, then Python's own exit path (non-daemon threads joined, atexit handlers, the excepthook for an
-uncaught exception, exit status 1). Only our modules are imported afresh in each child.
+"""run_script's fast path: each script still runs in a process of its own, forked from a per-worker server that
+imported torch and numpy once, instead of a fresh interpreter paying their ~1.5 s import every time (most of the
+suite's time: it runs our CLIs hundreds of times), and torch._dynamo, which torch.optim imports when a script makes
+its first optimizer (another 1.3 s of every training run). The child is set up as `python script.py args` would be:
+its argv, cwd and sys.path[0], stdin from /dev/null, stdout and stderr to files, the script run as __main__, then
+Python's own exit path (non-daemon threads joined, atexit handlers, the excepthook for an uncaught exception, exit
+status 1). Only our modules are imported afresh in each child.
 
 The child's os.environ is the call's. A call falls back to a fresh interpreter (subprocess.run) when it sets a
 variable read at start-up or import (AT_IMPORT) differently from the server, or another thread is using the
@@ -22,6 +23,7 @@ import threading
 SERVER = r'''
 import atexit, os, pickle, runpy, struct, sys, tempfile, threading
 import numpy, torch  # noqa: F401  what every script start would import again
+import torch._dynamo  # noqa: F401  imported by torch.optim's first optimizer (1.3 s of each training run)
 
 control_in, control_out = sys.stdin.buffer, sys.stdout.buffer
 
@@ -91,9 +93,15 @@ AT_IMPORT = ("PYTHON", "TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL", "OPEN
              "LD_", "TRITON")
 
 
+# ...except one torch writes into os.environ itself: inductor sets TORCHINDUCTOR_CACHE_DIR to its default the first time
+# it compiles or loads a package in the test's process, and reads it only then. Counted, it sent every later call of
+# a worker that had compiled to a fresh interpreter (194 of one suite run's 310 calls, ~2 s each)
+SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
+
+
 def _imported(env):
     env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if k.startswith(AT_IMPORT)}
+    return {k: v for k, v in env.items() if k.startswith(AT_IMPORT) and k not in SET_BY_TORCH}
 
 
 def _stop():
