@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -292,7 +293,7 @@ class CompiledDecoder:
                 code.update(f.read())
         code = code.hexdigest()
         self.threads, self.vocab, self.context = torch.get_num_threads(), a.vocab_size, a.max_seq_len
-        key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), code,
+        key = json.dumps([torch.__version__, self.threads, eps, _cpu_flags(), _compiler(), code,
                           [(str(t.dtype), tuple(t.shape), t.stride()) for t in _tensors(self.args)],
                           [(str(d), s) for d, s in self.kind]])
         folder = folder or cache_dir()
@@ -430,3 +431,14 @@ def _cpu_flags():
     except OSError:
         flags = ""
     return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]
+
+
+def _compiler():
+    """The C++ compiler inductor builds the step with ($CXX, else g++) as a file, its size and time: another
+    compiler, or an upgrade, gets a package of its own (they differ, e.g. on where -ffp-contract=fast fuses)."""
+    found = shutil.which(os.environ.get("CXX", "g++"))
+    if found is None:
+        return None  # the compile will say so
+    real = os.path.realpath(found)
+    info = os.stat(real)
+    return [real, info.st_size, info.st_mtime_ns]

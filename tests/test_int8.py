@@ -3,6 +3,7 @@ group), whose logits are the dequantized model's in under a third of the memory;
 (decode.CompiledDecoder, generate.py --compile=True) on fp32 and int8 weights, step by step against the eager
 step of the same (dequantized) weights on a trained model, to the end of its context."""
 import os
+import shutil
 import time
 
 import pytest
@@ -148,6 +149,24 @@ def test_a_damaged_package_is_compiled_again_and_decodes_as_the_eager_step(tmp_p
     with torch.no_grad():
         again(torch.tensor([[7]]), torch.tensor([4]))
     assert os.path.getmtime(step.path) > now - day  # loaded: used today
+
+
+def test_the_package_key_holds_the_cpp_compiler(tmp_path, monkeypatch):
+    """Another C++ compiler ($CXX), or the same one upgraded in place, gets a package of its own; a link to the
+    same compiler shares its package. (Construction only: nothing is compiled.)"""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ on this machine")
+    path = lambda: CompiledDecoder(tiny_model(), folder=str(tmp_path)).path  # noqa: E731
+    default = path()
+    os.symlink(gxx, tmp_path / "linked-g++")
+    monkeypatch.setenv("CXX", str(tmp_path / "linked-g++"))
+    assert path() == default
+    shutil.copy2(os.path.realpath(gxx), tmp_path / "other-g++")
+    monkeypatch.setenv("CXX", str(tmp_path / "other-g++"))
+    other = path()
+    os.utime(tmp_path / "other-g++", (time.time(), time.time()))  # upgraded
+    assert len({default, other, path()}) == 3
 
 
 def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
