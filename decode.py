@@ -434,11 +434,15 @@ def _cpu_flags():
 
 
 def _compiler():
-    """The C++ compiler inductor builds the step with ($CXX, else g++) as a file, its size and time: another
-    compiler, or an upgrade, gets a package of its own (they differ, e.g. on where -ffp-contract=fast fuses)."""
-    found = shutil.which(os.environ.get("CXX", "g++"))
+    """The C++ compiler inductor builds the step with, as a file, its size and time: another compiler, or an upgrade,
+    gets a package of its own (they differ, e.g. on where -ffp-contract=fast fuses). inductor's choice is its config's
+    cpp.cxx, read from $CXX (else g++; clang++ on macOS) at the config's import: found so, without importing it (a
+    cached step never imports the compiler). None without a compiler (nothing then compiles)."""
+    config, default = sys.modules.get("torch._inductor.config"), "clang++" if sys.platform == "darwin" else "g++"
+    cxx = config.cpp.cxx if config is not None else os.environ.get("CXX", default)
+    found = shutil.which(cxx[-1] if isinstance(cxx, (list, tuple)) else cxx)
     if found is None:
-        return None  # the compile will say so
+        return None
     real = os.path.realpath(found)
     info = os.stat(real)
     return [real, info.st_size, info.st_mtime_ns]

@@ -87,15 +87,17 @@ def _start(env):
     return proc
 
 
-# variables read when Python starts or torch and numpy are imported (in the server, before any call): a call that
-# sets any of these differently runs in a fresh interpreter
+# variables read when Python starts or torch, numpy and torch._dynamo are imported (in the server, before any call;
+# torch._dynamo brings inductor's config, which reads $CXX and its own variables then): a call that sets any of these
+# differently runs in a fresh interpreter
 AT_IMPORT = ("PYTHON", "TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL", "OPENBLAS", "NUMPY", "CUDA", "NVIDIA",
-             "LD_", "TRITON")
+             "LD_", "TRITON", "CXX", "AOT_INDUCTOR", "AOTINDUCTOR", "INDUCTOR_", "SYMPY")
 
 
-# ...except one torch writes into os.environ itself: inductor sets TORCHINDUCTOR_CACHE_DIR to its default the first time
-# it compiles or loads a package in the test's process, and reads it only then. Counted, it sent every later call of
-# a worker that had compiled to a fresh interpreter (194 of one suite run's 310 calls, ~2 s each)
+# ...except one torch writes into os.environ itself: importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to its
+# default, and torch reads it afresh at each use, so the call's value reaches the child. Counted, it sent every call
+# of a worker whose process had imported torch._dynamo (an optimizer, a compile) to a fresh interpreter (194 of one
+# suite run's 310 calls, ~2 s each)
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 
 

@@ -21,7 +21,8 @@ def call(tmp_path, **extra):
 
 def test_the_server_serves_after_inductor_set_its_cache_dir_and_has_dynamo_imported(tmp_path):
     assert call(tmp_path) == (True, True)
-    # what inductor writes into os.environ when it first compiles in the test process: not read at import
+    # what importing torch._dynamo writes into the test process's environment: read afresh at each use
     assert call(tmp_path, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")) == (True, True)
-    # a variable torch reads at import does need a fresh interpreter
+    # a variable read at import does need a fresh interpreter: torch's, and inductor's config's (the compiler)
     assert call(tmp_path, OMP_NUM_THREADS="2") == (False, False)
+    assert call(tmp_path, CXX="clang++") == (False, False)
