@@ -167,21 +167,22 @@ def test_the_package_key_holds_the_cpp_compiler(tmp_path, monkeypatch):
     def path():
         return CompiledDecoder(tiny_model(), folder=str(tmp_path)).path
 
-    import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "g++"))
-    default = path()
+    import torch._inductor.config as inductor  # patched through its own patch(): setattr's undo would delete cxx
+    with inductor.patch({"cpp.cxx": (None, "g++")}):
+        default = path()
     for how in ("config", "environment"):
         if how == "environment":  # as in a process that has not imported inductor's config (generate.py's)
             monkeypatch.delitem(sys.modules, "torch._inductor.config")
         for name, same in (("linked-g++", True), ("other-g++", False)):
-            if how == "config":
-                monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / name)))
-            else:
-                monkeypatch.setenv("CXX", str(tmp_path / name))
-            assert (path() == default) == same, (how, name)
-        other = path()
-        os.utime(tmp_path / "other-g++", (time.time() - 60, time.time() - 60))  # upgraded in place
-        assert path() not in (default, other), how
+            chosen = str(tmp_path / name)  # by the one consulted; the other says g++
+            monkeypatch.setenv("CXX", chosen if how == "environment" else "g++")
+            with inductor.patch({"cpp.cxx": (None, chosen if how == "config" else "g++")}):
+                assert (path() == default) == same, (how, name)
+        monkeypatch.setenv("CXX", str(tmp_path / "other-g++"))
+        with inductor.patch({"cpp.cxx": (None, str(tmp_path / "other-g++"))}):
+            other = path()
+            os.utime(tmp_path / "other-g++", (time.time() - 60, time.time() - 60))  # upgraded in place
+            assert path() not in (default, other), how
 
 
 def test_int8_and_compiled_step_refuse_what_they_cannot_run(tmp_path):
