@@ -12,14 +12,15 @@ the same file, runq.c then ours, each pair back to back), every one on the same 
 count, pinned: a 1-thread pair never lands on two cores loaded differently), so load from other processes falls
 on all of them alike; the median of the rounds is reported, and the median of the rounds' ratios (each pair's
 own). Tokens/s is counted as run.c counts
-it: the tokens after the first, over the time since the first. Ours: generate.py's own decode loop
-(engine.Engine, greedy sampling included) with the model's eager decode_step (eager), decode.FastDecoder (fast),
-and decode.CompiledDecoder (generate.py --compile=True) on fp32 (compiled) and int8 (int8) weights, compiled
-before the timing, once per thread count. Then the whole `generate.py --compile=True` command is timed (a fresh
-process: loading the file, the compile cache, decoding max_tokens tokens, printing them) against the same command
-making two, its start-up (loading, and compiling the step: the prefill makes the first token, the first decode
-step the second), with its peak RSS beside run.c's and runq.c's, and beside the floor under it: the seconds a fresh
-Python takes to import torch. Prints a table and writes every result to out_json.
+it: the tokens after the first, over the time since the first. Ours: generate.py's own decode loops, greedy
+sampling included: engine.Engine with the model's eager decode_step (eager) and decode.FastDecoder (fast), and for
+generate.py --compile=True on fp32 (compiled) and int8 (int8) weights, quick.py's loop over the compiled step
+(decode.CompiledDecoder's package, compiled before the timing once per thread count, run from a quick-start record
+through ctypes, as generate.py runs it). Then the whole `generate.py --compile=True` command is timed (a fresh
+process: loading, decoding max_tokens tokens, printing them) from its quick-start record, against the same command
+making two (its start-up), against the command without the record (--quick_start=False: importing torch, loading
+the file and the package) and against run.c's and runq.c's whole commands, with the peak RSS of each, and the
+seconds a fresh Python takes to import torch. Prints a table and writes every result to out_json.
 """
 import json
 import os
@@ -49,6 +50,7 @@ config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 import torch  # noqa: E402
 
+import quick  # noqa: E402
 from checkpoint import build_model, load_checkpoint  # noqa: E402
 from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request  # noqa: E402
@@ -121,11 +123,11 @@ def run_c(binary, path, n_threads, n):
 
 
 class Timed:
-    """Wraps a decode step: the time from the first step's start to the last step's end, and the step count. A
-    step the engine calls by ids (decode.CompiledDecoder.decode_ids) is wrapped as that."""
+    """Wraps a decode step: the time from the first step's start (and end) to the last step's end, and the step
+    count. A step the engine calls by ids (decode.CompiledDecoder.decode_ids) is wrapped as that."""
 
     def __init__(self, step):
-        self.first, self.last, self.calls = None, None, 0
+        self.first, self.first_end, self.last, self.calls = None, None, None, 0
         self.call = self.timed(step)  # made once: the wrapper runs every token
         if hasattr(step, "decode_ids"):
             self.decode_ids = self.timed(step.decode_ids)
@@ -136,6 +138,7 @@ class Timed:
                 self.first = time.perf_counter()
             out = fn(*args)
             self.calls, self.last = self.calls + 1, time.perf_counter()
+            self.first_end = self.first_end or self.last
             return out
         return call
 
@@ -153,10 +156,23 @@ def run_ours(model, tok, step, n_threads, n):
     return step.calls / (step.last - step.first)
 
 
-def run_command(path, n_threads, n):
-    """(seconds, peak RSS in MiB) of the whole generate.py command, compiled step (cached after its first run)."""
+def run_quick(runner, tok, n):
+    """generate.py --compile=True's loop (quick.generate over a record's runner): BOS through the step, which makes
+    the first token, then n - 1 more."""
+    timed = Timed(runner.step)
+    runner.step = timed
+    try:
+        quick.generate(runner, tok, [1], n, n + 1, 0, None, None, None, ())
+    finally:
+        del runner.step  # the class's own again
+    return (timed.calls - 1) / (timed.last - timed.first_end)
+
+
+def run_command(path, n_threads, n, cache, quick_start=True):
+    """(seconds, peak RSS in MiB) of the whole generate.py command, compiled step (cached in `cache`)."""
     cmd = [sys.executable, os.path.join(REPO, "generate.py"), f"--checkpoint={path}", f"--tokenizer={tokenizer}",
-           "--temperature=0", f"--max_new_tokens={n}", f"--threads={n_threads}", "--stream=False", "--compile=True"]
+           "--temperature=0", f"--max_new_tokens={n}", f"--threads={n_threads}", "--stream=False", "--compile=True",
+           f"--compile_cache={cache}", f"--quick_start={quick_start}"]
     return measured(cmd)[2:]
 
 
@@ -193,25 +209,32 @@ def main():
         tok = Llama2cTokenizer(tokenizer)
         check(tok.vocab_size >= args.vocab_size, f"{tokenizer} has {tok.vocab_size} tokens but the model "
               f"{args.vocab_size}; pass the tokenizer the model was trained with")
-        steps = {}
+        steps, cache = {}, os.path.join(tmp, "cache")  # the commands' compile cache: the packages, their records
         for t in counts:  # a compiled step is compiled for torch's thread count: one per count, compiled here
             torch.set_num_threads(t)
             steps["eager", t], steps["fast", t] = models["fast"].decode_step, FastDecoder(models["fast"])
             for kind in ("compiled", "int8"):
-                steps[kind, t] = CompiledDecoder(models[kind])
-                if not steps[kind, t].cached:
-                    print(f"{kind}: {steps[kind, t].notice()}", flush=True)
-                run_ours(models[kind], tok, steps[kind, t], t, 4)
+                step = CompiledDecoder(models[kind])
+                if not step.cached:
+                    print(f"{kind}: {step.notice()}", flush=True)
+                package, inputs, caches = step.ensure()
+                quick.save(tmp, f"{kind}-{t}", package, inputs, caches, {"vocab": args.vocab_size})
+                steps[kind, t] = quick.Runner(tmp, f"{kind}-{t}", quick.load(tmp, f"{kind}-{t}"))
+                os.makedirs(cache, exist_ok=True)
+                shutil.copy(package, cache)
         names = ("run.c", "runq.c", "eager", "fast", "compiled", "int8")
         runs = {(name, t): [] for t in counts for name in names}
-        c_memory = {}
+        c_memory, c_wall = {}, {}
         for _ in range(rounds):
             for t in counts:
                 pin(t)
                 for name in ("run.c", "compiled", "runq.c", "int8", "eager", "fast"):
                     if name in ("run.c", "runq.c"):
-                        tps, _, c_memory[name] = run_c(binaries[name[:-2]], paths["q8" if name == "runq.c" else "fp32"],
-                                                       t, n)
+                        tps, wall, c_memory[name] = run_c(binaries[name[:-2]],
+                                                          paths["q8" if name == "runq.c" else "fp32"], t, n)
+                        c_wall.setdefault((name, t), []).append(wall)
+                    elif name in ("compiled", "int8"):
+                        tps = run_quick(steps[name, t], tok, n)
                     else:
                         tps = run_ours(models["fast" if name == "eager" else name], tok, steps[name, t], t, n)
                     runs[name, t].append(tps)
@@ -234,16 +257,21 @@ def main():
             results["torch_import_seconds"] = floor
             for t in counts:
                 pin(t)
-                for kind, path in (("fp32", paths["fp32"]), ("int8", paths["q8"])):
-                    whole = [run_command(path, t, n) for _ in range(rounds)]
-                    # 2 tokens: the prefill gives the first, so the second is the first decode step and its compile
-                    one = statistics.median(run_command(path, t, 2)[0] for _ in range(rounds))
+                for kind, path, c in (("fp32", paths["fp32"], "run.c"), ("int8", paths["q8"], "runq.c")):
+                    run_command(path, t, 2, cache)  # the first run leaves the record the others start from
+                    whole = [run_command(path, t, n, cache) for _ in range(rounds)]
+                    one = statistics.median(run_command(path, t, 2, cache)[0] for _ in range(rounds))
+                    usual = [run_command(path, t, n, cache, quick_start=False) for _ in range(rounds)]
                     sec, rss = statistics.median(w for w, _ in whole), max(r for _, r in whole)
+                    usual_sec, usual_rss = statistics.median(w for w, _ in usual), max(r for _, r in usual)
+                    c_sec = statistics.median(c_wall[c, t])
                     results["command"].append(dict(threads=t, weights=kind, tokens=n, seconds=sec,
-                                                   startup_seconds=one, peak_rss_mib=rss))
-                    print(f"generate.py --compile=True, {kind}, {t} thread(s): {sec:.2f} s for {n} tokens, {one:.2f} s "
-                          f"of it start-up (the same command making 2 tokens): {100 * one / sec:.0f}%, "
-                          f"{100 * (one - floor) / sec:.0f}% beyond importing torch; peak RSS {rss:.0f} MiB")
+                                                   startup_seconds=one, peak_rss_mib=rss, usual_seconds=usual_sec,
+                                                   usual_peak_rss_mib=usual_rss, c_seconds=c_sec))
+                    print(f"generate.py --compile=True, {kind}, {t} thread(s), {n} tokens: {sec:.2f} s ({c} "
+                          f"{c_sec:.2f} s), {one:.2f} s of it start-up (the same command making 2 tokens: "
+                          f"{100 * one / sec:.0f}%), peak RSS {rss:.0f} MiB; without the quick start "
+                          f"{usual_sec:.2f} s, {usual_rss:.0f} MiB")
             print(f"importing torch alone: {floor:.2f} s (python -c 'import torch', median of {rounds})")
             print("run.c / runq.c peak RSS: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in c_memory.items()))
     write_text(out_json, json.dumps(results, indent=1))

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import from_words, to_words
+from quick import cache_dir, compiler
 from runtime import UsageError
 
 
@@ -212,13 +212,6 @@ def weights_of(m):
     return (m.q, m.scale) if hasattr(m, "q") else m.weight.detach()
 
 
-def cache_dir():
-    """Where compiled decode steps are kept: $LLAMAFORGE_CACHE, else $XDG_CACHE_HOME/llamaforge, else
-    ~/.cache/llamaforge."""
-    return os.environ.get("LLAMAFORGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llamaforge")
-
-
 class CompiledDecoder:
     """generate.py --compile=True on a CPU: a batch-1 decode step for engine.Engine. The engine calls
     decode_ids(token id, position) -> (logits (1, V), their argmax as an int), Python ints in and out: the kernel
@@ -252,7 +245,7 @@ class CompiledDecoder:
 
         class Step(torch.nn.Module):
             def forward(self, token, filled, best, emb, layers, norms, final_norm, head, cos, sin, caches):
-                p = filled.shape[0] - 1  # the position, as the length of an empty (filled, 0) tensor: a dynamic size
+                p = filled.shape[0] - 2  # the position, as the length of an empty (pos + 2, 0) tensor: a dynamic size
                 token = token.view(1)
                 if isinstance(emb, tuple):  # an int8 row: put in order and dequantized on its own
                     row = emb[0][token].view(-1)
@@ -261,8 +254,10 @@ class CompiledDecoder:
                 else:
                     x = emb[token].view(-1)
                 c, s = cos[p], sin[p]
-                upto = torch.arange(p + 1)  # the filled prefix (index_select: a slice could be the whole cache,
-                for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):  # which export refuses)
+                # the filled prefix and position p once more, its score masked out: at position 0 a prefix of one
+                # would be a size-1 dim, which export specializes. index_select: a slice could be the whole cache,
+                upto, extra = torch.arange(p + 2).clamp(max=p), torch.arange(p + 2) > p  # which export refuses
+                for (wqkv, wo, w13, w2), (n1, n2), (ck, cv) in zip(layers, norms, caches):
                     ck, cv = ck[0], cv[0]  # (kv heads, context, head_dim) of the one row
                     qkv = gemv(wqkv, rms(x, n1))
                     qk = qkv[:(nh + nkv) * hd].view(nh + nkv, hd // 2, 2)  # rotary on q and k together, model's pairs
@@ -271,7 +266,7 @@ class CompiledDecoder:
                     ck[:, p:p + 1] = k[:, None]
                     cv[:, p:p + 1] = qkv[(nh + nkv) * hd:].view(nkv, 1, hd)
                     keys, values = ck.index_select(1, upto), cv.index_select(1, upto)
-                    scores = (keys[:, None] * q[:, :, None]).sum(-1) * scale
+                    scores = ((keys[:, None] * q[:, :, None]).sum(-1) * scale).masked_fill(extra, -math.inf)
                     # softmax by hand: inductor inlines its division into the sum over the values below, a division
                     # per vector of values read (hd / 8 per probability on AVX2); times the sum's reciprocal, computed
                     # once a head (15M shape, alternated call by call: 1 thread +3.7-4% a token; 2 threads -2.0-2.4%,
@@ -332,7 +327,7 @@ class CompiledDecoder:
         token, best = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         example = (token, torch.empty(max(2, n // 2), 0), best, *self.args, caches)
         shapes = [torch.utils._pytree.tree_map(lambda t: None, x) for x in example]
-        shapes[1] = {0: Dim("filled", min=2, max=n)}
+        shapes[1] = {0: Dim("filled", min=2, max=n + 1)}  # sizes 0 and 1 are special to export
         # the key's thread count, whatever torch's is by the first call; multiply-adds fused (FMA), as run.c's -Ofast
         # does (inductor compiles with -ffp-contract=off): fewer instructions a weight, so more of the weights' loads
         # in flight (15M shape, alternated call by call: fp32 +1% at 1 thread, +3.7-5.8% at 2; int8 +13-15%)
@@ -365,8 +360,8 @@ class CompiledDecoder:
         """(logits (1, V), their argmax) for token id `token` at position `pos`, into the KV cache attached."""
         # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
         # outside their tensors, where the eager step raises
-        if not (1 <= pos < self.context and 0 <= token < self.vocab):
-            raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 1 to "
+        if not (0 <= pos < self.context and 0 <= token < self.vocab):
+            raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 0 to "
                              f"{self.context - 1}, tokens below {self.vocab})")
         # the engine attaches the same caches every step: the input list is made when they change. The KVCache
         # modules are compared, not their buffers: nothing here swaps a buffer inside an attached cache
@@ -383,10 +378,17 @@ class CompiledDecoder:
             self.marked = kv
         filled = self.filled[pos]
         if filled is None:
-            filled = self.filled[pos] = torch.empty(pos + 1, 0)
+            filled = self.filled[pos] = torch.empty(pos + 2, 0)
         self.ids[0] = token
         (logits,) = self.runner.boxed_run([self.token, filled, self.best, *self.inputs])
         return logits, self.ids[1]
+
+    def ensure(self):
+        """Have the package on disk (compiled now if need be) and loading; for a caller that runs it itself (quick.py
+        reads its library). Returns (its path, the step's inputs but the KV cache, the cache's [(dtype, shape)])."""
+        caches = [torch.zeros(1, *shape, dtype=dtype) for dtype, shape in self.kind]
+        self.load(list(zip(caches[::2], caches[1::2])))
+        return self.path, _tensors(self.args), [(str(d).split(".")[1], [1, *s]) for d, s in self.kind]
 
     def load(self, caches):
         """The package's runner, compiled first if it is not on disk; a package that no longer loads (a torch
@@ -407,14 +409,15 @@ class CompiledDecoder:
 
 
 def _prune(folder, keep, days=30):
-    """Remove the packages of this folder not used for `days` (another torch, an older decode.py, a shape no longer
-    run: each is a few MB and none is ever loaded again by a later version) and temporary files a killed compile
-    left (after a day). Called after a compile, so a folder only grows by what is in use."""
+    """Remove the packages and quick-start records (quick.py) of this folder not used for `days` (another torch, an
+    older decode.py, a shape or model no longer run: a package is a few MB, a record the model's size, and a later
+    version never reads either again) and temporary files a killed compile left (after a day). Called after a
+    compile, so a folder only grows by what is in use."""
     now = time.time()
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         stale = days * 86400 if not name.endswith(".tmp.pt2") else 86400
-        if name.startswith("decode-") and name.endswith(".pt2") and path != keep:
+        if name.startswith(("decode-", "quick-")) and path != keep:
             try:
                 if now - os.path.getmtime(path) > stale:
                     os.remove(path)
@@ -442,9 +445,6 @@ def _compiler():
     gets a package of its own (they differ, e.g. on where -ffp-contract=fast fuses). inductor's choice is its config's
     cpp.cxx, read from $CXX (else g++; clang++ on macOS) at the config's import: found so, without importing it (a
     cached step never imports the compiler). None without a compiler (nothing then compiles)."""
-    config, default = sys.modules.get("torch._inductor.config"), "clang++" if sys.platform == "darwin" else "g++"
-    cxx = config.cpp.cxx if config is not None else os.environ.get("CXX", default)
-    if (found := shutil.which(cxx[-1] if isinstance(cxx, (list, tuple)) else cxx)) is None:
-        return None
-    info = os.stat(real := os.path.realpath(found))
-    return [real, info.st_size, info.st_mtime_ns]
+    config = sys.modules.get("torch._inductor.config")
+    cxx = config.cpp.cxx if config is not None else None
+    return compiler(cxx[-1] if isinstance(cxx, (list, tuple)) else cxx)

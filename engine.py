@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model import IGNORE_INDEX, KVCache, check_sampling, sample_next, token_logprobs
-from runtime import UsageError
-
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it overflows to inf and NaN probabilities
+from runtime import GREEDY_BELOW, UsageError
 
 
 def end_ids(tok):

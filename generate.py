@@ -29,6 +29,9 @@ compile_cache = ""              # CPU compiles' folder; "" = $LLAMAFORGE_CACHE, 
 fast = True                     # fp32 on a CPU without compile: decode.py's eager step (packed weights)
 weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin stays int8), 'int8' (quantize), 'fp32'
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
+quick_start = True              # with --compile=True on a CPU, keep the weights as the compiled step reads them (a copy
+                                # the model's size, in compile_cache) so a later run of this model and these settings
+                                # starts in ~0.3 s, without importing torch; sampling then draws from numpy (quick.py)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors, huge_pages  # noqa: E402
 handle_errors()
@@ -37,6 +40,93 @@ from configurator import configure  # noqa: E402
 explicit = set()  # the settings this command line gives: chat fits an unset reply length to the context
 configure(globals(), sys.argv[1:], explicit)
 # -----------------------------------------------------------------------------
+import quick  # noqa: E402 (imports no torch)
+from runtime import GREEDY_BELOW, UsageError, check  # noqa: E402
+
+# the quick start (quick.py): what it covers, with settings in range (out of range, the usual path names the problem)
+QUICK = (compile and quick_start and not (chat or interactive) and sys.platform.startswith("linux")
+         and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1 and max_new_tokens >= 1
+         and threads >= 0)
+FOLDER = compile_cache or quick.cache_dir()
+KEY = quick.fingerprint({n: globals()[n] for n in ("checkpoint", "adapter", "tokenizer", "weights", "threads",
+                                                    "device", "dtype", "compile_cache")},
+                        [checkpoint, adapter, tokenizer]) if QUICK else None
+
+
+def read_prompt():
+    if not prompt_file:
+        return prompt
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read prompt_file '{prompt_file}' ({e.strerror}); check the path")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt_file '{prompt_file}' is not UTF-8 text (byte {e.start}); save it as UTF-8")
+
+
+def prompt_ids(tok, context):
+    ids = tok.encode(read_prompt(), bos=True)
+    check(len(ids) < context, f"prompt is {len(ids)} tokens but the model's context is {context}; shorten the "
+          f"prompt to leave room for new tokens")
+    return ids
+
+
+def sample_each(tok, ids, run_one):
+    """Print num_samples continuations of ids, run_one(on_text) making one and returning its new ids."""
+    for i in range(num_samples):
+        if stream:
+            sys.stdout.write(tok.decode(ids))
+        new = run_one(write if stream else None)
+        # not streamed: the whole sequence decoded at once (the streamed pieces add up to the same text)
+        sys.stdout.write("" if stream else tok.decode(ids + new))
+        sys.stdout.write("\n" + ("---------------\n" if i < num_samples - 1 else ""))
+        sys.stdout.flush()
+
+
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def threads_note():
+    if threads > (os.cpu_count() or threads):  # a note, not an error: more threads than cores only slow it
+        print(f"note: threads={threads} is more than the {os.cpu_count()} cores here; decoding will be slower",
+              file=sys.stderr)
+
+
+def quick_runner():
+    """This run's record (quick.py) and its runner, or (None, None)."""
+    record = quick.load(FOLDER, KEY)
+    try:
+        return (record, quick.Runner(FOLDER, KEY, record)) if record else (None, None)
+    except quick.Unavailable:
+        return None, None
+
+
+def quick_generate(record, runner):
+    """Every sample through quick.py's loop: the record's compiled step token by token, numpy's sampling."""
+    from tokenizer import load_tokenizer, make_tokenizer
+    tok = make_tokenizer(tokenizer) if tokenizer else load_tokenizer(record["tokenizer"])
+    ids, greedy = prompt_ids(tok, record["context"]), temperature < GREEDY_BELOW
+    if not greedy:
+        import numpy as np
+    rng = None if greedy else np.random.default_rng(seed)
+    sample_each(tok, ids, lambda on_text: quick.generate(
+        runner, tok, ids, max_new_tokens, record["context"], 0 if greedy else temperature, top_k, top_p, rng,
+        set(record["stop_ids"]), on_text))
+
+
+if __name__ == "__main__" and QUICK:
+    record, runner = quick_runner()
+    if runner is not None:
+        threads_note()
+        if record["note"]:
+            print(record["note"], file=sys.stderr, flush=True)
+        quick_generate(record, runner)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # nothing to tear down but the runner's memory
 
 import gc  # noqa: E402
 
@@ -52,19 +142,7 @@ from engine import Engine, Request, end_ids  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from model import check_sampling  # noqa: E402
 from quant import is_int8, weight_bytes  # noqa: E402
-from runtime import UsageError, autocast, check, device_and_dtype  # noqa: E402
-
-
-def read_prompt():
-    if not prompt_file:
-        return prompt
-    try:
-        with open(prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read prompt_file '{prompt_file}' ({e.strerror}); check the path")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"prompt_file '{prompt_file}' is not UTF-8 text (byte {e.start}); save it as UTF-8")
+from runtime import autocast, device_and_dtype  # noqa: E402
 
 
 def main():
@@ -79,17 +157,17 @@ def main():
     check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
     if threads:
         torch.set_num_threads(threads)
-        if threads > (os.cpu_count() or threads):  # a note, not an error: more threads than cores only slow it
-            print(f"note: threads={threads} is more than the {os.cpu_count()} cores here; decoding will be slower",
-                  file=sys.stderr)
+        threads_note()
     dev, dev_type, dt = device_and_dtype(device, dtype)
     ctx = autocast(dev_type, dt)
     model, ckpt = load_any(checkpoint, adapter, dev, weights)
     tok = tokenizer_for(ckpt, tokenizer, model.args.vocab_size)
     int8 = is_int8(model)
+    note = ""
     if int8:
         actual, fp32 = weight_bytes(model)
-        print(f"int8 weights: {actual / 2**20:.1f} MiB ({fp32 / 2**20:.1f} MiB in fp32)", file=sys.stderr, flush=True)
+        note = f"int8 weights: {actual / 2**20:.1f} MiB ({fp32 / 2**20:.1f} MiB in fp32)"
+        print(note, file=sys.stderr, flush=True)
     # compiled at the call site, once: the model stays plain eager code
     step = None
     if compile and dev_type == "cpu" and dt == "float32":
@@ -104,30 +182,34 @@ def main():
         print("compiling the decode step (a minute or more on CUDA; cached on disk after) ...", file=sys.stderr,
               flush=True)
 
+    if QUICK and isinstance(step, CompiledDecoder):  # leave the record, then decode as every later run will
+        try:
+            package, inputs, caches = step.ensure()
+            info = {"tokenizer": None if tokenizer else ckpt.get("tokenizer"), "stop_ids": end_ids(tok),
+                    "vocab": model.args.vocab_size, "context": model.args.max_seq_len, "note": note}
+            quick.save(FOLDER, KEY, package, inputs, caches, info)
+        except OSError as e:
+            print(f"note: no quick start for later runs ({e.strerror or e} writing to {FOLDER})", file=sys.stderr)
+        else:
+            record, runner = quick_runner()
+            if runner is not None:
+                del model, ckpt, step, inputs  # the runner holds its own copy of the weights
+                gc.collect()
+                return quick_generate(record, runner)
+
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused
     if chat or interactive:
         return chat_main(engine, gen, ctx)
-    ids = tok.encode(read_prompt(), bos=True)
-    check(len(ids) < model.args.max_seq_len, f"prompt is {len(ids)} tokens but the model's context is "
-          f"{model.args.max_seq_len}; shorten the prompt to leave room for new tokens")
+    ids = prompt_ids(tok, model.args.max_seq_len)
 
-    for i in range(num_samples):
-        if stream:
-            sys.stdout.write(tok.decode(ids))
+    def run_one(on_text):
         req = Request(ids, max_new_tokens, temperature, top_k or None, top_p, generator=gen, stop_ids=end_ids(tok),
-                      on_text=write if stream else None)
+                      on_text=on_text)
         with ctx:
             engine.run([req])
-        # not streamed: the whole sequence decoded at once (the streamed pieces add up to the same text)
-        sys.stdout.write("" if stream else tok.decode(ids + req.completion_ids()))
-        sys.stdout.write("\n" + ("---------------\n" if i < num_samples - 1 else ""))
-        sys.stdout.flush()
-
-
-def write(text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
+        return req.completion_ids()
+    sample_each(tok, ids, run_one)
 
 
 def chat_reply(engine, history, gen, ctx):

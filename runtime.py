@@ -106,6 +106,9 @@ def huge_pages():
             ctypes.CDLL(None).mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD, fixed (glibc's own moves up to 32 MB)
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it overflows to inf and NaN probabilities
+
+
 def check(ok, message):
     """Raise UsageError(message) unless ok: the one-line form of a validation."""
     if not ok:

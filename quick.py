@@ -1,0 +1,298 @@
+"""generate.py's quick start: the compiled CPU decode step run without importing torch.
+
+`import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens, so the whole command was
+mostly start-up. What the step needs is far less: the package's shared library (decode.CompiledDecoder compiles it;
+it links to libtorch_cpu's C interface alone, 0.17 s to load), the weights laid out as the step takes them, and a
+tokenizer. So a run of generate.py --compile=True on a CPU leaves a record in the compile cache: the step's inputs
+as one raw file (the weights after packing and int8 regrouping, as the step reads them) and a JSON file naming the
+package, the inputs' shapes and the tokenizer. The record's name is a hash of everything the run's model depends
+on (the settings, the files' sizes and times, torch's and our code, the CPU, the environment that sets threads);
+a later run with the same hash loads the library with ctypes, reads the file into memory and decodes, never
+importing torch; anything else misses and takes the usual path, which writes a new record.
+
+Both runs, the one that writes the record and every later one, generate through this file's loop (prompt and new
+tokens alike through the step, one at a time, as run.c does; sampling with numpy's generator), so a seed gives the
+same text whether the record was there or not.
+"""
+import base64
+import contextlib
+import ctypes
+import glob
+import hashlib
+import importlib.util
+import json
+import mmap
+import os
+import shutil
+import sys
+import zipfile
+
+from runtime import UsageError, atomic_file
+
+ALIGN = 64  # every input starts at a multiple of this in the file (and so in memory): whole vector loads
+
+
+class Unavailable(Exception):
+    """This machine or record cannot run the quick path (the caller takes the usual one)."""
+
+
+def _stat(path):
+    """(path, size, mtime) of a file, or of every entry of a folder (a run folder, a Hugging Face folder)."""
+    if not path or not os.path.exists(path):
+        return [path, None]
+    if os.path.isdir(path):
+        return [path, sorted([e.name, *_stat(e.path)[1:]] for e in os.scandir(path) if e.is_file())]
+    info = os.stat(path)
+    return [os.path.abspath(path), info.st_size, info.st_mtime_ns]
+
+
+def _torch_lib():
+    """torch's library folder, found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("torch is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+
+
+def cache_dir():
+    """Where compiled decode steps and quick-start records are kept: $LLAMAFORGE_CACHE, else
+    $XDG_CACHE_HOME/llamaforge, else ~/.cache/llamaforge."""
+    return os.environ.get("LLAMAFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llamaforge")
+
+
+def compiler(cxx=None):
+    """The C++ compiler cxx (a name or path; by default the one inductor reads at its config's import: $CXX, else
+    g++, clang++ on macOS) as its real path, size and time; None without one."""
+    cxx = cxx or os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    if (found := shutil.which(cxx)) is None:
+        return None
+    info = os.stat(real := os.path.realpath(found))
+    return [real, info.st_size, info.st_mtime_ns]
+
+
+def fingerprint(settings, files):
+    """The hash that names a record: settings (a dict of the run's model-defining settings), the files they read,
+    and what else decides the model, its layout or the compiled step: torch's build, our code, the Python, the CPU,
+    the compiler, and what sets the thread count or the device."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        with open(path, "rb") as f:
+            code.update(f.read())
+    try:
+        lib = _torch_lib()
+        torch_files = [_stat(os.path.join(lib, n)) for n in ("libtorch_cpu.so", "libc10.so")]
+        torch_files.append(_stat(os.path.join(os.path.dirname(lib), "version.py")))
+    except Unavailable:
+        torch_files = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        cpu = ""
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "CXX",
+                                          "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE")}
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    gpus = [p for p in ("/dev/nvidiactl", "/dev/kfd") if os.path.exists(p)]
+    key = json.dumps([settings, [_stat(p) for p in files], torch_files, code.hexdigest(), sys.version,
+                      sys.executable, cpu, compiler(), env, affinity, os.cpu_count(), gpus], default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def paths(folder, key):
+    return os.path.join(folder, f"quick-{key}.json"), os.path.join(folder, f"quick-{key}.bin")
+
+
+def save(folder, key, package, tensors, caches, info):
+    """Write a record: tensors (the step's inputs but the KV cache, torch tensors, in the step's order) into one
+    raw file, then the JSON naming it (written last, so a record is whole or absent). caches: [(dtype name, shape)]
+    of the KV cache tensors (fresh zeros in each run). info: what the runner needs besides (tokenizer, vocab,
+    context, a note to print)."""
+    import torch  # only the run that writes a record has torch (and its tensors)
+    meta, written, bin_path = [], {}, paths(folder, key)[1]
+    with atomic_file(bin_path) as tmp, open(tmp, "wb") as f:
+        for t in tensors:
+            data = t.detach().contiguous().cpu()
+            same = (data.data_ptr(), data.dtype, data.shape)  # a tied embedding and head: one copy, two inputs
+            if same not in written:
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                written[same] = f.tell()
+                f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+            meta.append([str(data.dtype).replace("torch.", ""), list(data.shape), written[same]])
+    with atomic_file(paths(folder, key)[0]) as tmp, open(tmp, "w") as f:
+        json.dump({"package": package, "inputs": meta, "caches": caches, "bytes": os.path.getsize(bin_path),
+                   **info}, f, default=lambda b: {"base64": base64.b64encode(b).decode()})  # a tokenizer's model
+
+
+def load(folder, key):
+    """The record of this key, or None."""
+    record_path = paths(folder, key)[0]
+    try:
+        with open(record_path) as f:
+            record = json.load(f, object_hook=lambda d: base64.b64decode(d["base64"]) if list(d) == ["base64"] else d)
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):  # last use: decode.py's pruning keeps what is used
+        for path in paths(folder, key):
+            os.utime(path)
+    return record
+
+
+class Runner:
+    """The compiled step of a record, through AOTInductor's C interface: step(token, pos) -> the argmax of the
+    logits, with logits() the last step's logits (a numpy array, valid until the next step)."""
+
+    def __init__(self, folder, key, record):
+        if not sys.platform.startswith("linux"):
+            raise Unavailable("the quick start runs on Linux")
+        lib = _torch_lib()
+        try:
+            for name in ("libc10.so", "libtorch_cpu.so"):  # the C interface the package's library calls
+                ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
+            self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
+            step = ctypes.CDLL(self._library(folder, record["package"]))
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            raise Unavailable(str(e)) from None
+        H, P, i64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
+        t.aoti_torch_create_tensor_from_blob.argtypes = [H, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), i64,
+                                                         ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, P]
+        t.aoti_torch_get_data_ptr.argtypes = [H, P]
+        t.aoti_torch_delete_tensor_object.argtypes = [H]
+        t.aoti_torch_new_tensor_handle.argtypes = [H, P]
+        step.AOTInductorModelContainerCreateWithDevice.argtypes = [P, ctypes.c_size_t, ctypes.c_char_p, H]
+        step.AOTInductorModelContainerRun.argtypes = [H, P, ctypes.c_size_t, P, ctypes.c_size_t, H, H]
+        self.container, self.run_fn = H(), step.AOTInductorModelContainerRun
+        if step.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self.container), 1, b"cpu", None):
+            raise Unavailable("the compiled step did not start")
+        self.step_lib = step
+        dtypes = {n: getattr(t, f"aoti_torch_dtype_{n}")() for n in ("float32", "int64", "int8", "uint8", "bfloat16")}
+        self.cpu = t.aoti_torch_device_type_cpu()
+
+        # the weights: the file read into anonymous memory asked for 2 MB pages (a file's own pages are 4 KB ones,
+        # whose TLB misses cost 5-8% of a token; runtime.huge_pages), then the KV cache, zeros
+        cache_bytes = [4 * _numel(shape) for _, shape in record["caches"]]
+        self.memory = mmap.mmap(-1, record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes))
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self.memory.madvise(mmap.MADV_HUGEPAGE)
+        with open(paths(folder, key)[1], "rb") as f:
+            if f.readinto(memoryview(self.memory)[:record["bytes"]]) != record["bytes"]:
+                raise Unavailable("the record's weights file is short")
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        inputs = [(base + offset, shape, dtypes[dtype]) for dtype, shape, offset in record["inputs"]]
+        offset = record["bytes"] + (-record["bytes"] % ALIGN)
+        for (dtype, shape), n in zip(record["caches"], cache_bytes):
+            inputs.append((base + offset, shape, dtypes[dtype]))
+            offset += n + (-n % ALIGN)
+        # the step takes (and frees) the handles of its inputs at each call: each input has one handle of ours
+        # for good, and a call gets new ones of them (a reference each, 0.5 us; making one is 3x that)
+        self.ids = (ctypes.c_int64 * 2)()  # the token in, the argmax out
+        self.none, self.f32 = ctypes.c_float(), dtypes["float32"]
+        addr = ctypes.addressof(self.ids)
+        self.token = self._tensor(addr, [1, 1], dtypes["int64"])
+        self.best = self._tensor(addr + 8, [1], dtypes["int64"])
+        self.fixed = [self._tensor(p, s, d) for p, s, d in inputs]
+        self.filled = {}  # position -> an empty (position + 2, 0) tensor: the position, as a size
+        self.handles = (ctypes.c_void_p * (3 + len(inputs)))()
+        slots = [ctypes.cast(ctypes.addressof(self.handles) + 8 * i, P) for i in range(len(self.handles))]
+        self.slots, self.pairs = slots[:3], list(zip(self.fixed, slots[3:]))
+        self.out, self.ptr, self.vocab = (ctypes.c_void_p * 1)(), ctypes.c_void_p(), record["vocab"]
+
+    @staticmethod
+    def _library(folder, package):
+        """The package's shared library, unpacked once beside it (what torch's loader does into a temporary folder
+        at each load)."""
+        with zipfile.ZipFile(package) as z:
+            name = next(n for n in z.namelist() if n.endswith(".so"))
+            target = os.path.join(folder, f"{os.path.basename(package)[:-4]}-{os.path.basename(name)}")
+            if not os.path.exists(target):
+                with atomic_file(target) as tmp, open(tmp, "wb") as f:
+                    f.write(z.read(name))
+        with contextlib.suppress(OSError):  # in use (decode.py's pruning); a read-only folder serves as it is
+            os.utime(target)
+        return target
+
+    def _tensor(self, ptr, shape, dtype):
+        """A handle of ours on a contiguous tensor at ptr."""
+        strides, n = [1] * len(shape), 1
+        for i in reversed(range(len(shape))):
+            strides[i], n = n, n * shape[i]
+        handle = ctypes.c_void_p()
+        if self.t.aoti_torch_create_tensor_from_blob(ptr, len(shape), (ctypes.c_int64 * len(shape))(*shape),
+                                                     (ctypes.c_int64 * len(shape))(*strides), 0, dtype, self.cpu, 0,
+                                                     ctypes.byref(handle)):
+            raise UsageError("the compiled step could not take its inputs")
+        return handle
+
+    def step(self, token, pos):
+        """Run the step for token id `token` at position `pos` (the KV cache holds positions 0..pos-1)."""
+        self.release()
+        self.ids[0] = token
+        if pos not in self.filled:
+            self.filled[pos] = self._tensor(ctypes.addressof(self.none), [pos + 2, 0], self.f32)
+        new = self.t.aoti_torch_new_tensor_handle
+        for handle, slot in zip((self.token, self.filled[pos], self.best), self.slots):
+            new(handle, slot)
+        for handle, slot in self.pairs:
+            new(handle, slot)
+        if self.run_fn(self.container, self.handles, len(self.handles), self.out, 1, None, None):
+            raise UsageError("the compiled step failed")
+        return self.ids[1]
+
+    def logits(self):
+        import numpy as np
+        self.t.aoti_torch_get_data_ptr(self.out[0], ctypes.byref(self.ptr))
+        return np.ctypeslib.as_array((ctypes.c_float * self.vocab).from_address(self.ptr.value))
+
+    def release(self):
+        if self.out[0]:
+            self.t.aoti_torch_delete_tensor_object(self.out[0])
+            self.out[0] = None
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def sample(logits, temperature, top_k, top_p, rng):
+    """A token id from logits (numpy, V) as model.sample_next draws one: the k most likely (ties with the k-th
+    kept), the smallest set reaching top_p of the probability, then one draw from what is left."""
+    import numpy as np
+    x = logits.astype(np.float32) / np.float32(temperature)
+    ids = np.arange(len(x))
+    if top_k and top_k < len(x):
+        kth = np.partition(x, len(x) - top_k)[len(x) - top_k]
+        ids = np.flatnonzero(x >= kth)
+        x = x[ids]
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        kept = order[np.cumsum(p[order]) - p[order] <= top_p]  # the mass before each kept token is below top_p
+        ids, p = ids[kept], p[kept]
+    cum = np.cumsum(p, dtype=np.float64)
+    return int(ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(ids) - 1)])
+
+
+def generate(runner, tok, ids, max_new_tokens, context, temperature, top_k, top_p, rng, stop_ids, on_text=None):
+    """New token ids after prompt ids, streaming their text to on_text: the prompt through the step one token at a
+    time, then up to max_new_tokens (fewer at the context's end, as the engine counts) or a stop id (not kept)."""
+    for pos, token in enumerate(ids[:-1]):
+        runner.step(token, pos)
+    decoder, new = tok.stream(ids[-1]), []
+    limit, token, pos = min(max_new_tokens, context - len(ids) + 1), ids[-1], len(ids) - 1
+    while len(new) < limit:
+        best = runner.step(token, pos)
+        token, pos = best if temperature == 0 else sample(runner.logits(), temperature, top_k, top_p, rng), pos + 1
+        if token in stop_ids:
+            break
+        new.append(token)
+        if on_text is not None:
+            on_text(decoder.add(token))
+    if on_text is not None:
+        on_text(decoder.flush())
+    runner.release()
+    return new
