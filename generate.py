@@ -95,19 +95,22 @@ def threads_note():
               file=sys.stderr)
 
 
-def quick_runner():
-    """This run's record (quick.py) and its runner, or (None, None)."""
-    record = quick.load(FOLDER, KEY)
-    try:
-        return (record, quick.Runner(FOLDER, KEY, record)) if record else (None, None)
-    except quick.Unavailable:
-        return None, None
-
-
-def quick_generate(record, runner):
-    """Every sample through quick.py's loop: the record's compiled step token by token, numpy's sampling."""
+def quick_start(notes=True):
+    """Generate from this run's record (quick.py) without torch; False when there is none or it cannot run here.
+    notes: print what the usual path prints on stderr before decoding (the run that wrote the record has)."""
+    record = quick.load(FOLDER, KEY)  # found, libtorch's C library loads meanwhile (a thread)
+    if record is None:
+        return False
     from tokenizer import load_tokenizer, make_tokenizer
     tok = make_tokenizer(tokenizer) if tokenizer else load_tokenizer(record["tokenizer"])
+    try:
+        runner = quick.Runner(FOLDER, KEY, record)
+    except quick.Unavailable:
+        return False
+    if notes:
+        threads_note()
+        if record["note"]:
+            print(record["note"], file=sys.stderr, flush=True)
     ids, greedy = prompt_ids(tok, record["context"]), temperature < GREEDY_BELOW
     if not greedy:
         import numpy as np
@@ -115,18 +118,13 @@ def quick_generate(record, runner):
     sample_each(tok, ids, lambda on_text: quick.generate(
         runner, tok, ids, max_new_tokens, record["context"], 0 if greedy else temperature, top_k, top_p, rng,
         set(record["stop_ids"]), on_text))
+    return True
 
 
-if __name__ == "__main__" and QUICK:
-    record, runner = quick_runner()
-    if runner is not None:
-        threads_note()
-        if record["note"]:
-            print(record["note"], file=sys.stderr, flush=True)
-        quick_generate(record, runner)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # nothing to tear down but the runner's memory
+if __name__ == "__main__" and QUICK and quick_start():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # nothing to tear down but the runner's memory
 
 import gc  # noqa: E402
 
@@ -191,11 +189,11 @@ def main():
         except OSError as e:
             print(f"note: no quick start for later runs ({e.strerror or e} writing to {FOLDER})", file=sys.stderr)
         else:
-            record, runner = quick_runner()
-            if runner is not None:
-                del model, ckpt, step, inputs  # the runner holds its own copy of the weights
-                gc.collect()
-                return quick_generate(record, runner)
+            del model, ckpt, step, inputs  # the runner reads its own copy of the weights
+            gc.collect()
+            check(quick_start(notes=False), "the quick start's record was written but does not run here; pass "
+                  "--quick_start=False")
+            return
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused

@@ -25,6 +25,7 @@ import mmap
 import os
 import shutil
 import sys
+import threading
 import zipfile
 
 from runtime import UsageError, atomic_file
@@ -126,7 +127,8 @@ def save(folder, key, package, tensors, caches, info):
 
 
 def load(folder, key):
-    """The record of this key, or None."""
+    """The record of this key, or None. Found, libtorch's C library starts loading in a thread (0.18 s, with the
+    GIL let go: the caller reads the tokenizer, the Runner the weights, meanwhile)."""
     record_path = paths(folder, key)[0]
     try:
         with open(record_path) as f:
@@ -136,7 +138,23 @@ def load(folder, key):
     with contextlib.suppress(OSError):  # last use: decode.py's pruning keeps what is used
         for path in paths(folder, key):
             os.utime(path)
+    global _loading
+    if _loading is None and sys.platform.startswith("linux"):
+        _loading = threading.Thread(target=_libraries, daemon=True)
+        _loading.start()
     return record
+
+
+_loading = None  # the thread loading libtorch's C library
+
+
+def _libraries():
+    """libtorch's C library (and c10, which it needs), loaded for the whole process: the package's calls into it
+    resolve at its load. None where they are not (the Runner then reports why)."""
+    with contextlib.suppress(OSError, Unavailable):
+        lib = _torch_lib()
+        for name in ("libc10.so", "libtorch_cpu.so"):
+            ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
 
 
 class Runner:
@@ -146,9 +164,23 @@ class Runner:
     def __init__(self, folder, key, record):
         if not sys.platform.startswith("linux"):
             raise Unavailable("the quick start runs on Linux")
+        # the weights first: their reading overlaps the libraries' loading (load() started it)
+        cache_bytes = [4 * _numel(shape) for _, shape in record["caches"]]
+        size = record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes)  # private: shared memory gets no THP
+        self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MB pages (a file's own are 4 KB ones, whose TLB misses cost 5-8% of
+            self.memory.madvise(mmap.MADV_HUGEPAGE)  # a token; runtime.huge_pages); the KV cache after, zeros
+        try:
+            with open(paths(folder, key)[1], "rb") as f:
+                if f.readinto(memoryview(self.memory)[:record["bytes"]]) != record["bytes"]:
+                    raise Unavailable("the record's weights file is short")
+        except OSError as e:
+            raise Unavailable(str(e)) from None
+        if _loading is not None:
+            _loading.join()
         lib = _torch_lib()
         try:
-            for name in ("libc10.so", "libtorch_cpu.so"):  # the C interface the package's library calls
+            for name in ("libc10.so", "libtorch_cpu.so"):  # loaded already, or now (the reason if it fails)
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
             self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
             step = ctypes.CDLL(self._library(folder, record["package"]))
@@ -169,15 +201,6 @@ class Runner:
         dtypes = {n: getattr(t, f"aoti_torch_dtype_{n}")() for n in ("float32", "int64", "int8", "uint8", "bfloat16")}
         self.cpu = t.aoti_torch_device_type_cpu()
 
-        # the weights: the file read into anonymous memory asked for 2 MB pages (a file's own pages are 4 KB ones,
-        # whose TLB misses cost 5-8% of a token; runtime.huge_pages), then the KV cache, zeros
-        cache_bytes = [4 * _numel(shape) for _, shape in record["caches"]]
-        self.memory = mmap.mmap(-1, record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes))
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self.memory.madvise(mmap.MADV_HUGEPAGE)
-        with open(paths(folder, key)[1], "rb") as f:
-            if f.readinto(memoryview(self.memory)[:record["bytes"]]) != record["bytes"]:
-                raise Unavailable("the record's weights file is short")
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         inputs = [(base + offset, shape, dtypes[dtype]) for dtype, shape, offset in record["inputs"]]
         offset = record["bytes"] + (-record["bytes"] % ALIGN)
