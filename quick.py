@@ -183,7 +183,7 @@ class Runner:
             for name in ("libc10.so", "libtorch_cpu.so"):  # loaded already, or now (the reason if it fails)
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
             self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
-            step = ctypes.CDLL(self._library(folder, record["package"]))
+            step = _open(self._library(folder, record["package"]), lib)
         except (OSError, zipfile.BadZipFile, KeyError) as e:
             raise Unavailable(str(e)) from None
         H, P, i64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
@@ -271,6 +271,20 @@ class Runner:
         if self.out[0]:
             self.t.aoti_torch_delete_tensor_object(self.out[0])
             self.out[0] = None
+
+
+def _open(path, lib):
+    """The shared library at path, loading first each of torch's own libraries it needs that is not loaded yet (a
+    package built by a CUDA build of torch needs libtorch.so, which brings libtorch_cuda; a CPU build's, none)."""
+    for _ in range(8):
+        try:
+            return ctypes.CDLL(path)
+        except OSError as e:
+            needed = os.path.join(lib, str(e).split(":")[0])
+            if not os.path.isfile(needed):
+                raise
+            ctypes.CDLL(needed, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path)
 
 
 def _numel(shape):
