@@ -218,7 +218,8 @@ def main():
                 if not step.cached:
                     print(f"{kind}: {step.notice()}", flush=True)
                 package, inputs, caches = step.ensure()
-                quick.save(tmp, f"{kind}-{t}", package, inputs, caches, {"vocab": args.vocab_size})
+                quick.save(tmp, f"{kind}-{t}", package, inputs, caches,
+                           {"vocab": args.vocab_size, "context": args.max_seq_len})
                 steps[kind, t] = quick.Runner(tmp, f"{kind}-{t}", quick.load(tmp, f"{kind}-{t}"))
                 os.makedirs(cache, exist_ok=True)
                 shutil.copy(package, cache)

@@ -21,14 +21,13 @@ import math
 import os
 import platform
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from quant import from_words, to_words
-from quick import cache_dir, compiler
+from quick import cache_dir, compiler, cpu_flags, prune
 from runtime import UsageError
 
 
@@ -347,7 +346,7 @@ class CompiledDecoder:
             if os.path.exists(tmp):
                 os.remove(tmp)
         with contextlib.suppress(OSError):  # housekeeping: it never fails a compile that succeeded
-            _prune(os.path.dirname(self.path), keep=self.path)
+            prune(os.path.dirname(self.path), keep=self.path)
 
     def __call__(self, token, pos):
         if token.shape != (1, 1) or token.dtype != torch.long:
@@ -396,7 +395,7 @@ class CompiledDecoder:
         for attempt in (0, 1):
             if not os.path.exists(self.path):
                 self.compile(caches)
-            with contextlib.suppress(OSError):  # its time is its last use (_prune keeps what is used); a
+            with contextlib.suppress(OSError):  # its time is its last use (quick.prune keeps what is used); a
                 os.utime(self.path)  # read-only cache folder serves as it is
             try:
                 return torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)
@@ -408,36 +407,14 @@ class CompiledDecoder:
                     os.remove(self.path)
 
 
-def _prune(folder, keep, days=30):
-    """Remove the packages and quick-start records (quick.py) of this folder not used for `days` (another torch, an
-    older decode.py, a shape or model no longer run: a package is a few MB, a record the model's size, and a later
-    version never reads either again) and temporary files a killed compile left (after a day). Called after a
-    compile, so a folder only grows by what is in use."""
-    now = time.time()
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        stale = days * 86400 if not name.endswith(".tmp.pt2") else 86400
-        if name.startswith(("decode-", "quick-")) and path != keep:
-            try:
-                if now - os.path.getmtime(path) > stale:
-                    os.remove(path)
-            except OSError:  # another process removed or replaced it first
-                pass
-
-
 def _tensors(tree):
     """The tensors of nested tuples and lists, in the order the exported step takes them."""
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _cpu_flags():
-    """The CPU's instruction sets (the package's kernels are compiled for them): x86 "flags", ARM "Features"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]
+    """The CPU's instruction sets (the package's kernels are compiled for them), and the vector width torch picks."""
+    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), cpu_flags()]
 
 
 def _compiler():

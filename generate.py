@@ -2,6 +2,7 @@
 
     python generate.py --checkpoint=out/ckpt.pt --prompt="Once upon a time" --temperature=0.8 --top_k=200
 """
+import json
 import os
 import sys
 
@@ -48,9 +49,11 @@ QUICK = (compile and quick_start and not (chat or interactive) and sys.platform.
          and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1 and max_new_tokens >= 1
          and threads >= 0)
 FOLDER = compile_cache or quick.cache_dir()
-KEY = quick.fingerprint({n: globals()[n] for n in ("checkpoint", "adapter", "tokenizer", "weights", "threads",
-                                                    "device", "dtype", "compile_cache")},
-                        [checkpoint, adapter, tokenizer]) if QUICK else None
+MODEL = {"weights": weights, "threads": threads, "device": device, "dtype": dtype}  # and the files, by what they hold
+KEY = quick.fingerprint(MODEL, [checkpoint, adapter, tokenizer]) if QUICK else None
+# what this run asks for: a record of the same under another key is an older version of it (removed on a new save)
+SOURCE = json.dumps([[os.path.realpath(p) if p and os.path.exists(p) else p for p in (checkpoint, adapter, tokenizer)],
+                     MODEL])
 
 
 def read_prompt():
@@ -95,18 +98,20 @@ def threads_note():
               file=sys.stderr)
 
 
-def quick_start(notes=True):
-    """Generate from this run's record (quick.py) without torch; False when there is none or it cannot run here.
-    notes: print what the usual path prints on stderr before decoding (the run that wrote the record has)."""
-    record = quick.load(FOLDER, KEY)  # found, libtorch's C library loads meanwhile (a thread)
+def from_record():
+    """(record, its runner, the tokenizer) of this run's record (quick.py), None when there is none; raises
+    quick.Unavailable when it does not run here. The tokenizer is read while libtorch's C library loads."""
+    record = quick.load(FOLDER, KEY)
     if record is None:
-        return False
+        return None
     from tokenizer import load_tokenizer, make_tokenizer
     tok = make_tokenizer(tokenizer) if tokenizer else load_tokenizer(record["tokenizer"])
-    try:
-        runner = quick.Runner(FOLDER, KEY, record)
-    except quick.Unavailable:
-        return False
+    return record, quick.Runner(FOLDER, KEY, record), tok
+
+
+def generate_from(record, runner, tok, notes=True):
+    """Every sample through quick.py's loop, without torch: the record's compiled step token by token, numpy's
+    sampling. notes: print what the usual path prints on stderr before decoding (the run that wrote it has)."""
     if notes:
         threads_note()
         if record["note"]:
@@ -118,13 +123,18 @@ def quick_start(notes=True):
     sample_each(tok, ids, lambda on_text: quick.generate(
         runner, tok, ids, max_new_tokens, record["context"], 0 if greedy else temperature, top_k, top_p, rng,
         set(record["stop_ids"]), on_text))
-    return True
 
 
-if __name__ == "__main__" and QUICK and quick_start():
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # nothing to tear down but the runner's memory
+if __name__ == "__main__" and QUICK:
+    try:
+        ready = from_record()
+    except quick.Unavailable:  # the usual path then says why, once it has written the record again
+        ready = None
+    if ready:
+        generate_from(*ready)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # nothing to tear down but the runner's memory
 
 import gc  # noqa: E402
 
@@ -134,7 +144,7 @@ import gc  # noqa: E402
 gc.disable()
 import torch  # noqa: E402
 
-from checkpoint import load_any, tokenizer_for  # noqa: E402
+from checkpoint import load_any, read_adapter, tokenizer_for  # noqa: E402
 from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
 from lora import merge_lora  # noqa: E402
@@ -185,15 +195,22 @@ def main():
             package, inputs, caches = step.ensure()
             info = {"tokenizer": None if tokenizer else ckpt.get("tokenizer"), "stop_ids": end_ids(tok),
                     "vocab": model.args.vocab_size, "context": model.args.max_seq_len, "note": note}
-            quick.save(FOLDER, KEY, package, inputs, caches, info)
+            # checkpoint "" with an adapter: the base the adapter names, read now, checked at each quick start
+            base = [read_adapter(adapter).get("base_checkpoint") or ""] if adapter and not checkpoint else []
+            quick.save(FOLDER, KEY, package, inputs, caches, info, SOURCE, watch=base)
+            del inputs
+            ready = from_record()
         except OSError as e:
             print(f"note: no quick start for later runs ({e.strerror or e} writing to {FOLDER})", file=sys.stderr)
+        except quick.Unavailable as e:
+            quick.forget(FOLDER, KEY)
+            print(f"note: the quick start does not run here ({e}); decoding as usual (--quick_start=False skips "
+                  f"writing its record)", file=sys.stderr)
         else:
-            del model, ckpt, step, inputs  # the runner reads its own copy of the weights
-            gc.collect()
-            check(quick_start(notes=False), "the quick start's record was written but does not run here; pass "
-                  "--quick_start=False")
-            return
+            if ready:
+                del model, ckpt, step  # the runner holds its own copy of the weights
+                gc.collect()
+                return generate_from(*ready, notes=False)
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused

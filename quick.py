@@ -1,4 +1,5 @@
-"""generate.py's quick start: the compiled CPU decode step run without importing torch.
+"""generate.py's quick start: the compiled CPU decode step run without importing torch; and the compile cache that
+holds it (its folder, its housekeeping, what names a package: the C++ compiler, the CPU's flags).
 
 `import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens, so the whole command was
 mostly start-up. What the step needs is far less: the package's shared library (decode.CompiledDecoder compiles it;
@@ -21,38 +22,23 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import mmap
 import os
 import shutil
 import sys
 import threading
+import time
 import zipfile
 
-from runtime import UsageError, atomic_file
+from runtime import TMP_PREFIX, UsageError, atomic_file
 
 ALIGN = 64  # every input starts at a multiple of this in the file (and so in memory): whole vector loads
+FIX = "pass --quick_start=False, or delete the quick-* files in the compile cache"
 
 
 class Unavailable(Exception):
     """This machine or record cannot run the quick path (the caller takes the usual one)."""
-
-
-def _stat(path):
-    """(path, size, mtime) of a file, or of every entry of a folder (a run folder, a Hugging Face folder)."""
-    if not path or not os.path.exists(path):
-        return [path, None]
-    if os.path.isdir(path):
-        return [path, sorted([e.name, *_stat(e.path)[1:]] for e in os.scandir(path) if e.is_file())]
-    info = os.stat(path)
-    return [os.path.abspath(path), info.st_size, info.st_mtime_ns]
-
-
-def _torch_lib():
-    """torch's library folder, found without importing torch."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise Unavailable("torch is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
 
 
 def cache_dir():
@@ -72,10 +58,55 @@ def compiler(cxx=None):
     return [real, info.st_size, info.st_mtime_ns]
 
 
+def cpu_flags():
+    """The CPU's instruction sets as /proc/cpuinfo lists them (x86 "flags", ARM "Features"); "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def prune(folder, keep, days=30):
+    """Remove the packages and quick-start records of this folder not used for `days` (another torch, an older
+    llamaforge, a shape or model no longer run: a package is a few MB, a record the model's size, and a later
+    version never reads either again) and what a killed compile or write left (after a day)."""
+    now = time.time()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        stale = 86400 if name.endswith(".tmp.pt2") or name.startswith(TMP_PREFIX) else days * 86400
+        if name.startswith(("decode-", "quick-", TMP_PREFIX)) and path != keep:
+            try:
+                if now - os.path.getmtime(path) > stale:
+                    os.remove(path)
+            except OSError:  # another process removed or replaced it first
+                pass
+
+
+def _stat(path):
+    """A file as its real path, size, times and inode (a save through runtime.atomic_file is a new inode), or a
+    folder (a run folder, a Hugging Face folder) as every file in it."""
+    if not path or not os.path.exists(path):
+        return [path, None]
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        return [real, sorted([e.name, *_stat(e.path)[1:]] for e in os.scandir(real) if e.is_file())]
+    info = os.stat(real)
+    return [real, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+
+
+def _torch_lib():
+    """torch's library folder, found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("torch is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+
+
 def fingerprint(settings, files):
-    """The hash that names a record: settings (a dict of the run's model-defining settings), the files they read,
-    and what else decides the model, its layout or the compiled step: torch's build, our code, the Python, the CPU,
-    the compiler, and what sets the thread count or the device."""
+    """The hash that names a record: settings (the run's model-defining settings but its file paths), the files
+    (each file or folder as _stat has it), and what else decides the model, its layout or the compiled step: torch's
+    build, our code, the Python, the CPU, the compiler, and what sets the thread count or the device."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(here, "*.py"))):
@@ -87,17 +118,12 @@ def fingerprint(settings, files):
         torch_files.append(_stat(os.path.join(os.path.dirname(lib), "version.py")))
     except Unavailable:
         torch_files = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        cpu = ""
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "CXX",
                                           "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE")}
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     gpus = [p for p in ("/dev/nvidiactl", "/dev/kfd") if os.path.exists(p)]
     key = json.dumps([settings, [_stat(p) for p in files], torch_files, code.hexdigest(), sys.version,
-                      sys.executable, cpu, compiler(), env, affinity, os.cpu_count(), gpus], default=str)
+                      sys.executable, cpu_flags(), compiler(), env, affinity, os.cpu_count(), gpus], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -105,38 +131,79 @@ def paths(folder, key):
     return os.path.join(folder, f"quick-{key}.json"), os.path.join(folder, f"quick-{key}.bin")
 
 
-def save(folder, key, package, tensors, caches, info):
+def _bytes(value):
+    if not isinstance(value, bytes):
+        raise UsageError(f"a quick-start record holds JSON and bytes, not {type(value).__name__}")
+    return {"base64": base64.b64encode(value).decode()}  # a tokenizer's own model
+
+
+def save(folder, key, package, tensors, caches, info, source="", watch=()):
     """Write a record: tensors (the step's inputs but the KV cache, torch tensors, in the step's order) into one
     raw file, then the JSON naming it (written last, so a record is whole or absent). caches: [(dtype name, shape)]
-    of the KV cache tensors (fresh zeros in each run). info: what the runner needs besides (tokenizer, vocab,
-    context, a note to print)."""
+    of the KV cache tensors (fresh zeros in each run). info: what the runner needs besides (tokenizer, stop ids,
+    vocab, context, a note to print). source: what the run was asked for (settings, real paths): the records of
+    the same source under other keys are older versions, removed. watch: more files the model came from (an
+    adapter's base), checked at each load."""
     import torch  # only the run that writes a record has torch (and its tensors)
-    meta, written, bin_path = [], {}, paths(folder, key)[1]
+    meta, written, kept, (json_path, bin_path) = [], {}, [], paths(folder, key)
     with atomic_file(bin_path) as tmp, open(tmp, "wb") as f:
         for t in tensors:
             data = t.detach().contiguous().cpu()
+            kept.append(data)  # alive to the end: a freed copy's address could come back as another's
             same = (data.data_ptr(), data.dtype, data.shape)  # a tied embedding and head: one copy, two inputs
             if same not in written:
                 f.write(b"\0" * (-f.tell() % ALIGN))
                 written[same] = f.tell()
                 f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
             meta.append([str(data.dtype).replace("torch.", ""), list(data.shape), written[same]])
-    with atomic_file(paths(folder, key)[0]) as tmp, open(tmp, "w") as f:
-        json.dump({"package": package, "inputs": meta, "caches": caches, "bytes": os.path.getsize(bin_path),
-                   **info}, f, default=lambda b: {"base64": base64.b64encode(b).decode()})  # a tokenizer's model
+    try:
+        with atomic_file(json_path) as tmp, open(tmp, "w") as f:
+            json.dump({"package": package, "inputs": meta, "caches": caches, "bytes": os.path.getsize(bin_path),
+                       "source": source, "watch": [_stat(p) for p in watch], **info}, f, default=_bytes)
+    except BaseException:
+        os.remove(bin_path)
+        raise
+    for other in glob.glob(os.path.join(folder, "quick-*.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if other != json_path and source and _source(other) == source:
+                forget(folder, os.path.basename(other)[6:-5])
+    prune(folder, keep=package)
+
+
+def _source(path):
+    with open(path) as f:
+        return json.load(f).get("source")
+
+
+def forget(folder, key):
+    """Remove a record."""
+    for path in paths(folder, key):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+REQUIRED = {"package": str, "inputs": list, "caches": list, "bytes": int, "vocab": int, "context": int,
+            "watch": list}
 
 
 def load(folder, key):
-    """The record of this key, or None. Found, libtorch's C library starts loading in a thread (0.18 s, with the
-    GIL let go: the caller reads the tokenizer, the Runner the weights, meanwhile)."""
-    record_path = paths(folder, key)[0]
+    """The record of this key, or None (absent, torn, or a watched file changed). Found, libtorch's C library starts
+    loading in a thread (0.18 s, with the GIL let go: the caller reads the tokenizer, the Runner the weights,
+    meanwhile)."""
+    json_path, bin_path = paths(folder, key)
     try:
-        with open(record_path) as f:
+        with open(json_path) as f:
             record = json.load(f, object_hook=lambda d: base64.b64decode(d["base64"]) if list(d) == ["base64"] else d)
     except (OSError, ValueError):
         return None
-    with contextlib.suppress(OSError):  # last use: decode.py's pruning keeps what is used
-        for path in paths(folder, key):
+    try:
+        if any(not isinstance(record.get(k), t) for k, t in REQUIRED.items()) or \
+                [_stat(w[0]) for w in record["watch"]] != record["watch"]:
+            return None
+    except (AttributeError, TypeError, IndexError):  # not a record's shape
+        return None
+    with contextlib.suppress(OSError):  # last use: prune() keeps what is used
+        for path in (json_path, bin_path, record["package"]):
             os.utime(path)
     global _loading
     if _loading is None and sys.platform.startswith("linux"):
@@ -157,6 +224,20 @@ def _libraries():
             ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
 
 
+def _open(path, lib):
+    """The shared library at path, loading first each of torch's own libraries it needs that is not loaded yet (a
+    package built by a CUDA build of torch needs libtorch.so, which brings libtorch_cuda; a CPU build's, none)."""
+    for _ in range(8):
+        try:
+            return ctypes.CDLL(path)
+        except OSError as e:
+            needed = os.path.join(lib, str(e).split(":")[0])
+            if not os.path.isfile(needed):
+                raise
+            ctypes.CDLL(needed, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path)
+
+
 class Runner:
     """The compiled step of a record, through AOTInductor's C interface: step(token, pos) -> the argmax of the
     logits, with logits() the last step's logits (a numpy array, valid until the next step)."""
@@ -164,8 +245,14 @@ class Runner:
     def __init__(self, folder, key, record):
         if not sys.platform.startswith("linux"):
             raise Unavailable("the quick start runs on Linux")
+        try:
+            self._start(folder, key, record)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # a record of another layout
+            raise Unavailable(f"the record does not fit ({e})") from None
+
+    def _start(self, folder, key, record):
         # the weights first: their reading overlaps the libraries' loading (load() started it)
-        cache_bytes = [4 * _numel(shape) for _, shape in record["caches"]]
+        cache_bytes = [4 * math.prod(shape) for _, shape in record["caches"]]
         size = record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes)  # private: shared memory gets no THP
         self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MB pages (a file's own are 4 KB ones, whose TLB misses cost 5-8% of
@@ -183,9 +270,9 @@ class Runner:
             for name in ("libc10.so", "libtorch_cpu.so"):  # loaded already, or now (the reason if it fails)
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
             self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
-            step = _open(self._library(folder, record["package"]), lib)
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
-            raise Unavailable(str(e)) from None
+            step = _open(self._library(record["package"]), lib)
+        except (OSError, zipfile.BadZipFile, StopIteration) as e:
+            raise Unavailable(str(e) or type(e).__name__) from None
         H, P, i64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
         t.aoti_torch_create_tensor_from_blob.argtypes = [H, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), i64,
                                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, P]
@@ -200,7 +287,6 @@ class Runner:
         self.step_lib = step
         dtypes = {n: getattr(t, f"aoti_torch_dtype_{n}")() for n in ("float32", "int64", "int8", "uint8", "bfloat16")}
         self.cpu = t.aoti_torch_device_type_cpu()
-
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         inputs = [(base + offset, shape, dtypes[dtype]) for dtype, shape, offset in record["inputs"]]
         offset = record["bytes"] + (-record["bytes"] % ALIGN)
@@ -219,19 +305,18 @@ class Runner:
         self.handles = (ctypes.c_void_p * (3 + len(inputs)))()
         slots = [ctypes.cast(ctypes.addressof(self.handles) + 8 * i, P) for i in range(len(self.handles))]
         self.slots, self.pairs = slots[:3], list(zip(self.fixed, slots[3:]))
-        self.out, self.ptr, self.vocab = (ctypes.c_void_p * 1)(), ctypes.c_void_p(), record["vocab"]
+        self.out, self.ptr = (ctypes.c_void_p * 1)(), ctypes.c_void_p()
+        self.vocab, self.context = record["vocab"], record["context"]
 
     @staticmethod
-    def _library(folder, package):
-        """The package's shared library, unpacked once beside it (what torch's loader does into a temporary folder
-        at each load)."""
-        with zipfile.ZipFile(package) as z:
-            name = next(n for n in z.namelist() if n.endswith(".so"))
-            target = os.path.join(folder, f"{os.path.basename(package)[:-4]}-{os.path.basename(name)}")
-            if not os.path.exists(target):
-                with atomic_file(target) as tmp, open(tmp, "wb") as f:
-                    f.write(z.read(name))
-        with contextlib.suppress(OSError):  # in use (decode.py's pruning); a read-only folder serves as it is
+    def _library(package):
+        """The package's shared library, unpacked once beside it (torch's loader unpacks it into a temporary folder
+        at each load), named by the package's inode: a package compiled again is a new file, unpacked afresh."""
+        target = f"{package[:-4]}-{os.stat(package).st_ino}.so"
+        if not os.path.exists(target):
+            with zipfile.ZipFile(package) as z, atomic_file(target) as tmp, open(tmp, "wb") as f:
+                f.write(z.read(next(n for n in z.namelist() if n.endswith(".so"))))
+        with contextlib.suppress(OSError):  # in use (prune); a read-only folder serves as it is
             os.utime(target)
         return target
 
@@ -244,22 +329,30 @@ class Runner:
         if self.t.aoti_torch_create_tensor_from_blob(ptr, len(shape), (ctypes.c_int64 * len(shape))(*shape),
                                                      (ctypes.c_int64 * len(shape))(*strides), 0, dtype, self.cpu, 0,
                                                      ctypes.byref(handle)):
-            raise UsageError("the compiled step could not take its inputs")
+            raise Unavailable("the compiled step could not take its inputs")
         return handle
 
     def step(self, token, pos):
         """Run the step for token id `token` at position `pos` (the KV cache holds positions 0..pos-1)."""
+        # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
+        # outside their memory
+        if not (0 <= pos < self.context and 0 <= token < self.vocab):
+            raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 0 to "
+                             f"{self.context - 1}, tokens below {self.vocab})")
         self.release()
         self.ids[0] = token
         if pos not in self.filled:
-            self.filled[pos] = self._tensor(ctypes.addressof(self.none), [pos + 2, 0], self.f32)
+            try:
+                self.filled[pos] = self._tensor(ctypes.addressof(self.none), [pos + 2, 0], self.f32)
+            except Unavailable as e:
+                raise UsageError(f"{e}; {FIX}") from None
         new = self.t.aoti_torch_new_tensor_handle
         for handle, slot in zip((self.token, self.filled[pos], self.best), self.slots):
             new(handle, slot)
         for handle, slot in self.pairs:
             new(handle, slot)
         if self.run_fn(self.container, self.handles, len(self.handles), self.out, 1, None, None):
-            raise UsageError("the compiled step failed")
+            raise UsageError(f"the compiled step failed; {FIX}")
         return self.ids[1]
 
     def logits(self):
@@ -271,27 +364,6 @@ class Runner:
         if self.out[0]:
             self.t.aoti_torch_delete_tensor_object(self.out[0])
             self.out[0] = None
-
-
-def _open(path, lib):
-    """The shared library at path, loading first each of torch's own libraries it needs that is not loaded yet (a
-    package built by a CUDA build of torch needs libtorch.so, which brings libtorch_cuda; a CPU build's, none)."""
-    for _ in range(8):
-        try:
-            return ctypes.CDLL(path)
-        except OSError as e:
-            needed = os.path.join(lib, str(e).split(":")[0])
-            if not os.path.isfile(needed):
-                raise
-            ctypes.CDLL(needed, mode=ctypes.RTLD_GLOBAL)
-    return ctypes.CDLL(path)
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def sample(logits, temperature, top_k, top_p, rng):

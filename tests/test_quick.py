@@ -72,24 +72,24 @@ def test_a_second_run_decodes_without_importing_torch_and_writes_the_same_text(t
 
 
 def test_a_changed_model_file_or_setting_misses_the_record(tmp_path, cache):
-    """The record's name holds the files' sizes and times and the model-defining settings: a checkpoint rewritten
-    in place (here a v2 int8 file where the fp32 one was) or another --weights gets a record of its own, and each
-    writes what the usual path writes for it."""
+    """The record's name holds the files (size, times, inode) and the model-defining settings: a checkpoint rewritten
+    in place (here a v2 int8 file where the fp32 one was) gets a new record, which replaces the old one (the same
+    file and settings: an older version), another --weights a record beside it; each writes what the usual path
+    writes for it."""
     ref = build_model(load_checkpoint(shared("stories260K", "stories260K.bin")))
     path = tmp_path / "model.bin"
     write_llama2c(ref.state_dict(), ref.args, path)
     greedy = ["--temperature=0", "--max_new_tokens=120", "--stream=False"]
     fp32 = run_script("generate.py", *stories_args(tmp_path, path), *greedy)
     write_llama2c(ref.state_dict(), ref.args, path, version=2)
-    os.utime(path, ns=(1, 1))  # even a rewrite that kept the size and time would differ in size here
     int8_first = run_script("generate.py", *stories_args(tmp_path, path), *greedy)
     int8_quick = run_script("generate.py", *stories_args(tmp_path, path), *greedy)
     usual = run_script("generate.py", *stories_args(tmp_path, path), *greedy, "--quick_start=False")
-    assert len(records(tmp_path)) == 2
+    assert len(records(tmp_path)) == 1
     assert int8_first.stdout == int8_quick.stdout == usual.stdout and fp32.stdout.startswith("Once upon a time")
     assert "int8 weights: 0.5 MiB" in int8_quick.stderr  # the note the usual path prints, from the record
     run_script("generate.py", *stories_args(tmp_path, path), *greedy, "--weights=fp32")
-    assert len(records(tmp_path)) == 3
+    assert len(records(tmp_path)) == 2
 
 
 def test_a_damaged_record_is_passed_over_and_written_again(tmp_path, cache):
@@ -113,7 +113,7 @@ def test_the_runner_computes_the_compiled_steps_logits(tmp_path):
     model = build_model(load_checkpoint(shared("stories260K", "stories260K.bin"))).eval()
     step = CompiledDecoder(model)
     package, inputs, caches = step.ensure()
-    quick.save(str(tmp_path), "k", package, inputs, caches, {"vocab": model.args.vocab_size})
+    quick.save(str(tmp_path), "k", package, inputs, caches, {"vocab": model.args.vocab_size, "context": 512})
     runner = quick.Runner(str(tmp_path), "k", quick.load(str(tmp_path), "k"))
     model.setup_cache(1)
     token = 1
@@ -174,3 +174,21 @@ def test_a_checkpoints_own_tokenizer_travels_in_the_record(tmp_path, cache):
     usual = run_script("generate.py", *args[:1], *args[3:])
     assert not imported_torch(second) and first.stdout == second.stdout == usual.stdout
     assert usual.stdout.startswith("Once upon a time") and len(usual.stdout) > 200
+
+
+def test_a_record_is_run_only_whole_and_with_its_watched_files_unchanged(tmp_path):
+    """quick.load: a record whose JSON lacks a field or has one of another type is no record; one whose watched
+    file (an adapter's recorded base) was rewritten since is no record either."""
+    folder, base = str(tmp_path), tmp_path / "base.pt"
+    base.write_bytes(b"one")
+    quick.save(folder, "k", "p.pt2", [torch.zeros(4)], [], {"vocab": 4, "context": 8}, "src", watch=[str(base)])
+    assert quick.load(folder, "k")["inputs"] == [["float32", [4], 0]]
+    json_path = tmp_path / "quick-k.json"
+    good = json.loads(json_path.read_text())
+    for broken in ({**good, "bytes": "16"}, {k: v for k, v in good.items() if k != "caches"}, [good]):
+        json_path.write_text(json.dumps(broken))
+        assert quick.load(folder, "k") is None
+    json_path.write_text(json.dumps(good))
+    assert quick.load(folder, "k") is not None
+    base.write_bytes(b"two")  # the same size; another inode is not even needed: the times differ
+    assert quick.load(folder, "k") is None
