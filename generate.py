@@ -45,7 +45,7 @@ import quick  # noqa: E402 (imports no torch)
 from runtime import GREEDY_BELOW, UsageError, check  # noqa: E402
 
 # the quick start (quick.py): what it covers, with settings in range (out of range, the usual path names the problem)
-QUICK = (compile and quick_start and not (chat or interactive) and sys.platform.startswith("linux")
+QUICK = (compile and quick_start and not (chat or interactive) and quick.available()
          and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1 and max_new_tokens >= 1
          and threads >= 0)
 FOLDER = compile_cache or quick.cache_dir()

@@ -103,6 +103,14 @@ def _torch_lib():
     return os.path.join(list(spec.submodule_search_locations)[0], "lib")
 
 
+def available():
+    """Whether this machine can run a record: Linux, with torch's C library where a CPU or CUDA wheel keeps it."""
+    try:
+        return sys.platform.startswith("linux") and os.path.isfile(os.path.join(_torch_lib(), "libtorch_cpu.so"))
+    except Unavailable:
+        return False
+
+
 def fingerprint(settings, files):
     """The hash that names a record: settings (the run's model-defining settings but its file paths), the files
     (each file or folder as _stat has it), and what else decides the model, its layout or the compiled step: torch's
