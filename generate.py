@@ -44,16 +44,24 @@ configure(globals(), sys.argv[1:], explicit)
 import quick  # noqa: E402 (imports no torch)
 from runtime import GREEDY_BELOW, UsageError, check  # noqa: E402
 
-# the quick start (quick.py): what it covers, with settings in range (out of range, the usual path names the problem)
-QUICK = (compile and quick_start and not (chat or interactive) and quick.available()
-         and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1 and max_new_tokens >= 1
-         and threads >= 0)
+# this script's own settings, checked before anything loads (torch's import alone takes 1.3 s)
+check(temperature >= 0, f"temperature={temperature} is negative; use 0 for greedy or a positive value")
+check(top_k >= 0, f"top_k={top_k} must be >= 0 (0 disables it)")
+check(0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1.0 disables it)")
+check(num_samples >= 1 and max_new_tokens >= 1,
+      f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must both be >= 1")
+check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
+
+# the quick start (quick.py): what it covers; the checkpoint's files as the loader reads them (a run folder: its
+# ckpt.pt, not the logs beside it)
+QUICK = compile and quick_start and not (chat or interactive) and quick.available()
 FOLDER = compile_cache or quick.cache_dir()
 MODEL = {"weights": weights, "threads": threads, "device": device, "dtype": dtype}  # and the files, by what they hold
-KEY = quick.fingerprint(MODEL, [checkpoint, adapter, tokenizer]) if QUICK else None
+run_ckpt = os.path.join(checkpoint, "ckpt.pt")
+FILES = [run_ckpt if checkpoint and os.path.isfile(run_ckpt) else checkpoint, adapter, tokenizer]
+KEY = quick.fingerprint(MODEL, FILES) if QUICK else None
 # what this run asks for: a record of the same under another key is an older version of it (removed on a new save)
-SOURCE = json.dumps([[os.path.realpath(p) if p and os.path.exists(p) else p for p in (checkpoint, adapter, tokenizer)],
-                     MODEL])
+SOURCE = json.dumps([[os.path.realpath(p) if p and os.path.exists(p) else p for p in FILES], MODEL])
 
 
 def read_prompt():
@@ -148,7 +156,6 @@ from checkpoint import load_any, read_adapter, tokenizer_for  # noqa: E402
 from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
 from lora import merge_lora  # noqa: E402
-from model import check_sampling  # noqa: E402
 from quant import is_int8, weight_bytes  # noqa: E402
 from runtime import autocast, device_and_dtype  # noqa: E402
 
@@ -156,13 +163,6 @@ from runtime import autocast, device_and_dtype  # noqa: E402
 def main():
     gc.freeze()  # the imports' objects (see there), then collections again for what the run makes
     gc.enable()
-    try:
-        check_sampling(temperature, top_k or None, top_p)
-    except ValueError as e:
-        raise UsageError(str(e))
-    check(num_samples >= 1 and max_new_tokens >= 1,
-          f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must both be >= 1")
-    check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
     if threads:
         torch.set_num_threads(threads)
         threads_note()

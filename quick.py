@@ -75,9 +75,10 @@ def prune(folder, keep, days=30):
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         stale = 86400 if name.endswith(".tmp.pt2") or name.startswith(TMP_PREFIX) else days * 86400
+        used = path[:-4] + ".json" if name.startswith("quick-") and name.endswith(".bin") else path
         if name.startswith(("decode-", "quick-", TMP_PREFIX)) and path != keep:
             try:
-                if now - os.path.getmtime(path) > stale:
+                if now - os.path.getmtime(used if os.path.exists(used) else path) > stale:
                     os.remove(path)
             except OSError:  # another process removed or replaced it first
                 pass
@@ -167,7 +168,8 @@ def save(folder, key, package, tensors, caches, info, source="", watch=()):
     try:
         with atomic_file(json_path) as tmp, open(tmp, "w") as f:
             json.dump({"package": package, "inputs": meta, "caches": caches, "bytes": os.path.getsize(bin_path),
-                       "source": source, "watch": [_stat(p) for p in watch], **info}, f, default=_bytes)
+                       "weights_file": _identity(bin_path), "source": source, "watch": [_stat(p) for p in watch],
+                       **info}, f, default=_bytes)
     except BaseException:
         os.remove(bin_path)
         raise
@@ -176,6 +178,13 @@ def save(folder, key, package, tensors, caches, info, source="", watch=()):
             if other != json_path and source and _source(other) == source:
                 forget(folder, os.path.basename(other)[6:-5])
     prune(folder, keep=package)
+
+
+def _identity(path):
+    """A file's size, modification time and inode: the weights file changed in any way but a same-time rewrite of
+    its bytes in place shows (nothing here sets its time: prune() reads the record's)."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
 def _source(path):
@@ -191,7 +200,7 @@ def forget(folder, key):
 
 
 REQUIRED = {"package": str, "inputs": list, "caches": list, "bytes": int, "vocab": int, "context": int,
-            "watch": list}
+            "watch": list, "weights_file": list}
 
 
 def load(folder, key):
@@ -206,12 +215,13 @@ def load(folder, key):
         return None
     try:
         if any(not isinstance(record.get(k), t) for k, t in REQUIRED.items()) or \
-                [_stat(w[0]) for w in record["watch"]] != record["watch"]:
+                [_stat(w[0]) for w in record["watch"]] != record["watch"] or \
+                _identity(bin_path) != record["weights_file"]:
             return None
-    except (AttributeError, TypeError, IndexError):  # not a record's shape
+    except (AttributeError, TypeError, IndexError, OSError):  # not a record's shape; no weights file
         return None
-    with contextlib.suppress(OSError):  # last use: prune() keeps what is used
-        for path in (json_path, bin_path, record["package"]):
+    with contextlib.suppress(OSError):  # last use: prune() keeps what is used (a weights file goes by its record's)
+        for path in (json_path, record["package"]):
             os.utime(path)
     global _loading
     if _loading is None and sys.platform.startswith("linux"):

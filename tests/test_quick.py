@@ -93,8 +93,8 @@ def test_a_changed_model_file_or_setting_misses_the_record(tmp_path, cache):
 
 
 def test_a_damaged_record_is_passed_over_and_written_again(tmp_path, cache):
-    """A record whose weights file is cut short, or whose JSON is torn, is not run: the usual path decodes and
-    writes it afresh."""
+    """A record whose weights file is cut short or overwritten in place (zeros, the same size), or whose JSON is
+    torn, is not run: the usual path decodes and writes it afresh."""
     args = [*stories_args(tmp_path), "--temperature=0", "--max_new_tokens=60", "--stream=False"]
     good = run_script("generate.py", *args).stdout
     (name,) = records(tmp_path)
@@ -102,6 +102,9 @@ def test_a_damaged_record_is_passed_over_and_written_again(tmp_path, cache):
     size = weights.stat().st_size
     os.truncate(weights, size // 2)
     assert run_script("generate.py", *args).stdout == good and weights.stat().st_size == size
+    with open(weights, "r+b") as f:
+        f.write(bytes(size))
+    assert run_script("generate.py", *args).stdout == good and any(weights.read_bytes())
     (tmp_path / "cache" / name).write_text('{"package": ')
     assert run_script("generate.py", *args).stdout == good
     assert json.loads((tmp_path / "cache" / name).read_text())["bytes"] == size
