@@ -161,6 +161,7 @@ from runtime import autocast, device_and_dtype  # noqa: E402
 
 
 def main():
+    global QUICK
     gc.freeze()  # the imports' objects (see there), then collections again for what the run makes
     gc.enable()
     if threads:
@@ -198,19 +199,21 @@ def main():
             # checkpoint "" with an adapter: the base the adapter names, read now, checked at each quick start
             base = [read_adapter(adapter).get("base_checkpoint") or ""] if adapter and not checkpoint else []
             quick.save(FOLDER, KEY, package, inputs, caches, info, SOURCE, watch=base)
-            del inputs
-            ready = from_record()
         except OSError as e:
             print(f"note: no quick start for later runs ({e.strerror or e} writing to {FOLDER})", file=sys.stderr)
-        except quick.Unavailable as e:
-            quick.forget(FOLDER, KEY)
-            print(f"note: the quick start does not run here ({e}); decoding as usual (--quick_start=False skips "
-                  f"writing its record)", file=sys.stderr)
         else:
+            del model, ckpt, step, inputs  # the runner reads its own copy: one copy of the weights at a time
+            gc.collect()
+            try:
+                ready = from_record()
+            except quick.Unavailable as e:
+                print(f"note: the quick start does not run here ({e}); decoding as usual", file=sys.stderr)
+                quick.forget(FOLDER, KEY)
+                ready = None
             if ready:
-                del model, ckpt, step  # the runner holds its own copy of the weights
-                gc.collect()
                 return generate_from(*ready, notes=False)
+            QUICK = False
+            return main()  # the model loaded again, decoded as usual
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     engine = Engine(model, tok, max_batch=1, decode_step=step)  # one engine for every sample: its cache is reused
