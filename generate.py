@@ -108,7 +108,7 @@ def threads_note():
 
 def from_record():
     """(record, its runner, the tokenizer) of this run's record (quick.py), None when there is none; raises
-    quick.Unavailable when it does not run here. The tokenizer is read while libtorch's C library loads."""
+    quick.Unavailable when it does not run here."""
     record = quick.load(FOLDER, KEY)
     if record is None:
         return None

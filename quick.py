@@ -27,7 +27,6 @@ import mmap
 import os
 import shutil
 import sys
-import threading
 import time
 import zipfile
 
@@ -204,9 +203,7 @@ REQUIRED = {"package": str, "inputs": list, "caches": list, "bytes": int, "vocab
 
 
 def load(folder, key):
-    """The record of this key, or None (absent, torn, or a watched file changed). Found, libtorch's C library starts
-    loading in a thread (0.18 s, with the GIL let go: the caller reads the tokenizer, the Runner the weights,
-    meanwhile)."""
+    """The record of this key, or None (absent, torn, its weights file or a watched file changed)."""
     json_path, bin_path = paths(folder, key)
     try:
         with open(json_path) as f:
@@ -223,23 +220,7 @@ def load(folder, key):
     with contextlib.suppress(OSError):  # last use: prune() keeps what is used (a weights file goes by its record's)
         for path in (json_path, record["package"]):
             os.utime(path)
-    global _loading
-    if _loading is None and sys.platform.startswith("linux"):
-        _loading = threading.Thread(target=_libraries, daemon=True)
-        _loading.start()
     return record
-
-
-_loading = None  # the thread loading libtorch's C library
-
-
-def _libraries():
-    """libtorch's C library (and c10, which it needs), loaded for the whole process: the package's calls into it
-    resolve at its load. None where they are not (the Runner then reports why)."""
-    with contextlib.suppress(OSError, Unavailable):
-        lib = _torch_lib()
-        for name in ("libc10.so", "libtorch_cpu.so"):
-            ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
 
 
 def _open(path, lib):
@@ -269,7 +250,6 @@ class Runner:
             raise Unavailable(f"the record does not fit ({e})") from None
 
     def _start(self, folder, key, record):
-        # the weights first: their reading overlaps the libraries' loading (load() started it)
         cache_bytes = [4 * math.prod(shape) for _, shape in record["caches"]]
         size = record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes)  # private: shared memory gets no THP
         self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -281,11 +261,11 @@ class Runner:
                     raise Unavailable("the record's weights file is short")
         except OSError as e:
             raise Unavailable(str(e)) from None
-        if _loading is not None:
-            _loading.join()
         lib = _torch_lib()
         try:
-            for name in ("libc10.so", "libtorch_cpu.so"):  # loaded already, or now (the reason if it fails)
+            # libtorch's C library (0.18 s; ctypes keeps the GIL while it loads, so no thread could overlap it),
+            # for the whole process: the package's calls into it resolve at the package's load
+            for name in ("libc10.so", "libtorch_cpu.so"):
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
             self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
             step = _open(self._library(record["package"]), lib)
