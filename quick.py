@@ -3,7 +3,7 @@ holds it (its folder, its housekeeping, what names a package: the C++ compiler, 
 
 `import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens, so the whole command was
 mostly start-up. What the step needs is far less: the package's shared library (decode.CompiledDecoder compiles it;
-it links to libtorch_cpu's C interface alone, 0.17 s to load), the weights laid out as the step takes them, and a
+it calls libtorch's C interface, 0.18 s to load), the weights laid out as the step takes them, and a
 tokenizer. So a run of generate.py --compile=True on a CPU leaves a record in the compile cache: the step's inputs
 as one raw file (the weights after packing and int8 regrouping, as the step reads them) and a JSON file naming the
 package, the inputs' shapes and the tokenizer. The record's name is a hash of everything the run's model depends
@@ -368,7 +368,7 @@ def sample(logits, temperature, top_k, top_p, rng):
     """A token id from logits (numpy, V) as model.sample_next draws one: the k most likely (ties with the k-th
     kept), the smallest set reaching top_p of the probability, then one draw from what is left."""
     import numpy as np
-    x = logits.astype(np.float32) / np.float32(temperature)
+    x = logits / np.float32(temperature)  # a float32 copy (the runner's logits are float32): one a token
     ids = np.arange(len(x))
     if top_k and top_k < len(x):
         kth = np.partition(x, len(x) - top_k)[len(x) - top_k]
