@@ -11,15 +11,15 @@ int8 without dequantizing. Each round runs every contender once per thread count
 the same file, runq.c then ours, each pair back to back), every one on the same first N cores (N = the thread
 count, pinned: a 1-thread pair never lands on two cores loaded differently), so load from other processes falls
 on all of them alike; the median of the rounds is reported, and the median of the rounds' ratios (each pair's
-own). Tokens/s is counted as run.c counts
-it: the tokens after the first, over the time since the first. Ours: generate.py's own decode loops, greedy
-sampling included: engine.Engine with the model's eager decode_step (eager) and decode.FastDecoder (fast), and for
-generate.py --compile=True on fp32 (compiled) and int8 (int8) weights, quick.py's loop over the compiled step
-(decode.CompiledDecoder's package, compiled before the timing once per thread count, run from a quick-start record
-through ctypes, as generate.py runs it). Then the whole `generate.py --compile=True` command is timed (a fresh
-process: loading, decoding max_tokens tokens, printing them) from its quick-start record, against the same command
-making two (its start-up), against the command without the record (--quick_start=False: importing torch, loading
-the file and the package) and against run.c's and runq.c's whole commands, with the peak RSS of each, and the
+own). Tokens/s is counted as run.c counts it: the tokens after the first, over the time since the first. Ours:
+generate.py's own decode loops, greedy sampling included: engine.Engine with the model's eager decode_step (eager)
+and decode.FastDecoder (fast), and for generate.py --compile=True on fp32 (compiled) and int8 (int8) weights,
+quick.py's loop over the compiled step (decode.CompiledDecoder's package, compiled before the timing once per
+thread count, run from a quick-start record in a fresh process, on quick_shim.cpp where the record adopts it, as
+generate.py runs it). Then the whole `generate.py --compile=True` command is timed (a fresh process: loading,
+decoding max_tokens tokens, printing them) from its quick-start record, against the same command making two (its
+start-up), against the command without the record (--quick_start=False: importing torch, loading the file and the
+package) and against run.c's and runq.c's whole commands, with the peak RSS of each, and the
 seconds a fresh Python takes to import torch. Prints a table and writes every result to out_json.
 """
 import json
@@ -51,6 +51,7 @@ config = configure(globals(), sys.argv[1:])
 import torch  # noqa: E402
 
 import quick  # noqa: E402
+import quick_shim  # noqa: E402
 from checkpoint import build_model, load_checkpoint  # noqa: E402
 from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request  # noqa: E402
@@ -156,16 +157,29 @@ def run_ours(model, tok, step, n_threads, n):
     return step.calls / (step.last - step.first)
 
 
-def run_quick(runner, tok, n):
-    """generate.py --compile=True's loop (quick.generate over a record's runner): BOS through the step, which makes
-    the first token, then n - 1 more."""
-    timed = Timed(runner.step)
-    runner.step = timed
-    try:
-        quick.generate(runner, tok, [1], n, n + 1, 0, None, None, None, ())
-    finally:
-        del runner.step  # the class's own again
-    return (timed.calls - 1) / (timed.last - timed.first_end)
+QUICK_LOOP = """
+import sys, time, quick, tokenizer
+folder, key, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+runner, ends = quick.Runner(folder, key, quick.load(folder, key)), []
+step = runner.step
+def timed(token, pos):
+    best = step(token, pos)
+    ends.append(time.perf_counter())
+    return best
+runner.step = timed
+quick.generate(runner, tokenizer.make_tokenizer(path), [1], n, n + 1, 0, None, None, None, ())
+print((len(ends) - 1) / (ends[-1] - ends[0]))
+"""
+
+
+def run_quick(folder, key, n):
+    """generate.py --compile=True's loop as a later run of it has it: a fresh process without torch, the record's
+    runner (on the shim when the record has one: quick_shim.py), quick.generate greedy from BOS, n tokens."""
+    out = subprocess.run([sys.executable, "-c", QUICK_LOOP, folder, key, tokenizer, str(n)], cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise UsageError(f"the quick loop failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(out.stdout)
 
 
 def run_command(path, n_threads, n, cache, quick_start=True):
@@ -209,7 +223,8 @@ def main():
         tok = Llama2cTokenizer(tokenizer)
         check(tok.vocab_size >= args.vocab_size, f"{tokenizer} has {tok.vocab_size} tokens but the model "
               f"{args.vocab_size}; pass the tokenizer the model was trained with")
-        steps, cache = {}, os.path.join(tmp, "cache")  # the commands' compile cache: the packages, their records
+        steps, shims = {}, {}
+        cache = os.path.join(tmp, "cache")  # the commands' compile cache: the packages, their records
         for t in counts:  # a compiled step is compiled for torch's thread count: one per count, compiled here
             torch.set_num_threads(t)
             steps["eager", t], steps["fast", t] = models["fast"].decode_step, FastDecoder(models["fast"])
@@ -220,7 +235,8 @@ def main():
                 package, inputs, caches = step.ensure()
                 quick.save(tmp, f"{kind}-{t}", package, inputs, caches,
                            {"vocab": args.vocab_size, "context": args.max_seq_len})
-                steps[kind, t] = quick.Runner(tmp, f"{kind}-{t}", quick.load(tmp, f"{kind}-{t}"))
+                runner = quick.Runner(tmp, f"{kind}-{t}", quick.load(tmp, f"{kind}-{t}"))  # on libtorch, here
+                shims[kind, t] = quick_shim.adopt(tmp, f"{kind}-{t}", runner)  # as generate.py adopts it
                 os.makedirs(cache, exist_ok=True)
                 shutil.copy(package, cache)
         names = ("run.c", "runq.c", "eager", "fast", "compiled", "int8")
@@ -235,13 +251,15 @@ def main():
                                                           paths["q8" if name == "runq.c" else "fp32"], t, n)
                         c_wall.setdefault((name, t), []).append(wall)
                     elif name in ("compiled", "int8"):
-                        tps = run_quick(steps[name, t], tok, n)
+                        tps = run_quick(tmp, f"{name}-{t}", n)
                     else:
                         tps = run_ours(models["fast" if name == "eager" else name], tok, steps[name, t], t, n)
                     runs[name, t].append(tps)
-        results = {"config": config, "load": os.getloadavg(), "decode": [], "command": [], "c_peak_rss_mib": c_memory}
+        results = {"config": config, "load": os.getloadavg(), "decode": [], "command": [], "c_peak_rss_mib": c_memory,
+                   "shim": {f"{k}-{t}": v for (k, t), v in shims.items()}}
         print(f"\nbatch-1 greedy decode, tok/s, {n} tokens, median of {rounds} rounds (load average "
-              f"{os.getloadavg()[0]:.1f}); compiled and int8: generate.py --compile=True on fp32 and int8 weights")
+              f"{os.getloadavg()[0]:.1f}); compiled and int8: generate.py --compile=True on fp32 and int8 weights, "
+              f"{'on quick_shim.cpp' if all(shims.values()) else 'on libtorch where the shim was not adopted'}")
         print(f"{'threads':>7}" + "".join(f"{k:>9}" for k in names) + f"{'compiled/run.c':>15}{'int8/runq.c':>12}"
               f"   (ratios: the median of the rounds' own)")
         for t in counts:

@@ -136,6 +136,8 @@ def generate_from(record, runner, tok, notes=True):
 if __name__ == "__main__" and QUICK:
     try:
         ready = from_record()
+    except quick.ShimFailed:  # torch no longer loads in this process: the command afresh, the record on libtorch
+        os.execv(sys.executable, sys.orig_argv)
     except quick.Unavailable:  # the usual path then says why, once it has written the record again
         ready = None
     if ready:
@@ -157,6 +159,7 @@ from decode import CompiledDecoder, FastDecoder  # noqa: E402
 from engine import Engine, Request, end_ids  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from quant import is_int8, weight_bytes  # noqa: E402
+import quick_shim  # noqa: E402
 from runtime import autocast, device_and_dtype  # noqa: E402
 
 
@@ -211,6 +214,7 @@ def main():
                 quick.forget(FOLDER, KEY)
                 ready = None
             if ready:
+                quick_shim.adopt(FOLDER, KEY, ready[1])  # later runs: without libtorch, where it gives these logits
                 return generate_from(*ready, notes=False)
             QUICK = False
             return main()  # the model loaded again, decoded as usual

@@ -1,15 +1,15 @@
 """generate.py's quick start: the compiled CPU decode step run without importing torch; and the compile cache that
 holds it (its folder, its housekeeping, what names a package: the C++ compiler, the CPU's flags).
 
-`import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens, so the whole command was
-mostly start-up. What the step needs is far less: the package's shared library (decode.CompiledDecoder compiles it;
-it calls libtorch's C interface, 0.18 s to load), the weights laid out as the step takes them, and a
-tokenizer. So a run of generate.py --compile=True on a CPU leaves a record in the compile cache: the step's inputs
-as one raw file (the weights after packing and int8 regrouping, as the step reads them) and a JSON file naming the
-package, the inputs' shapes and the tokenizer. The record's name is a hash of everything the run's model depends
-on (the settings, the files' sizes and times, torch's and our code, the CPU, the environment that sets threads);
-a later run with the same hash loads the library with ctypes, reads the file into memory and decodes, never
-importing torch; anything else misses and takes the usual path, which writes a new record.
+`import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens. The step needs far less:
+the package's shared library (decode.CompiledDecoder compiles it; it calls a few functions of libtorch's C
+interface, which quick_shim.cpp has too: quick_shim.py), the weights laid out as the step takes them, a tokenizer.
+So a run of generate.py --compile=True on a CPU leaves a record in the compile cache: the step's inputs as one raw
+file (the weights packed and int8 regrouped as the step reads them) and a JSON file naming the package, the shim,
+the inputs' shapes and the tokenizer, under a hash of all the run's model depends on (the settings, the files'
+sizes and times, torch's and our code, the CPU, the environment that sets threads). A later run of the same hash
+loads the library with ctypes, reads the file into memory and decodes, never importing torch; any other misses
+and takes the usual path, which writes a new record.
 
 Both runs, the one that writes the record and every later one, generate through this file's loop (prompt and new
 tokens alike through the step, one at a time, as run.c does; sampling with numpy's generator), so a seed gives the
@@ -32,6 +32,8 @@ import zipfile
 
 from runtime import TMP_PREFIX, UsageError, atomic_file
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM = os.path.join(HERE, "quick_shim.cpp")
 ALIGN = 64  # every input starts at a multiple of this in the file (and so in memory): whole vector loads
 FIX = "pass --quick_start=False, or delete the quick-* files in the compile cache"
 
@@ -115,9 +117,8 @@ def fingerprint(settings, files):
     """The hash that names a record: settings (the run's model-defining settings but its file paths), the files
     (each file or folder as _stat has it), and what else decides the model, its layout or the compiled step: torch's
     build, our code, the Python, the CPU, the compiler, and what sets the thread count or the device."""
-    here = os.path.dirname(os.path.abspath(__file__))
     code = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py")) + [SHIM]):
         with open(path, "rb") as f:
             code.update(f.read())
     try:
@@ -179,9 +180,18 @@ def save(folder, key, package, tensors, caches, info, source="", watch=()):
     prune(folder, keep=package)
 
 
+def set_shim(folder, key, shim):
+    """The record names shim (quick_shim.py's library; None: no shim), its JSON replaced atomically."""
+    json_path = paths(folder, key)[0]
+    with open(json_path) as f:
+        record = {k: v for k, v in json.load(f).items() if k != "shim"}  # a tokenizer's bytes: {"base64": ...} still
+    with atomic_file(json_path) as tmp, open(tmp, "w") as f:
+        json.dump({**record, "shim": shim} if shim else record, f)
+
+
 def _identity(path):
-    """A file's size, modification time and inode: the weights file changed in any way but a same-time rewrite of
-    its bytes in place shows (nothing here sets its time: prune() reads the record's)."""
+    """A file's size, modification time and inode (nothing here sets the weights file's time: prune() reads the
+    record's): the weights file changed in any way but a same-time rewrite of its bytes in place shows."""
     info = os.stat(path)
     return [info.st_size, info.st_mtime_ns, info.st_ino]
 
@@ -223,14 +233,32 @@ def load(folder, key):
     return record
 
 
-def _open(path, lib):
-    """The shared library at path, loading first each of torch's own libraries it needs that is not loaded yet (a
-    package built by a CUDA build of torch needs libtorch.so, which brings libtorch_cuda; a CPU build's, none)."""
+LOADED = []  # the shim this process loaded: for good (torch no longer imports here: its libraries would bind to it)
+
+
+class ShimFailed(Unavailable):
+    """The step did not start on the record's shim, now loaded: torch no longer imports in this process. The
+    record no longer names the shim; a new process runs it on libtorch (generate.py starts itself again)."""
+
+
+def _loaded(soname):
+    """Whether a library of this soname is loaded in this process."""
+    try:
+        ctypes.CDLL(soname, mode=os.RTLD_NOLOAD)
+        return True
+    except OSError:
+        return False
+
+
+def _open(path, where):
+    """The shared library at path, loading first each library of torch's it needs that is not loaded yet, from
+    where(its name) (a package built by a CUDA build of torch needs libtorch.so, which brings libtorch_cuda; a CPU
+    build's, none; on the shim, an empty library of that name: quick_shim.py)."""
     for _ in range(8):
         try:
             return ctypes.CDLL(path)
         except OSError as e:
-            needed = os.path.join(lib, str(e).split(":")[0])
+            needed = where(str(e).split(":")[0])
             if not os.path.isfile(needed):
                 raise
             ctypes.CDLL(needed, mode=ctypes.RTLD_GLOBAL)
@@ -239,17 +267,18 @@ def _open(path, lib):
 
 class Runner:
     """The compiled step of a record, through AOTInductor's C interface: step(token, pos) -> the argmax of the
-    logits, with logits() the last step's logits (a numpy array, valid until the next step)."""
+    logits, with logits() the last step's logits (a numpy array, valid until the next step). The interface comes
+    from the record's shim (quick_shim.adopt) when it has one, else (or with shim="") from libtorch."""
 
-    def __init__(self, folder, key, record):
+    def __init__(self, folder, key, record, shim=None):
         if not sys.platform.startswith("linux"):
             raise Unavailable("the quick start runs on Linux")
         try:
-            self._start(folder, key, record)
-        except (KeyError, TypeError, ValueError, IndexError) as e:  # a record of another layout
+            self._start(folder, key, record, record.get("shim", "") if shim is None else shim)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a record of another layout
             raise Unavailable(f"the record does not fit ({e})") from None
 
-    def _start(self, folder, key, record):
+    def _start(self, folder, key, record, shim):
         cache_bytes = [4 * math.prod(shape) for _, shape in record["caches"]]
         size = record["bytes"] + sum(cache_bytes) + ALIGN * len(cache_bytes)  # private: shared memory gets no THP
         self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -259,29 +288,44 @@ class Runner:
             with open(paths(folder, key)[1], "rb") as f:
                 if f.readinto(memoryview(self.memory)[:record["bytes"]]) != record["bytes"]:
                     raise Unavailable("the record's weights file is short")
-        except OSError as e:
-            raise Unavailable(str(e)) from None
-        lib = _torch_lib()
-        try:
-            # libtorch's C library (0.18 s; ctypes keeps the GIL while it loads, so no thread could overlap it),
-            # for the whole process: the package's calls into it resolve at the package's load
-            for name in ("libc10.so", "libtorch_cpu.so"):
-                ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
-            self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
-            step = _open(self._library(record["package"]), lib)
+            package = self._library(record["package"])
         except (OSError, zipfile.BadZipFile, StopIteration) as e:
             raise Unavailable(str(e) or type(e).__name__) from None
+        # the C interface for the whole process (the package's calls into it resolve at the package's load): the
+        # shim, 1 ms, unless libtorch is here already (its soname would take the package's calls); else libtorch's
+        # (0.18 s; ctypes keeps the GIL while it loads: no thread overlaps it). A process keeps the shim it loaded
+        shim = LOADED[0] if LOADED else shim if shim and os.path.isfile(shim) and not _loaded("libtorch_cpu.so") else ""
         H, P, i64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
+        self.container = H()
+        try:
+            if shim:
+                self.t = t = ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
+                LOADED[:] = [shim]
+                with contextlib.suppress(OSError):  # in use (prune)
+                    os.utime(shim)
+                step = _open(package, lambda name: f"{shim[:-3]}-{name}")
+            else:
+                lib = _torch_lib()
+                for name in ("libc10.so", "libtorch_cpu.so"):
+                    ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
+                self.t = t = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
+                step = _open(package, lambda name: os.path.join(lib, name))
+            create = step.AOTInductorModelContainerCreateWithDevice
+            create.argtypes = [P, ctypes.c_size_t, ctypes.c_char_p, H]
+            if create(ctypes.byref(self.container), 1, b"cpu", None):
+                raise OSError("the compiled step did not start")
+        except (OSError, AttributeError) as e:
+            if shim and shim == record.get("shim"):  # the next start runs the record on libtorch
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    set_shim(folder, key, None)
+            raise (ShimFailed if shim else Unavailable)(str(e) or type(e).__name__) from None
         t.aoti_torch_create_tensor_from_blob.argtypes = [H, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), i64,
                                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, P]
         t.aoti_torch_get_data_ptr.argtypes = [H, P]
         t.aoti_torch_delete_tensor_object.argtypes = [H]
         t.aoti_torch_new_tensor_handle.argtypes = [H, P]
-        step.AOTInductorModelContainerCreateWithDevice.argtypes = [P, ctypes.c_size_t, ctypes.c_char_p, H]
         step.AOTInductorModelContainerRun.argtypes = [H, P, ctypes.c_size_t, P, ctypes.c_size_t, H, H]
-        self.container, self.run_fn = H(), step.AOTInductorModelContainerRun
-        if step.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self.container), 1, b"cpu", None):
-            raise Unavailable("the compiled step did not start")
+        self.run_fn = step.AOTInductorModelContainerRun
         self.step_lib = step
         dtypes = {n: getattr(t, f"aoti_torch_dtype_{n}")() for n in ("float32", "int64", "int8", "uint8", "bfloat16")}
         self.cpu = t.aoti_torch_device_type_cpu()
