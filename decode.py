@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import from_words, to_words
-from quick import cache_dir, compiler, cpu_flags, prune
+from compile_cache import cache_dir, compiler, cpu_flags, prune
 from runtime import UsageError
 
 
@@ -395,7 +395,7 @@ class CompiledDecoder:
         for attempt in (0, 1):
             if not os.path.exists(self.path):
                 self.compile(caches)
-            with contextlib.suppress(OSError):  # its time is its last use (quick.prune keeps what is used); a
+            with contextlib.suppress(OSError):  # its time is its last use (compile_cache.prune keeps what is used); a
                 os.utime(self.path)  # read-only cache folder serves as it is
             try:
                 return torch._C._aoti.AOTIModelPackageLoader(self.path, "model", False, 1, -1)

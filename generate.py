@@ -42,6 +42,7 @@ explicit = set()  # the settings this command line gives: chat fits an unset rep
 configure(globals(), sys.argv[1:], explicit)
 # -----------------------------------------------------------------------------
 import quick  # noqa: E402 (imports no torch)
+from compile_cache import cache_dir  # noqa: E402
 from runtime import GREEDY_BELOW, UsageError, check  # noqa: E402
 
 # this script's own settings, checked before anything loads (torch's import alone takes 1.3 s)
@@ -55,11 +56,12 @@ check(threads >= 0, f"threads={threads} must be >= 0 (0 = torch's default)")
 # the quick start (quick.py): what it covers; the checkpoint's files as the loader reads them (a run folder: its
 # ckpt.pt, not the logs beside it)
 QUICK = compile and quick_start and not (chat or interactive) and quick.available()
-FOLDER = compile_cache or quick.cache_dir()
+FOLDER = compile_cache or cache_dir()
 MODEL = {"weights": weights, "threads": threads, "device": device, "dtype": dtype}  # and the files, by what they hold
 run_ckpt = os.path.join(checkpoint, "ckpt.pt")
 FILES = [run_ckpt if checkpoint and os.path.isfile(run_ckpt) else checkpoint, adapter, tokenizer]
 KEY = quick.fingerprint(MODEL, FILES) if QUICK else None
+NO_SHIM = os.environ.pop("LLAMAFORGE_NO_SHIM", None)  # set by this script, starting itself again (below)
 # what this run asks for: a record of the same under another key is an older version of it (removed on a new save)
 SOURCE = json.dumps([[os.path.realpath(p) if p and os.path.exists(p) else p for p in FILES], MODEL])
 
@@ -114,7 +116,7 @@ def from_record():
         return None
     from tokenizer import load_tokenizer, make_tokenizer
     tok = make_tokenizer(tokenizer) if tokenizer else load_tokenizer(record["tokenizer"])
-    return record, quick.Runner(FOLDER, KEY, record), tok
+    return record, quick.Runner(FOLDER, KEY, record, shim="" if NO_SHIM else None), tok
 
 
 def generate_from(record, runner, tok, notes=True):
@@ -136,7 +138,8 @@ def generate_from(record, runner, tok, notes=True):
 if __name__ == "__main__" and QUICK:
     try:
         ready = from_record()
-    except quick.ShimFailed:  # torch no longer loads in this process: the command afresh, the record on libtorch
+    except quick.ShimFailed:  # torch no longer loads in this process: the command afresh, without the shim
+        os.environ["LLAMAFORGE_NO_SHIM"] = "1"
         os.execv(sys.executable, sys.orig_argv)
     except quick.Unavailable:  # the usual path then says why, once it has written the record again
         ready = None
@@ -214,8 +217,9 @@ def main():
                 quick.forget(FOLDER, KEY)
                 ready = None
             if ready:
-                quick_shim.adopt(FOLDER, KEY, ready[1])  # later runs: without libtorch, where it gives these logits
-                return generate_from(*ready, notes=False)
+                generate_from(*ready, notes=False)
+                quick_shim.adopt(FOLDER, KEY, ready[1])  # later runs without libtorch, where it gives these logits
+                return
             QUICK = False
             return main()  # the model loaded again, decoded as usual
 

@@ -25,12 +25,11 @@ import json
 import math
 import mmap
 import os
-import shutil
 import sys
-import time
 import zipfile
 
-from runtime import TMP_PREFIX, UsageError, atomic_file
+from compile_cache import compiler, cpu_flags, prune
+from runtime import UsageError, atomic_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIM = os.path.join(HERE, "quick_shim.cpp")
@@ -40,49 +39,6 @@ FIX = "pass --quick_start=False, or delete the quick-* files in the compile cach
 
 class Unavailable(Exception):
     """This machine or record cannot run the quick path (the caller takes the usual one)."""
-
-
-def cache_dir():
-    """Where compiled decode steps and quick-start records are kept: $LLAMAFORGE_CACHE, else
-    $XDG_CACHE_HOME/llamaforge, else ~/.cache/llamaforge."""
-    return os.environ.get("LLAMAFORGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llamaforge")
-
-
-def compiler(cxx=None):
-    """The C++ compiler cxx (a name or path; by default the one inductor reads at its config's import: $CXX, else
-    g++, clang++ on macOS) as its real path, size and time; None without one."""
-    cxx = cxx or os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
-    if (found := shutil.which(cxx)) is None:
-        return None
-    info = os.stat(real := os.path.realpath(found))
-    return [real, info.st_size, info.st_mtime_ns]
-
-
-def cpu_flags():
-    """The CPU's instruction sets as /proc/cpuinfo lists them (x86 "flags", ARM "Features"); "" elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def prune(folder, keep, days=30):
-    """Remove the packages and quick-start records of this folder not used for `days` (another torch, an older
-    llamaforge, a shape or model no longer run: a package is a few MB, a record the model's size, and a later
-    version never reads either again) and what a killed compile or write left (after a day)."""
-    now = time.time()
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        stale = 86400 if name.endswith(".tmp.pt2") or name.startswith(TMP_PREFIX) else days * 86400
-        used = path[:-4] + ".json" if name.startswith("quick-") and name.endswith(".bin") else path
-        if name.startswith(("decode-", "quick-", TMP_PREFIX)) and path != keep:
-            try:
-                if now - os.path.getmtime(used if os.path.exists(used) else path) > stale:
-                    os.remove(path)
-            except OSError:  # another process removed or replaced it first
-                pass
 
 
 def _stat(path):
@@ -241,6 +197,13 @@ class ShimFailed(Unavailable):
     record no longer names the shim; a new process runs it on libtorch (generate.py starts itself again)."""
 
 
+def _own_shim(folder, record):
+    """The record's shim if it is one (quick_shim.build's name, in the record's folder), else ""."""
+    shim = record.get("shim") or ""
+    ours = isinstance(shim, str) and os.path.basename(shim).startswith("quick-shim-") and shim.endswith(".so")
+    return shim if ours and os.path.realpath(os.path.dirname(shim)) == os.path.realpath(folder) else ""
+
+
 def _loaded(soname):
     """Whether a library of this soname is loaded in this process."""
     try:
@@ -273,10 +236,22 @@ class Runner:
     def __init__(self, folder, key, record, shim=None):
         if not sys.platform.startswith("linux"):
             raise Unavailable("the quick start runs on Linux")
+        self.where, self.shim = (folder, key, record), ""
         try:
-            self._start(folder, key, record, record.get("shim", "") if shim is None else shim)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a record of another layout
-            raise Unavailable(f"the record does not fit ({e})") from None
+            self._start(folder, key, record, _own_shim(folder, record) if shim is None else shim)
+        except (Unavailable, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            why = str(e) if isinstance(e, Unavailable) else f"the record does not fit ({e})"  # another layout
+            if LOADED:  # torch no longer loads here: the caller starts afresh, the record without this shim
+                self.drop_shim()
+                raise ShimFailed(why) from None
+            raise Unavailable(why) from None
+
+    def drop_shim(self):
+        """The record no longer names the shim this runner runs on (the next start runs it on libtorch)."""
+        folder, key, record = self.where
+        if self.shim and self.shim == record.get("shim"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                set_shim(folder, key, None)
 
     def _start(self, folder, key, record, shim):
         cache_bytes = [4 * math.prod(shape) for _, shape in record["caches"]]
@@ -296,13 +271,14 @@ class Runner:
         # (0.18 s; ctypes keeps the GIL while it loads: no thread overlaps it). A process keeps the shim it loaded
         shim = LOADED[0] if LOADED else shim if shim and os.path.isfile(shim) and not _loaded("libtorch_cpu.so") else ""
         H, P, i64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
-        self.container = H()
+        self.container, self.shim = H(), shim
         try:
             if shim:
                 self.t = t = ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
                 LOADED[:] = [shim]
-                with contextlib.suppress(OSError):  # in use (prune)
-                    os.utime(shim)
+                for path in [shim, *glob.glob(f"{glob.escape(shim[:-3])}-lib*.so")]:  # in use (prune)
+                    with contextlib.suppress(OSError):
+                        os.utime(path)
                 step = _open(package, lambda name: f"{shim[:-3]}-{name}")
             else:
                 lib = _torch_lib()
@@ -315,10 +291,7 @@ class Runner:
             if create(ctypes.byref(self.container), 1, b"cpu", None):
                 raise OSError("the compiled step did not start")
         except (OSError, AttributeError) as e:
-            if shim and shim == record.get("shim"):  # the next start runs the record on libtorch
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    set_shim(folder, key, None)
-            raise (ShimFailed if shim else Unavailable)(str(e) or type(e).__name__) from None
+            raise Unavailable(str(e) or type(e).__name__) from None
         t.aoti_torch_create_tensor_from_blob.argtypes = [H, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), i64,
                                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, P]
         t.aoti_torch_get_data_ptr.argtypes = [H, P]
@@ -381,6 +354,8 @@ class Runner:
         if not (0 <= pos < self.context and 0 <= token < self.vocab):
             raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 0 to "
                              f"{self.context - 1}, tokens below {self.vocab})")
+        if self.memory.closed:
+            raise UsageError("this runner was closed; make a new quick.Runner")
         self.release()
         self.ids[0] = token
         if pos not in self.filled:
@@ -394,13 +369,19 @@ class Runner:
         for handle, slot in self.pairs:
             new(handle, slot)
         if self.run_fn(self.container, self.handles, len(self.handles), self.out, 1, None, None):
-            raise UsageError(f"the compiled step failed; {FIX}")
+            self.drop_shim()  # the next run on libtorch
+            raise UsageError(f"the compiled step failed; {'run it again, or ' if self.shim else ''}{FIX}")
         return self.ids[1]
 
     def logits(self):
         import numpy as np
         self.t.aoti_torch_get_data_ptr(self.out[0], ctypes.byref(self.ptr))
         return np.ctypeslib.as_array((ctypes.c_float * self.vocab).from_address(self.ptr.value))
+
+    def close(self):
+        """Free the weights' memory now (this runner does not step again)."""
+        self.release()
+        self.memory.close()
 
     def release(self):
         if self.out[0]:

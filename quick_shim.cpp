@@ -4,12 +4,14 @@
 // read their shapes) and SLEEF's vector exp; libtorch_cpu.so is 0.18 s of loading for those few calls, the
 // largest part of the quick start. This file is them on plain memory, named as the package expects, in a library
 // whose soname is libtorch_cpu.so. A tensor is a data pointer, a dtype, sizes and strides, on a shared storage
-// counted by reference. Buffers the step makes are kept for its next call, by size (a step makes the same ~90
-// buffers each token; libtorch's allocator pays half a microsecond a tensor).
+// counted by reference. Buffers the step makes are kept for its next call, by size rounded up to a power of two (a
+// step makes the same ~90 buffers each token, libtorch's allocator paying half a microsecond a tensor; the
+// attention's grow with the position, so exact sizes would keep one of each position's).
 // exp is written here as a textbook range reduction (x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial, then a
 // scaling by 2^n in two halves so subnormal results round once): within a unit in the last place like SLEEF's u10,
 // though not always the same bits (quick.py's check compares the two to float tolerance, tests/test_quick.py the
 // exp to float64's).
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -27,7 +29,7 @@ struct Storage {
   char* data;
   int64_t bytes;
   bool owned;  // from the pool (freed into it), else memory the caller owns
-  int refs;
+  std::atomic<int> refs;
 };
 
 const int MAX_DIM = 16;
@@ -39,7 +41,13 @@ struct Tensor {
 };
 
 std::mutex pool_lock;
-std::unordered_map<int64_t, std::vector<char*>> pool;  // freed buffers by size, for the step's next call
+std::unordered_map<int64_t, std::vector<char*>> pool;  // freed buffers by size class, for the step's next call
+
+int64_t size_class(int64_t bytes) {
+  int64_t size = 64;  // torch's alignment
+  while (size < bytes) size *= 2;
+  return size;
+}
 
 int64_t item_size(int32_t dtype) {  // c10::ScalarType's numbering
   switch (dtype) {
@@ -74,22 +82,23 @@ void release(Storage* s) {
   if (--s->refs) return;
   if (s->owned) {
     std::lock_guard<std::mutex> hold(pool_lock);
-    pool[s->bytes].push_back(s->data);
+    pool[size_class(s->bytes)].push_back(s->data);
   }
   delete s;
 }
 
 char* allocate(int64_t bytes) {
+  int64_t size = size_class(bytes);
   {
     std::lock_guard<std::mutex> hold(pool_lock);
-    auto& free = pool[bytes];
+    auto& free = pool[size];
     if (!free.empty()) {
       char* p = free.back();
       free.pop_back();
       return p;
     }
   }
-  return static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64));  // 64: torch's alignment
+  return static_cast<char*>(std::aligned_alloc(64, size));
 }
 
 thread_local bool grad_enabled = true;
@@ -172,7 +181,7 @@ EXPORT int32_t aoti_torch_empty_strided(int64_t ndim, const int64_t* sizes, cons
   int64_t bytes = span(ndim, sizes, strides) * item_size(dtype);
   char* data = allocate(bytes);
   if (data == nullptr) return 1;
-  Storage* s = new Storage{data, bytes, true, 0};
+  Storage* s = new Storage{data, bytes, true, {0}};
   *ret = make(s, ndim, sizes, strides, 0, dtype, device);
   return 0;
 }
@@ -182,7 +191,7 @@ EXPORT int32_t aoti_torch_create_tensor_from_blob(void* data, int64_t ndim, cons
                                                   int32_t device, int32_t, Tensor** ret) {
   if (device != 0 || item_size(dtype) == 0 || ndim < 0 || ndim > MAX_DIM) return 1;
   int64_t bytes = (offset + span(ndim, sizes, strides)) * item_size(dtype);
-  Storage* s = new Storage{static_cast<char*>(data), bytes, false, 0};
+  Storage* s = new Storage{static_cast<char*>(data), bytes, false, {0}};
   *ret = make(s, ndim, sizes, strides, offset, dtype, device);
   return 0;
 }
@@ -195,9 +204,10 @@ EXPORT int32_t aoti_torch_create_tensor_from_blob_v2(void* data, int64_t ndim, c
   return aoti_torch_create_tensor_from_blob(data, ndim, sizes, strides, offset, dtype, device, index, ret);
 }
 
+// a view of t's storage; offset is added to t's own (torch's _reinterpret_tensor)
 EXPORT int32_t aoti_torch__reinterpret_tensor(Tensor* t, int64_t ndim, const int64_t* sizes, const int64_t* strides,
                                               int64_t offset, Tensor** ret) {
-  *ret = make(t->storage, ndim, sizes, strides, offset, t->dtype, t->device);
+  *ret = make(t->storage, ndim, sizes, strides, t->offset + offset, t->dtype, t->device);
   return *ret ? 0 : 1;
 }
 

@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-from quick import HERE, SHIM, Runner, compiler, cpu_flags, load, set_shim
+from compile_cache import compiler, cpu_flags
+from quick import HERE, SHIM, Runner, load, set_shim
 from runtime import atomic_file
 
 STUBS = ("libtorch.so", "libc10.so")  # the other libraries of torch's a package may name (a CUDA build's do)
@@ -25,14 +26,14 @@ def build(folder):
     if cxx is None or not sys.platform.startswith("linux"):
         return None
     with open(SHIM, "rb") as f:
-        name = hashlib.sha256(json.dumps([f.read().hex(), cxx, cpu_flags()]).encode()).hexdigest()[:20]
+        name = hashlib.sha256(json.dumps([f.read().hex(), cxx, cpu_flags(), FLAGS]).encode()).hexdigest()[:20]
     target = os.path.join(folder, f"quick-shim-{name}.so")
     # its soname is the library a package names; and empty ones of the names a CUDA build's packages also name
     # (quick.Runner loads them where the package asks), made first: the shim there means they are
     builds = [(f"{target[:-3]}-{soname}", soname, os.devnull) for soname in STUBS] + [(target, "libtorch_cpu.so", SHIM)]
     for path, soname, source in builds:
-        if os.path.exists(target):
-            break
+        if os.path.exists(path):
+            continue
         try:
             with atomic_file(path) as tmp:
                 subprocess.run([cxx[0], *FLAGS, f"-Wl,-soname,{soname}", "-x", "c++", source, "-o", tmp], check=True,
@@ -49,7 +50,8 @@ def adopt(folder, key, runner, shim=None):
     """Name the shim (quick_shim.cpp, built by build() unless given) in the record when the record's step runs on
     it in a fresh process (this one has libtorch loaded) with runner's logits (libtorch's) for CHECKED, to 1e-5 of
     the largest (its exp's last bits differ from SLEEF's: 2e-7 measured; a polynomial off by 2% in one coefficient:
-    6e-5): later runs load it instead of libtorch. Anything else leaves the record as it is. Returns whether."""
+    6e-5): later runs load it instead of libtorch. Anything else leaves the record as it is. runner (on libtorch) is
+    closed once it has given its logits. Returns whether the shim was adopted."""
     import numpy as np
     shim = shim or build(folder)
     if shim is None or runner.vocab <= max(CHECKED):
@@ -58,7 +60,7 @@ def adopt(folder, key, runner, shim=None):
     for pos, token in enumerate(CHECKED):
         runner.step(token, pos)
         expected.append(runner.logits().copy())
-    runner.release()
+    runner.close()  # the check reads its own copy of the weights: one at a time
     expected = np.stack(expected)
     try:
         code = "import sys, quick_shim; quick_shim._logits(*sys.argv[1:])"
@@ -70,7 +72,10 @@ def adopt(folder, key, runner, shim=None):
     if got is None or got.shape != expected.shape or \
             not np.allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max())):
         return False
-    set_shim(folder, key, shim)
+    try:
+        set_shim(folder, key, shim)
+    except (OSError, ValueError):  # the record gone (pruned, replaced) or its folder read-only: no quicker start
+        return False
     return True
 
 

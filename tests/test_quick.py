@@ -11,6 +11,7 @@ import torch
 import quick
 import quick_shim
 from checkpoint import build_model, load_checkpoint
+from compile_cache import cache_dir
 from conftest import run_script, shared
 from decode import CompiledDecoder
 from formats import write_llama2c
@@ -26,7 +27,7 @@ def packages(tmp_path_factory):
     ref = build_model(load_checkpoint(shared("stories260K", "stories260K.bin")))
     v2 = tmp_path_factory.mktemp("v2") / "q8.bin"
     write_llama2c(ref.state_dict(), ref.args, v2, version=2)
-    shim = quick_shim.build(quick.cache_dir())  # and the shim (a second each, were it built in each test's cache)
+    shim = quick_shim.build(cache_dir())  # and the shim (a second each, were it built in each test's cache)
     shims = [shim, *(f"{shim[:-3]}-{name}" for name in quick_shim.STUBS)] if shim else []
     return [CompiledDecoder(m).ensure()[0] for m in (ref, build_model(load_checkpoint(v2, int8=True)))] + shims
 

@@ -11,8 +11,10 @@ import pytest
 import quick
 import quick_shim
 from checkpoint import build_model, load_checkpoint
+from compile_cache import compiler
 from conftest import run_script, shared
 from decode import CompiledDecoder
+from runtime import UsageError
 from test_quick import FRESH, cache, packages, records, stories_args  # noqa: F401 (the fixtures)
 
 
@@ -31,7 +33,7 @@ def variant(tmp_path, shim, old, new):
     path = tmp_path / "variant.cpp"
     path.write_text(source.replace(old, new))
     out = str(tmp_path / f"variant-{abs(hash(new))}.so")
-    cxx = quick.compiler()[0]
+    cxx = compiler()[0]
     import subprocess
     subprocess.run([cxx, *quick_shim.FLAGS, "-Wl,-soname,libtorch_cpu.so", str(path), "-o", out], check=True)
     return out
@@ -105,9 +107,11 @@ def tensors(lib):
     np.ctypeslib.as_array((ctypes.c_float * 6).from_address(at.value))[:] = [5, 4, 3, 2, 1, 0]
     column = made(lib.aoti_torch__reinterpret_tensor, fresh, 1, arr(2), arr(3), 2)  # fresh[:, 2]
     other = made(lib.aoti_torch_new_tensor_handle, column)
+    inner = made(lib.aoti_torch__reinterpret_tensor, view, 1, arr(2), arr(4), 2)  # offset 1 + 2: a[3], a[7]
     for handle in (fresh, t, view, copy):
         assert lib.aoti_torch_delete_tensor_object(handle) == 0
-    described += [describe(column), describe(other)]  # their storage outlives fresh's handle
+    described += [describe(column), describe(other), describe(inner)]  # their storage outlives the bases'
+    lib.aoti_torch_delete_tensor_object(inner)
     lib.aoti_torch_grad_mode_set_enabled(False)
     described.append(lib.aoti_torch_grad_mode_is_enabled())
     lib.aoti_torch_grad_mode_set_enabled(True)
@@ -126,29 +130,62 @@ def test_the_shims_tensors_are_libtorchs(shim):
     assert ours[0][-1] == a.reshape(-1).tolist() and ours[0][:6] == [2, 12, 0, 48, [3, 4], [4, 1]]
     assert ours[1][-1] == ours[2][-1] == a[:2, 1:].T.reshape(-1).tolist()
     assert ours[1][:6] == [2, 6, 1, 48, [3, 2], [1, 4]] and ours[2][:6] == [2, 6, 0, 24, [3, 2], [1, 3]]
-    assert ours[3] == ours[4] == [1, 2, 2, 24, [2], [3], [3.0, 0.0]] and ours[5] is False
+    assert ours[3] == ours[4] == [1, 2, 2, 24, [2], [3], [3.0, 0.0]] and ours[5][2:] == [3, 48, [2], [4], [3, 7]]
+    assert ours[6] is False
+
+
+def test_the_shims_buffers_are_reused_by_size_class(shim):
+    """Buffers freed go back to a pool by size rounded up to a power of two: sizes that grow with the position (the
+    attention's) reuse a few buffers, not one of each size for good."""
+    lib = ctypes.CDLL(shim)
+    i64 = ctypes.c_int64
+    lib.aoti_torch_empty_strided.argtypes = [i64, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.c_int32,
+                                             ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)]
+    lib.aoti_torch_get_data_ptr.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.aoti_torch_delete_tensor_object.argtypes = [ctypes.c_void_p]
+    seen = set()
+    for n in range(1000, 5000, 7):  # float32 buffers of 4000-20000 bytes: size classes 4 KB to 32 KB
+        handle, ptr = ctypes.c_void_p(), ctypes.c_void_p()
+        assert lib.aoti_torch_empty_strided(1, (i64 * 1)(n), (i64 * 1)(1), 6, 0, 0, ctypes.byref(handle)) == 0
+        lib.aoti_torch_get_data_ptr(handle, ctypes.byref(ptr))
+        seen.add(ptr.value)
+        lib.aoti_torch_delete_tensor_object(handle)
+    assert len(seen) <= 4
 
 
 @pytest.fixture
 def record(tmp_path, packages):  # noqa: F811
-    """A record of stories260K's compiled step, written as generate.py writes it, and its runner on libtorch."""
+    """A record of stories260K's compiled step, written as generate.py writes it."""
     model = build_model(load_checkpoint(shared("stories260K", "stories260K.bin")))
     package, inputs, caches = CompiledDecoder(model).ensure()
     quick.save(str(tmp_path), "k", package, inputs, caches, {"vocab": model.args.vocab_size, "context": 512})
-    return str(tmp_path), "k", quick.Runner(str(tmp_path), "k", quick.load(str(tmp_path), "k"))
+    return str(tmp_path), "k"
 
 
 def test_a_shim_is_adopted_only_when_the_step_gives_libtorchs_logits_on_it(record, shim, tmp_path):
     """adopt runs the record's step on the shim in a process of its own: a shim that lacks a function the package
     calls, or whose exp is off, is not named in the record; the real one is, and a runner then uses it."""
-    folder, key, runner = record
+    folder, key = record
+    runner = quick.Runner(folder, key, quick.load(folder, key))
     assert runner.t._name.endswith("libtorch_cpu.so")  # this process has libtorch
     lacking = variant(tmp_path, shim, "Sleef_expf", "Other_expf")
     off = variant(tmp_path, shim, "p = p * r + 0.5f;", "p = p * r + 0.49f;")
     for bad in (lacking, off):
+        runner = quick.Runner(folder, key, quick.load(folder, key))  # adopt closes the runner it reads
         assert not quick_shim.adopt(folder, key, runner, shim=bad) and "shim" not in quick.load(folder, key)
+    runner = quick.Runner(folder, key, quick.load(folder, key))
     assert quick_shim.adopt(folder, key, runner, shim=shim) and quick.load(folder, key)["shim"] == shim
+    with pytest.raises(UsageError, match="this runner was closed"):
+        runner.step(1, 0)
     assert quick.Runner(folder, key, quick.load(folder, key)).t._name.endswith("libtorch_cpu.so")  # not in here
+
+
+def test_a_record_runs_only_a_shim_of_its_own_folder(tmp_path):
+    """A record's shim is one quick_shim.build named, in the record's folder: any other path is not loaded."""
+    folder = str(tmp_path)
+    assert quick._own_shim(folder, {"shim": f"{folder}/quick-shim-abc.so"}) == f"{folder}/quick-shim-abc.so"
+    for other in ("/tmp/quick-shim-abc.so", f"{folder}/libevil.so", f"{folder}/quick-shim-abc.py", ["x"], None):
+        assert quick._own_shim(folder, {"shim": other}) == ""
 
 
 def loaded_libraries(proc):
@@ -163,7 +200,7 @@ def test_a_later_run_loads_the_shim_not_libtorch_and_writes_the_same_text(tmp_pa
     first = run_script("generate.py", *args)
     (name,) = records(tmp_path)
     shim = json.loads((tmp_path / "cache" / name).read_text()).get("shim")
-    if shim is None and quick.compiler() is None:
+    if shim is None and compiler() is None:
         pytest.skip("no C++ compiler here to build quick_shim.cpp")
     assert shim and os.path.dirname(shim) == str(tmp_path / "cache")
     later = run_script("generate.py", *args, env={**FRESH, "LD_DEBUG": "files"})
@@ -181,6 +218,10 @@ def test_a_shim_that_fails_to_start_is_dropped_and_the_command_runs_again(tmp_pa
     first = run_script("generate.py", *args)
     (name,) = records(tmp_path)
     key = name[len("quick-"):-len(".json")]
-    quick.set_shim(str(tmp_path / "cache"), key, variant(tmp_path, shim, "Sleef_expf", "Other_expf"))
-    again = run_script("generate.py", *args, env=FRESH)
+    lacking = tmp_path / "cache" / "quick-shim-lacking.so"  # a shim's name and place, or the record ignores it
+    os.replace(variant(tmp_path, shim, "Sleef_expf", "Other_expf"), lacking)
+    quick.set_shim(str(tmp_path / "cache"), key, str(lacking))
+    again = run_script("generate.py", *args, env={**FRESH, "LD_DEBUG": "files"})
     assert again.stdout == first.stdout and "shim" not in quick.load(str(tmp_path / "cache"), key)
+    libraries = loaded_libraries(again)  # both processes': the one that loaded the shim, the one started after
+    assert str(lacking) in libraries and [p for p in libraries if p.endswith("/torch/lib/libtorch_cpu.so")]
