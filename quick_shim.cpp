@@ -1,4 +1,5 @@
-// The part of libtorch a compiled decode step calls, for generate.py's quick start (quick.py builds and checks it).
+// The part of libtorch a compiled decode step calls, for generate.py's quick start (quick_shim.py builds and
+// checks it, quick.py loads it).
 //
 // An AOTInductor package reaches libtorch only through its C interface (aoti_torch_*: make, view and free tensors,
 // read their shapes) and SLEEF's vector exp; libtorch_cpu.so is 0.18 s of loading for those few calls, the
@@ -9,8 +10,8 @@
 // attention's grow with the position, so exact sizes would keep one of each position's).
 // exp is written here as a textbook range reduction (x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial, then a
 // scaling by 2^n in two halves so subnormal results round once): within a unit in the last place like SLEEF's u10,
-// though not always the same bits (quick.py's check compares the two to float tolerance, tests/test_quick.py the
-// exp to float64's).
+// though not always the same bits (quick_shim.adopt compares a record's logits on the two, to 1e-5 of the largest;
+// tests/test_quick_shim.py the exp to float64's and every function here to libtorch's).
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
