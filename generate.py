@@ -2,6 +2,7 @@
 
     python generate.py --checkpoint=out/ckpt.pt --prompt="Once upon a time" --temperature=0.8 --top_k=200
 """
+import contextlib
 import json
 import os
 import sys
@@ -145,6 +146,14 @@ if __name__ == "__main__" and QUICK:
         ready = None
     if ready:
         generate_from(*ready)
+        if ready[0].get("shim") and not ready[1].shim and not NO_SHIM:  # its shim gone or damaged: made again
+            sys.stdout.flush()
+            print("note: the quick start's shim (compile cache) was missing or damaged; building it again",
+                  file=sys.stderr, flush=True)
+            import quick_shim
+            if not quick_shim.adopt(FOLDER, KEY, ready[1]):  # no compiler now, say: not tried again each run
+                with contextlib.suppress(OSError, ValueError):
+                    quick.set_shim(FOLDER, KEY, None)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # nothing to tear down but the runner's memory

@@ -137,12 +137,18 @@ def save(folder, key, package, tensors, caches, info, source="", watch=()):
 
 
 def set_shim(folder, key, shim):
-    """The record names shim (quick_shim.py's library; None: no shim), its JSON replaced atomically."""
+    """The record names shim (quick_shim.py's library, and the hash of its bytes; None: no shim), its JSON
+    replaced atomically."""
     json_path = paths(folder, key)[0]
-    with open(json_path) as f:
-        record = {k: v for k, v in json.load(f).items() if k != "shim"}  # a tokenizer's bytes: {"base64": ...} still
+    with open(json_path) as f:  # a tokenizer's bytes stay {"base64": ...}
+        record = {k: v for k, v in json.load(f).items() if k not in ("shim", "shim_sha256")}
     with atomic_file(json_path) as tmp, open(tmp, "w") as f:
-        json.dump({**record, "shim": shim} if shim else record, f)
+        json.dump({**record, "shim": shim, "shim_sha256": _digest(shim)} if shim else record, f)
+
+
+def _digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _identity(path):
@@ -198,10 +204,15 @@ class ShimFailed(Unavailable):
 
 
 def _own_shim(folder, record):
-    """The record's shim if it is one (quick_shim.build's name, in the record's folder), else ""."""
+    """The record's shim if it is one (quick_shim.build's name, in the record's folder, the bytes the record was
+    checked with: a library cut short or overwritten would crash the process that loads it), else ""."""
     shim = record.get("shim") or ""
     ours = isinstance(shim, str) and os.path.basename(shim).startswith("quick-shim-") and shim.endswith(".so")
-    return shim if ours and os.path.realpath(os.path.dirname(shim)) == os.path.realpath(folder) else ""
+    try:  # hashing its ~30 KB: 0.1 ms
+        same = ours and os.path.realpath(os.path.dirname(shim)) == os.path.realpath(folder)
+        return shim if same and _digest(shim) == record.get("shim_sha256") else ""
+    except OSError:
+        return ""
 
 
 def _loaded(soname):

@@ -19,9 +19,10 @@ STUBS = ("libtorch.so", "libc10.so")  # the other libraries of torch's a package
 FLAGS = ["-O2", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-Wl,-Bsymbolic"]
 
 
-def build(folder):
-    """quick_shim.cpp compiled for this machine into folder (once, ~1 s; named by its source, the compiler and the
-    CPU's flags), or None where it does not build (no compiler, another platform)."""
+def build(folder, again=False):
+    """quick_shim.cpp compiled for this machine into folder (once, ~1 s; named by its source, the compiler, the
+    CPU's flags and FLAGS; again: even if there, as when it failed its check), or None where it does not build (no
+    compiler, another platform). The same source gives the same bytes (g++ here): records that name it still match."""
     cxx = compiler()
     if cxx is None or not sys.platform.startswith("linux"):
         return None
@@ -32,7 +33,7 @@ def build(folder):
     # (quick.Runner loads them where the package asks), made first: the shim there means they are
     builds = [(f"{target[:-3]}-{soname}", soname, os.devnull) for soname in STUBS] + [(target, "libtorch_cpu.so", SHIM)]
     for path, soname, source in builds:
-        if os.path.exists(path):
+        if os.path.exists(path) and not again:
             continue
         try:
             with atomic_file(path) as tmp:
@@ -50,11 +51,11 @@ def adopt(folder, key, runner, shim=None):
     """Name the shim (quick_shim.cpp, built by build() unless given) in the record when the record's step runs on
     it in a fresh process (this one has libtorch loaded) with runner's logits (libtorch's) for CHECKED, to 1e-5 of
     the largest (its exp's last bits differ from SLEEF's: 2e-7 measured; a polynomial off by 2% in one coefficient:
-    6e-5): later runs load it instead of libtorch. Anything else leaves the record as it is. runner (on libtorch) is
-    closed once it has given its logits. Returns whether the shim was adopted."""
+    6e-5): later runs load it instead of libtorch. A built shim that fails is built again and checked once more (a
+    damaged file). Anything else leaves the record as it is. runner (on libtorch) is closed once it has given its
+    logits. Returns whether the shim was adopted."""
     import numpy as np
-    shim = shim or build(folder)
-    if shim is None or runner.vocab <= max(CHECKED):
+    if runner.vocab <= max(CHECKED):
         return False
     expected = []
     for pos, token in enumerate(CHECKED):
@@ -62,21 +63,25 @@ def adopt(folder, key, runner, shim=None):
         expected.append(runner.logits().copy())
     runner.close()  # the check reads its own copy of the weights: one at a time
     expected = np.stack(expected)
-    try:
-        code = "import sys, quick_shim; quick_shim._logits(*sys.argv[1:])"
-        out = subprocess.run([sys.executable, "-c", code, folder, key, shim], cwd=HERE, capture_output=True,
-                             timeout=300)
-        got = np.load(io.BytesIO(out.stdout)) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        got = None
-    if got is None or got.shape != expected.shape or \
-            not np.allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max())):
-        return False
-    try:
-        set_shim(folder, key, shim)
-    except (OSError, ValueError):  # the record gone (pruned, replaced) or its folder read-only: no quicker start
-        return False
-    return True
+    for again in (False,) if shim else (False, True):
+        path = shim or build(folder, again)
+        if path is None:
+            return False
+        try:
+            code = "import sys, quick_shim; quick_shim._logits(*sys.argv[1:])"
+            out = subprocess.run([sys.executable, "-c", code, folder, key, path], cwd=HERE, capture_output=True,
+                                 timeout=300)
+            got = np.load(io.BytesIO(out.stdout)) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, ValueError):
+            got = None
+        if got is not None and got.shape == expected.shape and \
+                np.allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max())):
+            try:
+                set_shim(folder, key, path)
+            except (OSError, ValueError):  # the record gone (pruned, replaced) or its folder read-only
+                return False
+            return True
+    return False
 
 
 def _logits(folder, key, shim):
