@@ -146,13 +146,14 @@ if __name__ == "__main__" and QUICK:
         ready = None
     if ready:
         generate_from(*ready)
-        if ready[0].get("shim") and not ready[1].shim and not NO_SHIM:  # its shim gone or damaged: made again
+        # its shim gone or damaged: built and checked again (1-2 s, once), where the record can say so after
+        if ready[0].get("shim") and not ready[1].shim and not NO_SHIM and os.access(FOLDER, os.W_OK):
             sys.stdout.flush()
             print("note: the quick start's shim (compile cache) was missing or damaged; building it again",
                   file=sys.stderr, flush=True)
             import quick_shim
-            if not quick_shim.adopt(FOLDER, KEY, ready[1]):  # no compiler now, say: not tried again each run
-                with contextlib.suppress(OSError, ValueError):
+            if not quick_shim.adopt(FOLDER, KEY, ready[1], again=True):  # it cannot be: the record forgets it,
+                with contextlib.suppress(OSError, ValueError):  # so later runs do not try again
                     quick.set_shim(FOLDER, KEY, None)
         sys.stdout.flush()
         sys.stderr.flush()

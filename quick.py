@@ -136,19 +136,24 @@ def save(folder, key, package, tensors, caches, info, source="", watch=()):
     prune(folder, keep=package)
 
 
-def set_shim(folder, key, shim):
-    """The record names shim (quick_shim.py's library, and the hash of its bytes; None: no shim), its JSON
-    replaced atomically."""
+def set_shim(folder, key, shim, digest=None):
+    """The record names shim (quick_shim.py's library, and digest: shim_digest's when it was checked; None: no
+    shim), its JSON replaced atomically."""
     json_path = paths(folder, key)[0]
     with open(json_path) as f:  # a tokenizer's bytes stay {"base64": ...}
         record = {k: v for k, v in json.load(f).items() if k not in ("shim", "shim_sha256")}
     with atomic_file(json_path) as tmp, open(tmp, "w") as f:
-        json.dump({**record, "shim": shim, "shim_sha256": _digest(shim)} if shim else record, f)
+        json.dump({**record, "shim": shim, "shim_sha256": digest or shim_digest(shim)} if shim else record, f)
 
 
-def _digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def shim_digest(shim):
+    """The hash of a shim's bytes and its stub libraries' (a library cut short or overwritten would crash the
+    process that loads it; ~50 KB in all: 0.1 ms)."""
+    sha = hashlib.sha256()
+    for path in [shim, *sorted(glob.glob(f"{glob.escape(shim[:-3])}-lib*.so"))]:
+        with open(path, "rb") as f:
+            sha.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return sha.hexdigest()
 
 
 def _identity(path):
@@ -204,13 +209,13 @@ class ShimFailed(Unavailable):
 
 
 def _own_shim(folder, record):
-    """The record's shim if it is one (quick_shim.build's name, in the record's folder, the bytes the record was
-    checked with: a library cut short or overwritten would crash the process that loads it), else ""."""
+    """The record's shim if it is one (quick_shim.build's name, in the record's folder, with its stubs the bytes the
+    record was checked with), else ""."""
     shim = record.get("shim") or ""
     ours = isinstance(shim, str) and os.path.basename(shim).startswith("quick-shim-") and shim.endswith(".so")
-    try:  # hashing its ~30 KB: 0.1 ms
+    try:
         same = ours and os.path.realpath(os.path.dirname(shim)) == os.path.realpath(folder)
-        return shim if same and _digest(shim) == record.get("shim_sha256") else ""
+        return shim if same and shim_digest(shim) == record.get("shim_sha256") else ""
     except OSError:
         return ""
 

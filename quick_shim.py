@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from compile_cache import compiler, cpu_flags
-from quick import HERE, SHIM, Runner, load, set_shim
+from quick import HERE, SHIM, Runner, load, set_shim, shim_digest
 from runtime import atomic_file
 
 STUBS = ("libtorch.so", "libc10.so")  # the other libraries of torch's a package may name (a CUDA build's do)
@@ -47,13 +47,13 @@ def build(folder, again=False):
 CHECKED = (1, 2, 3)  # the tokens adopt runs, at positions 0, 1, 2
 
 
-def adopt(folder, key, runner, shim=None):
+def adopt(folder, key, runner, shim=None, again=False):
     """Name the shim (quick_shim.cpp, built by build() unless given) in the record when the record's step runs on
     it in a fresh process (this one has libtorch loaded) with runner's logits (libtorch's) for CHECKED, to 1e-5 of
     the largest (its exp's last bits differ from SLEEF's: 2e-7 measured; a polynomial off by 2% in one coefficient:
     6e-5): later runs load it instead of libtorch. A built shim that fails is built again and checked once more (a
-    damaged file). Anything else leaves the record as it is. runner (on libtorch) is closed once it has given its
-    logits. Returns whether the shim was adopted."""
+    damaged file); again: built again first (one known damaged). Anything else leaves the record as it is. runner
+    (on libtorch) is closed once it has given its logits. Returns whether the shim was adopted."""
     import numpy as np
     if runner.vocab <= max(CHECKED):
         return False
@@ -63,25 +63,31 @@ def adopt(folder, key, runner, shim=None):
         expected.append(runner.logits().copy())
     runner.close()  # the check reads its own copy of the weights: one at a time
     expected = np.stack(expected)
-    for again in (False,) if shim else (False, True):
-        path = shim or build(folder, again)
+    for rebuild in (False,) if shim else (True,) if again else (False, True):
+        path = shim or build(folder, rebuild)
         if path is None:
             return False
         try:
-            code = "import sys, quick_shim; quick_shim._logits(*sys.argv[1:])"
-            out = subprocess.run([sys.executable, "-c", code, folder, key, path], cwd=HERE, capture_output=True,
-                                 timeout=300)
+            digest = shim_digest(path)  # of the bytes checked
+            code = f"import sys; sys.path.insert(0, {HERE!r}); import quick_shim; quick_shim._logits(*sys.argv[1:])"
+            out = subprocess.run([sys.executable, "-c", code, folder, key, path], cwd=folder, capture_output=True,
+                                 timeout=300, preexec_fn=_no_core)  # a damaged shim crashes it: no core file
             got = np.load(io.BytesIO(out.stdout)) if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError, ValueError):
             got = None
         if got is not None and got.shape == expected.shape and \
                 np.allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max())):
             try:
-                set_shim(folder, key, path)
+                set_shim(folder, key, path, digest)
             except (OSError, ValueError):  # the record gone (pruned, replaced) or its folder read-only
                 return False
             return True
     return False
+
+
+def _no_core():
+    import resource
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _logits(folder, key, shim):

@@ -183,13 +183,13 @@ def test_a_shim_is_adopted_only_when_the_step_gives_libtorchs_logits_on_it(recor
 def test_a_record_runs_only_a_shim_of_its_own_folder_with_its_bytes(tmp_path):
     """A record's shim is one quick_shim.build named, in the record's folder, with the bytes the record hashed:
     any other path, or other bytes, is not loaded."""
-    import hashlib
     (tmp_path / "in").mkdir()
     folder, outside = str(tmp_path / "in"), str(tmp_path)
     for where in (folder, outside):
         for name in ("quick-shim-abc.so", "libevil.so", "quick-shim-abc.py"):
             (tmp_path / where / name).write_bytes(b"lib")
-    digest = hashlib.sha256(b"lib").hexdigest()
+    digest = quick.shim_digest(f"{folder}/quick-shim-abc.so")
+    assert digest == quick.shim_digest(f"{outside}/quick-shim-abc.so")  # the same bytes and name elsewhere
     assert quick._own_shim(folder, {"shim": f"{folder}/quick-shim-abc.so", "shim_sha256": digest}) != ""
     for other in (f"{outside}/quick-shim-abc.so", f"{folder}/libevil.so", f"{folder}/quick-shim-abc.py", ["x"],
                   None, f"{folder}/quick-shim-none.so"):
@@ -236,11 +236,11 @@ def test_a_shim_that_fails_to_start_is_dropped_and_the_command_runs_again(tmp_pa
     assert str(lacking) in libraries and [p for p in libraries if p.endswith("/torch/lib/libtorch_cpu.so")]
 
 
-@pytest.mark.parametrize("damage", ["cut short", "overwritten", "deleted"])
+@pytest.mark.parametrize("damage", ["cut short", "overwritten", "deleted", "a stub deleted"])
 def test_a_damaged_or_missing_shim_is_not_loaded_and_is_built_again(tmp_path, cache, damage):  # noqa: F811
-    """The record holds the hash of its shim's bytes: a shim cut short or overwritten in place (which would crash
-    the process that loads it) or deleted is not loaded; that run decodes on libtorch, writes the same text, then
-    builds the shim again and checks it, and the record names it again."""
+    """The record holds the hash of its shim's bytes and its stubs': a shim cut short or overwritten in place (which
+    would crash the process that loads it), deleted, or a stub gone is not loaded; that run decodes on libtorch,
+    writes the same text, then builds the shim again and checks it, and the record names it again."""
     args = [*stories_args(tmp_path), "--temperature=0", "--max_new_tokens=60", "--stream=False"]
     first = run_script("generate.py", *args)
     (name,) = records(tmp_path)
@@ -250,17 +250,18 @@ def test_a_damaged_or_missing_shim_is_not_loaded_and_is_built_again(tmp_path, ca
         pytest.skip("no C++ compiler here to build quick_shim.cpp")
     good = open(shim, "rb").read()
     if damage == "cut short":
-        os.truncate(shim, 17000)
+        os.truncate(shim, len(good) // 2)
     elif damage == "overwritten":
         with open(shim, "r+b") as f:  # the same size: its code overwritten
             f.seek(4096)
             f.write(b"\xff" * (len(good) - 8192))
     else:
-        os.remove(shim)
+        os.remove(shim if damage == "deleted" else f"{shim[:-3]}-libc10.so")
     again = run_script("generate.py", *args, env=FRESH)
     assert again.stdout == first.stdout and "building it again" in again.stderr
     record = quick.load(folder, key)
     assert quick._own_shim(folder, record) == shim and open(shim, "rb").read() == good
+    assert os.path.isfile(f"{shim[:-3]}-libc10.so")
 
 
 def test_a_shim_damaged_before_a_record_is_written_is_built_again(tmp_path, cache):  # noqa: F811
