@@ -333,9 +333,12 @@ class Runner:
         self.best = self._tensor(addr + 8, [1], dtypes["int64"])
         self.fixed = [self._tensor(p, s, d) for p, s, d in inputs]
         self.filled = {}  # position -> an empty (position + 2, 0) tensor: the position, as a size
-        self.handles = (ctypes.c_void_p * (3 + len(inputs)))()
-        slots = [ctypes.cast(ctypes.addressof(self.handles) + 8 * i, P) for i in range(len(self.handles))]
-        self.slots, self.pairs = slots[:3], list(zip(self.fixed, slots[3:]))
+        self.handles = (ctypes.c_void_p * (n := 3 + len(inputs)))()  # what a call takes: new references of ours
+        self.ours = (ctypes.c_void_p * n)(self.token.value, None, self.best.value, *(h.value for h in self.fixed))
+        self.slots = [ctypes.cast(ctypes.addressof(self.handles) + 8 * i, P) for i in range(n)]
+        if (batch := getattr(t, "llamaforge_new_handles", None)) is not None:  # the shim's: one call a step, not n
+            batch.argtypes = [P, P, i64]
+        self.batch = batch
         self.out, self.ptr = (ctypes.c_void_p * 1)(), ctypes.c_void_p()
         self.vocab, self.context = record["vocab"], record["context"]
 
@@ -379,11 +382,12 @@ class Runner:
                 self.filled[pos] = self._tensor(ctypes.addressof(self.none), [pos + 2, 0], self.f32)
             except Unavailable as e:
                 raise UsageError(f"{e}; {FIX}") from None
-        new = self.t.aoti_torch_new_tensor_handle
-        for handle, slot in zip((self.token, self.filled[pos], self.best), self.slots):
-            new(handle, slot)
-        for handle, slot in self.pairs:
-            new(handle, slot)
+        self.ours[1] = self.filled[pos].value
+        if self.batch is not None:
+            self.batch(self.ours, self.handles, len(self.handles))
+        else:
+            for handle, slot in zip(self.ours, self.slots):
+                self.t.aoti_torch_new_tensor_handle(handle, slot)
         if self.run_fn(self.container, self.handles, len(self.handles), self.out, 1, None, None):
             self.drop_shim()  # the next run on libtorch
             raise UsageError(f"the compiled step failed; {'run it again, or ' if self.shim else ''}{FIX}")
