@@ -43,7 +43,11 @@ def prune(folder, keep, days=30):
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         stale = 86400 if name.endswith(".tmp.pt2") or name.startswith(TMP_PREFIX) else days * 86400
-        used = path[:-4] + ".json" if name.startswith("quick-") and name.endswith(".bin") else path
+        used = path  # a record's weights go by its JSON's time, a shim's stubs by the shim's
+        if name.startswith("quick-") and name.endswith(".bin"):
+            used = path[:-4] + ".json"
+        elif name.startswith("quick-shim-") and "-lib" in name:
+            used = os.path.join(folder, name.split("-lib")[0] + ".so")
         if name.startswith(("decode-", "quick-", TMP_PREFIX)) and path != keep:
             try:
                 if now - os.path.getmtime(used if os.path.exists(used) else path) > stale:

@@ -1,5 +1,5 @@
-"""generate.py's quick start: the compiled CPU decode step run without importing torch; and the compile cache that
-holds it (its folder, its housekeeping, what names a package: the C++ compiler, the CPU's flags).
+"""generate.py's quick start: the compiled CPU decode step run without importing torch, from a record kept in the
+compile cache (compile_cache.py).
 
 `import torch` takes 1.3-1.9 s here, longer than a 15M model takes to write 256 tokens. The step needs far less:
 the package's shared library (decode.CompiledDecoder compiles it; it calls a few functions of libtorch's C
@@ -150,7 +150,7 @@ def shim_digest(shim):
     """The hash of a shim's bytes and its stub libraries' (a library cut short or overwritten would crash the
     process that loads it; ~50 KB in all: 0.1 ms)."""
     sha = hashlib.sha256()
-    for path in [shim, *sorted(glob.glob(f"{glob.escape(shim[:-3])}-lib*.so"))]:
+    for path in [shim, *sorted(glob.glob(f"{glob.escape(shim[:-3])}-lib*.so"))]:  # and its stubs
         with open(path, "rb") as f:
             sha.update(os.path.basename(path).encode() + b"\0" + f.read())
     return sha.hexdigest()
@@ -292,9 +292,8 @@ class Runner:
             if shim:
                 self.t = t = ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
                 LOADED[:] = [shim]
-                for path in [shim, *glob.glob(f"{glob.escape(shim[:-3])}-lib*.so")]:  # in use (prune)
-                    with contextlib.suppress(OSError):
-                        os.utime(path)
+                with contextlib.suppress(OSError):  # in use (prune: its stubs go by it)
+                    os.utime(shim)
                 step = _open(package, lambda name: f"{shim[:-3]}-{name}")
             else:
                 lib = _torch_lib()

@@ -50,12 +50,16 @@ int64_t size_class(int64_t bytes) {
   return size;
 }
 
-int64_t item_size(int32_t dtype) {  // c10::ScalarType's numbering
+enum Dtype : int32_t {  // c10::ScalarType's numbering, what a package passes
+  UINT8 = 0, INT8 = 1, INT16 = 2, INT32 = 3, INT64 = 4, FLOAT16 = 5, FLOAT32 = 6, FLOAT64 = 7, BOOL = 11, BFLOAT16 = 15
+};
+
+int64_t item_size(int32_t dtype) {
   switch (dtype) {
-    case 0: case 1: case 11: return 1;  // uint8, int8, bool
-    case 2: case 5: case 15: return 2;  // int16, float16, bfloat16
-    case 3: case 6: return 4;           // int32, float32
-    case 4: case 7: return 8;           // int64, float64
+    case UINT8: case INT8: case BOOL: return 1;
+    case INT16: case FLOAT16: case BFLOAT16: return 2;
+    case INT32: case FLOAT32: return 4;
+    case INT64: case FLOAT64: return 8;
     default: return 0;
   }
 }
@@ -155,16 +159,10 @@ EXPORT void llamaforge_expf(const float* x, float* y, int64_t n) {  // for tests
 
 EXPORT int32_t aoti_torch_device_type_cpu() { return 0; }
 EXPORT int32_t aoti_torch_device_type_cuda() { return 1; }
-EXPORT int32_t aoti_torch_dtype_uint8() { return 0; }
-EXPORT int32_t aoti_torch_dtype_int8() { return 1; }
-EXPORT int32_t aoti_torch_dtype_int16() { return 2; }
-EXPORT int32_t aoti_torch_dtype_int32() { return 3; }
-EXPORT int32_t aoti_torch_dtype_int64() { return 4; }
-EXPORT int32_t aoti_torch_dtype_float16() { return 5; }
-EXPORT int32_t aoti_torch_dtype_float32() { return 6; }
-EXPORT int32_t aoti_torch_dtype_float64() { return 7; }
-EXPORT int32_t aoti_torch_dtype_bool() { return 11; }
-EXPORT int32_t aoti_torch_dtype_bfloat16() { return 15; }
+#define DTYPE(name, value) \
+  EXPORT int32_t aoti_torch_dtype_##name() { return value; }
+DTYPE(uint8, UINT8) DTYPE(int8, INT8) DTYPE(int16, INT16) DTYPE(int32, INT32) DTYPE(int64, INT64)
+DTYPE(float16, FLOAT16) DTYPE(float32, FLOAT32) DTYPE(float64, FLOAT64) DTYPE(bool, BOOL) DTYPE(bfloat16, BFLOAT16)
 
 EXPORT bool aoti_torch_grad_mode_is_enabled() { return grad_enabled; }
 EXPORT void aoti_torch_grad_mode_set_enabled(bool enabled) { grad_enabled = enabled; }

@@ -19,25 +19,26 @@ STUBS = ("libtorch.so", "libc10.so")  # the other libraries of torch's a package
 FLAGS = ["-O2", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-Wl,-Bsymbolic"]
 
 
-def build(folder, again=False):
-    """quick_shim.cpp compiled for this machine into folder (once, ~1 s; named by its source, the compiler, the
-    CPU's flags and FLAGS; again: even if there, as when it failed its check), or None where it does not build (no
-    compiler, another platform). The same source gives the same bytes (g++ here): records that name it still match."""
+def build(folder, again=False, source=SHIM):
+    """source (quick_shim.cpp) compiled for this machine into folder (once, ~1 s; named by the source, the compiler,
+    the CPU's flags and FLAGS; again: even if there, as when it failed its check), or None where it does not build
+    (no compiler, another platform). The same source gives the same bytes (g++ here): records naming it still match."""
     cxx = compiler()
     if cxx is None or not sys.platform.startswith("linux"):
         return None
-    with open(SHIM, "rb") as f:
+    with open(source, "rb") as f:
         name = hashlib.sha256(json.dumps([f.read().hex(), cxx, cpu_flags(), FLAGS]).encode()).hexdigest()[:20]
     target = os.path.join(folder, f"quick-shim-{name}.so")
     # its soname is the library a package names; and empty ones of the names a CUDA build's packages also name
     # (quick.Runner loads them where the package asks), made first: the shim there means they are
-    builds = [(f"{target[:-3]}-{soname}", soname, os.devnull) for soname in STUBS] + [(target, "libtorch_cpu.so", SHIM)]
-    for path, soname, source in builds:
+    builds = [(f"{target[:-3]}-{soname}", soname, os.devnull) for soname in STUBS]
+    builds.append((target, "libtorch_cpu.so", source))
+    for path, soname, code in builds:
         if os.path.exists(path) and not again:
             continue
         try:
             with atomic_file(path) as tmp:
-                subprocess.run([cxx[0], *FLAGS, f"-Wl,-soname,{soname}", "-x", "c++", source, "-o", tmp], check=True,
+                subprocess.run([cxx[0], *FLAGS, f"-Wl,-soname,{soname}", "-x", "c++", code, "-o", tmp], check=True,
                                capture_output=True, timeout=300)
         except (OSError, subprocess.SubprocessError):
             return None

@@ -27,16 +27,13 @@ def shim(tmp_path_factory):
 
 
 def variant(tmp_path, shim, old, new):
-    """quick_shim.cpp with `old` replaced by `new`, built as build() builds it."""
+    """quick_shim.cpp with `old` replaced by `new`, built by quick_shim.build (into a folder of its own)."""
     source = open(quick.SHIM).read()
     assert old in source
     path = tmp_path / "variant.cpp"
     path.write_text(source.replace(old, new))
-    out = str(tmp_path / f"variant-{abs(hash(new))}.so")
-    cxx = compiler()[0]
-    import subprocess
-    subprocess.run([cxx, *quick_shim.FLAGS, "-Wl,-soname,libtorch_cpu.so", str(path), "-o", out], check=True)
-    return out
+    os.makedirs(tmp_path / "variants", exist_ok=True)
+    return quick_shim.build(str(tmp_path / "variants"), source=str(path))
 
 
 def test_the_shims_exp_is_within_one_unit_in_the_last_place(shim):
@@ -277,3 +274,19 @@ def test_a_shim_damaged_before_a_record_is_written_is_built_again(tmp_path, cach
     (name,) = records(tmp_path)
     record = quick.load(str(tmp_path / "cache"), name[len("quick-"):-len(".json")])
     assert record["shim"] == shim and open(shim, "rb").read() == good
+
+
+def test_a_shims_stubs_are_pruned_with_it(tmp_path):
+    """compile_cache.prune goes by a shim's time for its stubs (a run touches the shim alone): kept while the shim is
+    used, removed with it once it is not."""
+    from compile_cache import prune
+    names = ["quick-shim-abc.so", "quick-shim-abc-libtorch.so", "quick-shim-abc-libc10.so"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (0, 0))  # 1970: long unused
+    os.utime(tmp_path / names[0])  # the shim used now
+    prune(str(tmp_path), keep=None)
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    os.utime(tmp_path / names[0], (0, 0))
+    prune(str(tmp_path), keep=None)
+    assert os.listdir(tmp_path) == []
