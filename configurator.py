@@ -9,7 +9,6 @@ exist with a default, and the new value must have the default's type, so a typo 
 names the nearest valid keys instead of a silently ignored setting.
 """
 import ast
-import difflib
 import os
 import sys
 
@@ -25,6 +24,7 @@ def config_keys(namespace):
 
 def _check(key, value, namespace, keys, source):
     if key not in keys:
+        import difflib  # a mistake's hint only
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see the config keys in the README"
         raise UsageError(f"unknown config key '{key}' in {source}{hint}")

@@ -6,16 +6,12 @@ the package's shared library (decode.CompiledDecoder compiles it; it calls a few
 interface, which quick_shim.cpp has too: quick_shim.py), the weights laid out as the step takes them, a tokenizer.
 So a run of generate.py --compile=True on a CPU leaves a record in the compile cache: the step's inputs as one raw
 file (the weights packed and int8 regrouped as the step reads them) and a JSON file naming the package, the shim,
-the inputs' shapes and the tokenizer, under a hash of all the run's model depends on (the settings, the files'
-sizes and times, torch's and our code, the CPU, the environment that sets threads). A later run of the same hash
-loads the library with ctypes, reads the file into memory and decodes, never importing torch; any other misses
-and takes the usual path, which writes a new record.
-
-Both runs, the one that writes the record and every later one, generate through this file's loop (prompt and new
-tokens alike through the step, one at a time, as run.c does; sampling with numpy's generator), so a seed gives the
-same text whether the record was there or not.
+the inputs' shapes and the tokenizer, under a hash of all the run's model depends on (settings, the files' sizes
+and times, torch's and our code, the CPU, the environment that sets threads). A later run of the same hash loads
+the library with ctypes, reads the file into memory and decodes without torch; any other takes the usual path,
+which writes a new record. Both generate through this file's loop (prompt and new tokens through the step one at
+a time, as run.c; sampling with numpy's generator): a seed gives the same text whether the record was there or not.
 """
-import base64
 import contextlib
 import ctypes
 import glob
@@ -26,7 +22,6 @@ import math
 import mmap
 import os
 import sys
-import zipfile
 
 from compile_cache import compiler, cpu_flags, prune
 from runtime import UsageError, atomic_file
@@ -99,7 +94,12 @@ def paths(folder, key):
 def _bytes(value):
     if not isinstance(value, bytes):
         raise UsageError(f"a quick-start record holds JSON and bytes, not {type(value).__name__}")
+    import base64  # on use, as zipfile below: their imports are 10 ms of a later run's ~0.15 s start, unused
     return {"base64": base64.b64encode(value).decode()}  # a tokenizer's own model
+
+
+def _unbytes(d):
+    return __import__("base64").b64decode(d["base64"]) if list(d) == ["base64"] else d
 
 
 def save(folder, key, package, tensors, caches, info, source="", watch=()):
@@ -184,7 +184,7 @@ def load(folder, key):
     json_path, bin_path = paths(folder, key)
     try:
         with open(json_path) as f:
-            record = json.load(f, object_hook=lambda d: base64.b64decode(d["base64"]) if list(d) == ["base64"] else d)
+            record = json.load(f, object_hook=_unbytes)
     except (OSError, ValueError):
         return None
     try:
@@ -280,7 +280,7 @@ class Runner:
                 if f.readinto(memoryview(self.memory)[:record["bytes"]]) != record["bytes"]:
                     raise Unavailable("the record's weights file is short")
             package = self._library(record["package"])
-        except (OSError, zipfile.BadZipFile, StopIteration) as e:
+        except (OSError, StopIteration) as e:
             raise Unavailable(str(e) or type(e).__name__) from None
         # the C interface for the whole process (the package's calls into it resolve at the package's load): the
         # shim, 1 ms, unless libtorch is here already (its soname would take the package's calls); else libtorch's
@@ -347,17 +347,19 @@ class Runner:
         at each load), named by the package's inode: a package compiled again is a new file, unpacked afresh."""
         target = f"{package[:-4]}-{os.stat(package).st_ino}.so"
         if not os.path.exists(target):
-            with zipfile.ZipFile(package) as z, atomic_file(target) as tmp, open(tmp, "wb") as f:
-                f.write(z.read(next(n for n in z.namelist() if n.endswith(".so"))))
+            import zipfile  # (as base64 above) on use: the first run of a package unpacks it, a later one does not
+            try:
+                with zipfile.ZipFile(package) as z, atomic_file(target) as tmp, open(tmp, "wb") as f:
+                    f.write(z.read(next(n for n in z.namelist() if n.endswith(".so"))))
+            except zipfile.BadZipFile as e:
+                raise OSError(f"{package}: {e}") from None
         with contextlib.suppress(OSError):  # in use (prune); a read-only folder serves as it is
             os.utime(target)
         return target
 
     def _tensor(self, ptr, shape, dtype):
         """A handle of ours on a contiguous tensor at ptr."""
-        strides, n = [1] * len(shape), 1
-        for i in reversed(range(len(shape))):
-            strides[i], n = n, n * shape[i]
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
         handle = ctypes.c_void_p()
         if self.t.aoti_torch_create_tensor_from_blob(ptr, len(shape), (ctypes.c_int64 * len(shape))(*shape),
                                                      (ctypes.c_int64 * len(shape))(*strides), 0, dtype, self.cpu, 0,
@@ -367,8 +369,7 @@ class Runner:
 
     def step(self, token, pos):
         """Run the step for token id `token` at position `pos` (the KV cache holds positions 0..pos-1)."""
-        # the kernel checks no bounds: a position past the cache or a token past the vocab would write or read
-        # outside their memory
+        # the kernel checks no bounds: a position or token out of range would read or write outside its memory
         if not (0 <= pos < self.context and 0 <= token < self.vocab):
             raise UsageError(f"position {pos} or token {token} is outside the compiled step's range (positions 0 to "
                              f"{self.context - 1}, tokens below {self.vocab})")

@@ -12,9 +12,7 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import sys
-import tempfile
 from contextlib import nullcontext
 
 
@@ -313,6 +311,7 @@ def atomic_file(path):
     os.makedirs(directory, exist_ok=True)
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; pass a file path to write to")
+    import tempfile  # on use, here and below (with shutil): generate.py's quick start writes nothing, 3 ms of its start
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode of a new file
@@ -345,6 +344,8 @@ def atomic_dir(path):
     os.makedirs(parent, exist_ok=True)
     if os.path.isfile(path):
         raise UsageError(f"{path} is a file; pass a folder path to write to")
+    import shutil
+    import tempfile
     tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual mode of a new one
     try:
@@ -368,6 +369,7 @@ def atomic_dir(path):
 def remove_stale_temps(folder):
     """Delete what atomic writes of a killed process left behind in folder (it never reached its real
     name, so nothing refers to it); returns the names removed."""
+    import shutil
     removed = []
     if os.path.isdir(folder):
         for name in os.listdir(folder):

@@ -201,3 +201,29 @@ def test_a_tokenizer_bin_with_its_byte_pieces_elsewhere_is_read_by_their_text(tm
     for text in ("tab\there\nnew line", "caf\u00e9 \u00fc \u4e2d", "\U0001D11E!"):
         assert read.encode(text, bos=True) == ours.encode(text, bos=True), text
         assert read.decode(ours.encode(text)) == text
+
+
+def test_a_damaged_tokenizer_bin_is_refused_in_one_line(tmp_path):
+    """A .bin cut short (inside a header or a piece), with a length below zero or above its own maximum, or with
+    bytes after the last piece: one line naming the token, never a wrong vocab or a loop that walks back."""
+    import struct
+    from tokenizer import Llama2cTokenizer
+
+    def entry(score, piece):
+        return struct.pack("<fi", score, len(piece)) + piece
+    pieces = [b"<unk>", b"<s>", b"</s>", b"a", b" b", b"ab"]
+    good = struct.pack("<I", 5) + b"".join(entry(-i, p) for i, p in enumerate(pieces))
+    (tmp_path / "t.bin").write_bytes(good)
+    tok = Llama2cTokenizer(str(tmp_path / "t.bin"))
+    assert tok.pieces == pieces and tok.scores == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0] and tok.vocab_size == 6
+    assert tok.lookup[b"ab"] == 5 and tok.decode([3, 4]) == "a b"
+    negative = good[:good.index(b" b") - 4] + struct.pack("<i", -2) + good[good.index(b" b"):]
+    too_long = good[:good.index(b" b") - 4] + struct.pack("<i", 6) + good[good.index(b" b"):]
+    for data, said in [(good[:-1], "ends inside token 5; the file is truncated"),
+                       (good[:-len(entry(0, b"ab")) + 3], "ends inside token 5; the file is truncated"),
+                       (good + b"\0", "ends inside token 6; the file is truncated"),
+                       (negative, "token 4 claims -2 bytes (at most 5)"), (too_long, "token 4 claims 6 bytes")]:
+        (tmp_path / "bad.bin").write_bytes(data)
+        with pytest.raises(UsageError) as e:
+            Llama2cTokenizer(str(tmp_path / "bad.bin"))
+        assert said in str(e.value) and "\n" not in str(e.value), (said, str(e.value))
