@@ -33,7 +33,7 @@ weights = "auto"                # 'auto' as stored (a llama2.c version-2 .bin st
 threads = 0                     # CPU threads for torch; 0 = torch's default (one per core)
 quick_start = True              # with --compile=True on a CPU, keep the weights as the compiled step reads them (a copy
                                 # the model's size, in compile_cache) so a later run of this model and these settings
-                                # starts in ~0.3 s, without importing torch; sampling then draws from numpy (quick.py)
+                                # starts in ~0.1 s, without importing torch; sampling then draws from numpy (quick.py)
 # -----------------------------------------------------------------------------
 from runtime import handle_errors, huge_pages  # noqa: E402
 handle_errors()
