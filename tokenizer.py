@@ -212,7 +212,7 @@ class Llama2cTokenizer:
             self.scores.append(score)
             pos += 8 + n
         if pos != len(data):
-            raise UsageError(f"{path} ends inside token {len(self.pieces) - (pos > len(data))}; the file is truncated")
+            raise UsageError(f"{path} ends inside token {len(self.pieces) - (pos > len(data))}: truncated or corrupt")
         self.vocab_size, self.bos_id, self.eos_id = len(self.pieces), 1, 2  # llama2.c's fixed ids
         self.special_ids, self.id_to_special = {}, {}
         self.lookup = dict(zip(reversed(self.pieces), range(len(self.pieces) - 1, -1, -1)))  # a repeat: its first id

@@ -200,3 +200,27 @@ def test_a_record_is_run_only_whole_and_with_its_watched_files_unchanged(tmp_pat
     assert quick.load(folder, "k") is not None
     base.write_bytes(b"two")  # the same size; another inode is not even needed: the times differ
     assert quick.load(folder, "k") is None
+
+
+def test_a_damaged_package_is_unavailable_not_a_crash(tmp_path):
+    """A record's package that is no zip, cut short, fails its checksum or holds no library: the runner says
+    Unavailable (the caller then takes the usual path, which compiles it again) and leaves no half library."""
+    import zipfile
+    folder, package = str(tmp_path), tmp_path / "decode-x.pt2"
+    with zipfile.ZipFile(package, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("data/aotinductor/model/x.wrapper.so", bytes(range(256)) * 64)
+    whole = package.read_bytes()
+    quick.save(folder, "k", str(package), [torch.zeros(4)], [], {"vocab": 4, "context": 8})
+    flipped = bytearray(whole)
+    flipped[whole.index(b"x.wrapper.so") + 30] ^= 0xFF  # in the compressed data: a broken deflate stream (zlib.error)
+    for data in (b"not a zip", whole[:len(whole) // 2], bytes(flipped)):
+        package.write_bytes(data)  # a new time and size: but the library is named by the inode, so remove it too
+        for old in tmp_path.glob("decode-x-*.so"):
+            old.unlink()
+        with pytest.raises(quick.Unavailable):
+            quick.Runner(folder, "k", quick.load(folder, "k"), shim="")
+        assert not list(tmp_path.glob("decode-x-*.so")) and not list(tmp_path.glob(".tmp*")), data[:20]
+    with zipfile.ZipFile(package, "w") as z:
+        z.writestr("data/other.txt", "no library")
+    with pytest.raises(quick.Unavailable):
+        quick.Runner(folder, "k", quick.load(folder, "k"), shim="")

@@ -219,9 +219,9 @@ def test_a_damaged_tokenizer_bin_is_refused_in_one_line(tmp_path):
     assert tok.lookup[b"ab"] == 5 and tok.decode([3, 4]) == "a b"
     negative = good[:good.index(b" b") - 4] + struct.pack("<i", -2) + good[good.index(b" b"):]
     too_long = good[:good.index(b" b") - 4] + struct.pack("<i", 6) + good[good.index(b" b"):]
-    for data, said in [(good[:-1], "ends inside token 5; the file is truncated"),
-                       (good[:-len(entry(0, b"ab")) + 3], "ends inside token 5; the file is truncated"),
-                       (good + b"\0", "ends inside token 6; the file is truncated"),
+    for data, said in [(good[:-1], "ends inside token 5: truncated or corrupt"),
+                       (good[:-len(entry(0, b"ab")) + 3], "ends inside token 5: truncated or corrupt"),
+                       (good + b"\0", "ends inside token 6: truncated or corrupt"),
                        (negative, "token 4 claims -2 bytes (at most 5)"), (too_long, "token 4 claims 6 bytes")]:
         (tmp_path / "bad.bin").write_bytes(data)
         with pytest.raises(UsageError) as e:
