@@ -409,36 +409,20 @@ class Runner:
             self.out[0] = None
 
 
-def sample(logits, temperature, top_k, top_p, rng):
-    """A token id from logits (numpy, V) as model.sample_next draws one: the k most likely (ties with the k-th
-    kept), the smallest set reaching top_p of the probability, then one draw from what is left."""
-    import numpy as np
-    x = logits / np.float32(temperature)  # a float32 copy (the runner's logits are float32): one a token
-    ids = np.arange(len(x))
-    if top_k and top_k < len(x):
-        kth = np.partition(x, len(x) - top_k)[len(x) - top_k]
-        ids = np.flatnonzero(x >= kth)
-        x = x[ids]
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        kept = order[np.cumsum(p[order]) - p[order] <= top_p]  # the mass before each kept token is below top_p
-        ids, p = ids[kept], p[kept]
-    cum = np.cumsum(p, dtype=np.float64)
-    return int(ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(ids) - 1)])
-
-
 def generate(runner, tok, ids, max_new_tokens, context, temperature, top_k, top_p, rng, stop_ids, on_text=None):
     """New token ids after prompt ids, streaming their text to on_text: the prompt through the step one token at a
     time, then up to max_new_tokens (fewer at the context's end, as the engine counts) or a stop id (not kept)."""
     for pos, token in enumerate(ids[:-1]):
         runner.step(token, pos)
-    decoder, new = tok.stream(ids[-1]), []
+    decoder, new, buffers = tok.stream(ids[-1]), [], None
+    if temperature != 0:  # numpy only when sampling: greedy never imports it (55 ms here, of a ~0.1 s start)
+        from sampling import sample, scratch
+        buffers = scratch(runner.vocab)
     limit, token, pos = min(max_new_tokens, context - len(ids) + 1), ids[-1], len(ids) - 1
     while len(new) < limit:
         best = runner.step(token, pos)
-        token, pos = best if temperature == 0 else sample(runner.logits(), temperature, top_k, top_p, rng), pos + 1
+        token = best if temperature == 0 else sample(runner.logits(), temperature, top_k, top_p, rng, buffers)
+        pos += 1
         if token in stop_ids:
             break
         new.append(token)

@@ -8,7 +8,7 @@ from conftest import REPO
 
 LIBRARY = {"model.py", "runtime.py", "tokenizer.py", "chat.py", "configurator.py", "optim.py", "data.py", "dpo.py",
            "checkpoint.py", "formats.py", "hf.py", "lora.py", "sources.py", "engine.py", "jobs.py", "quant.py",
-           "decode.py", "quick.py", "quick_shim.py", "compile_cache.py"}
+           "decode.py", "quick.py", "quick_shim.py", "compile_cache.py", "sampling.py"}
 SCRIPTS = sorted(p.name for p in REPO.glob("*.py") if p.name not in LIBRARY)
 OURS = {p.stem for p in REPO.glob("*.py")}
 

@@ -10,6 +10,7 @@ import torch
 
 import quick
 import quick_shim
+import sampling
 from checkpoint import build_model, load_checkpoint
 from compile_cache import cache_dir
 from conftest import run_script, shared
@@ -135,12 +136,12 @@ def test_the_runner_computes_the_compiled_steps_logits(tmp_path):
 
 @pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.6), (20, 0.9)])
 def test_quick_sampling_draws_from_what_sample_next_keeps(top_k, top_p):
-    """quick.sample (numpy) and model.sample_next (torch) draw the same tokens as often: 20000 draws each from one
+    """sampling.sample (numpy) and model.sample_next (torch) draw the same tokens as often: 20000 draws each from one
     row of logits (seeded: the same every run), within 0.03 in total variation, top-k within the k most likely."""
     torch.manual_seed(0)
     logits, n = torch.randn(50) * 2, 20000
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    ours = np.bincount([quick.sample(logits.numpy(), 0.7, top_k, top_p, rng) for _ in range(n)], minlength=50) / n
+    ours = np.bincount([sampling.sample(logits.numpy(), 0.7, top_k, top_p, rng) for _ in range(n)], minlength=50) / n
     theirs = np.bincount([int(sample_next(logits[None], 0.7, top_k, top_p, gen)[0]) for _ in range(n)],
                          minlength=50) / n
     assert np.abs(ours - theirs).sum() / 2 < 0.03
@@ -148,6 +149,39 @@ def test_quick_sampling_draws_from_what_sample_next_keeps(top_k, top_p):
         assert set(np.flatnonzero(ours)) <= set(torch.topk(logits, top_k).indices.tolist())
     if top_p:  # the nucleus drops the tail: fewer tokens drawn than without it
         assert np.count_nonzero(ours) < np.count_nonzero(torch.softmax(logits / 0.7, -1).numpy() > 1e-4)
+
+
+def _sample_by_full_sort(logits, temperature, top_k, top_p, rng):
+    """The plain way (sort the whole vocab for the nucleus), which sampling.sample must draw exactly as."""
+    x, ids = logits / np.float32(temperature), np.arange(len(logits))
+    if top_k and top_k < len(x):
+        ids = np.flatnonzero(x >= np.partition(x, len(x) - top_k)[len(x) - top_k])
+        x = x[ids]
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        kept = order[np.cumsum(p[order]) - p[order] <= top_p]
+        ids, p = ids[kept], p[kept]
+    cum = np.cumsum(p, dtype=np.float64)
+    return int(ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(ids) - 1)])
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "flat", "masked"])
+def test_sampling_draws_exactly_as_a_full_sort_would(kind):
+    """sampling.sample finds the nucleus among the few hundred most likely tokens and widens the search when the
+    nucleus is larger (a flat row needs all 32000): the same token as sorting everything, draw for draw, for every
+    top_k / top_p, reusing one set of buffers."""
+    g = np.random.default_rng(3)
+    logits = {"random": g.standard_normal(32000) * 3, "ties": np.round(g.standard_normal(32000) * 2),
+              "flat": np.zeros(32000), "masked": np.where(g.random(32000) < 0.5, -np.inf, g.standard_normal(32000))}
+    logits = logits[kind].astype(np.float32)
+    buffers = sampling.scratch(len(logits))
+    for top_k in (0, 1, 5, 200, 32000, 32005):
+        for top_p in (None, 0.999, 0.9, 0.5, 1e-6, 0.0):
+            ours, plain = np.random.default_rng(7), np.random.default_rng(7)
+            assert [sampling.sample(logits, 0.8, top_k, top_p, ours, buffers) for _ in range(8)] == \
+                [_sample_by_full_sort(logits, 0.8, top_k, top_p, plain) for _ in range(8)], (top_k, top_p)
 
 
 def test_the_fingerprint_follows_settings_files_and_threads(tmp_path, monkeypatch):
