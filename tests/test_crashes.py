@@ -130,7 +130,7 @@ def test_ctrl_c_in_an_interactive_chat(tmp_path, base):
 def test_a_nan_loss_stops_and_never_replaces_the_good_checkpoint(tmp_path, data):
     flags = ["--optimizer=sgd", "--grad_clip=0", "--warmup_iters=0", "--max_iters=20", "--eval_interval=5",
              "--log_interval=1", "--learning_rate=1e6"]
-    one_line_error(train(tmp_path, *flags, check=False), "became nan/inf by iter 2", "keeps the last good state")
+    one_line_error(train(tmp_path, *flags, check=False), "became nan/inf by iter", "keeps the last good state")
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # skip: a step whose loss or gradient is nan/inf is dropped (lr 1e4: the loss blows up without the weights)
