@@ -97,12 +97,16 @@ def test_the_compiled_int8_step_decodes_a_trained_model_as_the_eager_step_to_the
     assert positions == [p for r in compiled for p in range(len(ids), len(ids) + len(r.tokens) - 1)]
 
 
-def test_the_compiled_int8_step_reads_the_files_values_regrouped_into_words_in_place(tmp_path):
-    """Groups of 32 (dim 64, hidden 96): the compiled step regroups q into 4-byte words in place (quant.to_words,
-    its loop's layout: int8 vectors load 8x slower on AVX2). gemv over the words is the dequantized matrix times x;
-    the model's weights, embedding rows and state dict still give the file's values in order, and the step decodes
-    as the eager step of the same file to the end of the context."""
+@pytest.mark.parametrize("regroup", [True, False], ids=["words", "in-order"])
+def test_the_compiled_int8_step_reads_the_files_values_regrouped_into_words_in_place(tmp_path, monkeypatch, regroup):
+    """Groups of 32 (dim 64, hidden 96): on AVX2 the compiled step regroups q into 4-byte words in place
+    (quant.to_words, its loop's layout: int8 vectors load 8x slower there), elsewhere it reads them in order (both
+    layouts run here, whatever this CPU is). gemv over the words is the dequantized matrix times x; the model's
+    weights, embedding rows and state dict still give the file's values in order, and the step decodes as the eager
+    step of the same file to the end of the context."""
+    import decode
     from decode import gemv
+    monkeypatch.setattr(decode, "words_layout", lambda: regroup)
     from quant import from_words, to_words
     torch.manual_seed(0)
     q, scale = quantize(torch.randn(40, 64), "llama2c_q8", 32)
@@ -118,7 +122,8 @@ def test_the_compiled_int8_step_reads_the_files_values_regrouped_into_words_in_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step = CompiledDecoder(model)  # the suite's cache (conftest): a rerun loads it
     wq = model.layers[0].attention.wq
-    assert model.output.words and wq.words and not torch.equal(wq.q, before["layers.0.attention.wq.q"])
+    assert model.output.words == wq.words == regroup
+    assert torch.equal(wq.q, before["layers.0.attention.wq.q"]) != regroup  # regrouped in place, or in order
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # the file's order, whatever memory holds
     assert torch.equal(wq.weight, ref.layers[0].attention.wq.weight)
