@@ -32,7 +32,8 @@ def sample(logits, temperature, top_k, top_p, rng, buffers=None):
                 break
             # none left is likelier than q[-1]: at least (top_p - the mass so far) / q[-1] more are kept; past half
             # the vocab, sorting it all costs the same (a flat row goes there at once, not through 1024, 4096, ...)
-            m = max(4 * m, len(cand) + int((top_p - q.sum()) / q[-1]) + 1 if q[-1] > 0 else 0)
+            more = (float(top_p) - float(q.sum())) / float(q[-1]) if q[-1] > 0 else 0.0  # in float64: q[-1] may be
+            m = max(4 * m, len(cand) + int(min(more, len(p))) + 1)  # denormal, and a float32 quotient infinite
             m = len(p) if m > len(p) // 2 else m
         order, p = order[kept], q[kept]
         ids = order if ids is None else ids[order]

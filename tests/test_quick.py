@@ -182,6 +182,12 @@ def test_sampling_draws_exactly_as_a_full_sort_would(kind):
             ours, plain = np.random.default_rng(7), np.random.default_rng(7)
             assert [sampling.sample(logits, 0.8, top_k, top_p, ours, buffers) for _ in range(8)] == \
                 [_sample_by_full_sort(logits, 0.8, top_k, top_p, plain) for _ in range(8)], (top_k, top_p)
+    if kind == "masked":  # 152 denormal probabilities after 104 equal ones: the search's estimate divides by one
+        x = np.full(32000, -np.inf, np.float32)
+        x[:104], x[104:256] = 0, np.log(104) - 102.5
+        top_p = 0.9999990463256836
+        assert sampling.sample(x, 1.0, 0, top_p, np.random.default_rng(0), buffers) == \
+            _sample_by_full_sort(x, 1.0, 0, top_p, np.random.default_rng(0))
 
 
 def test_the_fingerprint_follows_settings_files_and_threads(tmp_path, monkeypatch):
