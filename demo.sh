@@ -7,4 +7,5 @@ python tokenize_data.py download --source=stdlib            # data/demo/docs.jso
 python tokenize_data.py train_vocab --dataset=demo --vocab_size=512
 python tokenize_data.py pretokenize --dataset=demo --vocab_size=512
 python train.py config/demo.py                               # out/demo/ckpt.pt + out/demo/metrics.jsonl
+echo "--- a sample from the demo model (prompt: def ) ---"
 python generate.py --checkpoint=out/demo/ckpt.pt --prompt="def " --max_new_tokens=200 --temperature=0.8
