@@ -72,7 +72,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32: under bf16 autocast the mean of squares loses too many bits
+        # normalise in fp32: under bf16 autocast the mean of squares loses too many bits (an fp32 x skips the two
+        # conversions, calls that copy nothing but cost their dispatch: decoding a token is ~1000 such calls)
+        if x.dtype == torch.float32:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -87,15 +90,17 @@ def precompute_rope(head_dim, max_seq_len, theta):
 
 def apply_rope(x, cos, sin):
     """Rotate (x[2i], x[2i+1]) pairs by position-dependent angles; x is (B, T, H, head_dim).
-    Interleaved pairs are Meta's/llama2.c's layout; Hugging Face permutes wq/wk to use halves instead."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    Interleaved pairs are Meta's/llama2.c's layout; Hugging Face permutes wq/wk to use halves instead.
+    cos, sin: (T, head_dim/2) for every row at the same positions, (B, T, head_dim/2) for each row at its own
+    (batched decoding), or already (1 or B, T, 1, head_dim/2), as Transformer.forward shapes them once a call."""
+    xf = (x if x.dtype == torch.float32 else x.float()).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    if cos.dim() == 3:  # (B, T, head_dim/2): each row at its own positions (batched decoding)
+    if cos.dim() == 3:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    else:  # (T, head_dim/2): every row at the same positions
+    elif cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return out if out.dtype == x.dtype else out.type_as(x)
 
 
 class KVCache(nn.Module):
@@ -156,7 +161,8 @@ class Attention(nn.Module):
             k, v = self.cache.write(start_pos, k, v)
             filled = (torch.arange(k.shape[2], device=x.device)[None, :] <= start_pos[:, None])[:, None, None, :]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=filled, enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
+            y = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            return self.resid_dropout(y) if self.dropout else y
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
         # SDPA picks the flash / memory-efficient kernel; enable_gqa lets it read the shared kv heads
@@ -171,8 +177,8 @@ class Attention(nn.Module):
             S = k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.resid_dropout(self.wo(y))
+        y = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.resid_dropout(y) if self.dropout else y  # a dropout of 0 is a module call that does nothing
 
 
 class FeedForward(nn.Module):
@@ -184,7 +190,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        y = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.dropout(y) if self.dropout.p else y
 
 
 class TransformerBlock(nn.Module):
@@ -251,11 +258,13 @@ class Transformer(nn.Module):
         if not static and start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the model's context of "
                              f"{self.args.max_seq_len}")
-        h = self.dropout(self.tok_embeddings(tokens))
-        if static:  # (1 or B, T=1, head_dim/2)
-            cos, sin = self.rope_cos[start_pos][:, None], self.rope_sin[start_pos][:, None]
+        h = self.tok_embeddings(tokens)
+        h = self.dropout(h) if self.dropout.p else h
+        if static:  # (1 or B, T=1, 1, head_dim/2): shaped here once for apply_rope, not in each of its 2L calls
+            cos, sin = self.rope_cos[start_pos][:, None, None], self.rope_sin[start_pos][:, None, None]
         else:
-            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+            at = slice(start_pos, start_pos + T)
+            cos, sin = self.rope_cos[None, at, None], self.rope_sin[None, at, None]
         for i, layer in enumerate(self.layers):
             if i < self.checkpoint_blocks and self.training:
                 h = activation_checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
