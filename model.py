@@ -74,10 +74,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in fp32: under bf16 autocast the mean of squares loses too many bits (an fp32 x skips the two
         # conversions, calls that copy nothing but cost their dispatch: decoding a token is ~1000 such calls)
-        if x.dtype == torch.float32:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        fp32 = x.dtype == torch.float32
+        xf = x if fp32 else x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y if fp32 else y.type_as(x)) * self.weight
 
 
 def precompute_rope(head_dim, max_seq_len, theta):
@@ -91,13 +91,11 @@ def precompute_rope(head_dim, max_seq_len, theta):
 def apply_rope(x, cos, sin):
     """Rotate (x[2i], x[2i+1]) pairs by position-dependent angles; x is (B, T, H, head_dim).
     Interleaved pairs are Meta's/llama2.c's layout; Hugging Face permutes wq/wk to use halves instead.
-    cos, sin: (T, head_dim/2) for every row at the same positions, (B, T, head_dim/2) for each row at its own
-    (batched decoding), or already (1 or B, T, 1, head_dim/2), as Transformer.forward shapes them once a call."""
+    cos, sin: (1 or B, T, 1, head_dim/2), as Transformer.forward shapes them once a call (B: each row at its own
+    positions, batched decoding), or (T, head_dim/2) for every row at the same positions."""
     xf = (x if x.dtype == torch.float32 else x.float()).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    if cos.dim() == 3:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    elif cos.dim() == 2:
+    if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     return out if out.dtype == x.dtype else out.type_as(x)
