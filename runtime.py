@@ -50,6 +50,15 @@ def _one_line(exc):
     return None
 
 
+def before_hard_exit():
+    """What a normal exit does first, for a process about to leave with os._exit (which skips interpreter
+    finalization): run the atexit handlers (e.g. release a folder lock) and flush the streams."""
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def handle_errors():
     """Install the script-wide handler (call it at the top of a script, before any work). Library code
     raises; only this turns an exception into an exit status. Under torchrun only rank 0 prints, so a
@@ -67,10 +76,7 @@ def handle_errors():
         if issubclass(kind, KeyboardInterrupt):
             # quietly, and as the status a shell gives a process stopped by Ctrl-C; the `with` blocks that
             # write files have already removed their temporary files while the exception unwound
-            import atexit
-            atexit._run_exitfuncs()  # e.g. release a folder lock
-            sys.stdout.flush()
-            sys.stderr.flush()
+            before_hard_exit()
             os._exit(130)
         line, seen = None, exc
         while line is None and seen is not None:  # e.g. torch.save's RuntimeError raised while closing after ENOSPC

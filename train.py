@@ -117,8 +117,8 @@ from lora import LINEARS, add_lora, apply_adapter, base_fingerprint, lora_state_
 from model import IGNORE_INDEX, ModelArgs, Transformer, evaluate_batches  # noqa: E402
 from quant import check_qat, qat as fake_quantization  # noqa: E402
 from runtime import (FolderLock, MemoryMeter, StopSignals, UsageError, any_rank, autocast as autocast_for,  # noqa
-                     cap_gpu_memory, check, device_and_dtype, distributed_world, gather, init_distributed, mfu,
-                     teardown_distributed)
+                     before_hard_exit, cap_gpu_memory, check, device_and_dtype, distributed_world, gather,
+                     init_distributed, mfu, teardown_distributed)
 from tokenizer import embedded, load_tokenizer  # noqa: E402
 
 ddp, rank, local_rank, world_size = distributed_world()
@@ -185,7 +185,6 @@ notes += batches.sft_notes()
 # a classifier's log shows the accuracy that matters, its label accuracy: the constrained prediction evaluate.py
 # makes (the answer-token accuracy of val_acc counts easy tokens such as <|end_of_turn|> too)
 label_examples = batches.classify_examples("val", eval_iters * batch_size)
-
 
 # The training sampler has its own generator so its state can be saved and restored exactly; the
 # evaluation batches are drawn once, so successive evaluations are directly comparable.
@@ -448,3 +447,7 @@ metrics.close()
 if ddp:
     del model  # the DDP wrapper's reducer holds the process group (see teardown_distributed)
     teardown_distributed()
+    # All saved and flushed: skip interpreter finalization, where a gloo thread that touches Python can abort a
+    # run that ended well (seen once in CI: rank 1 SIGABRT, "terminate called without an active exception").
+    before_hard_exit()
+    os._exit(0)

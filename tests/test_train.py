@@ -108,6 +108,7 @@ def test_ddp_two_cpu_processes(tmp_path, data, opt):
     assert tr[-1]["tokens"] == 6 * 2 * 4 * 32  # 1 micro-batch per step on each of the 2 ranks
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 6 and len(ckpt["sampler"]) == 2 and all(math.isfinite(r["loss"]) for r in tr)
+    assert not (tmp_path / "ddp" / ".lock").exists()  # the exit that skips finalization still released the lock
     assert ckpt["config"]["optimizer"] == opt
 
 
