@@ -219,12 +219,11 @@ else:  # 'resume' continues a run in out_dir exactly; a path starts a new run fr
           f"checkpoint's model has {model_args.vocab_size}; use data tokenized with the checkpoint's tokenizer")
     if init_from == "resume":
         iter_num, best_val_loss = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
-        tokens_seen = resume_ckpt.get("tokens_seen", 0)
+        tokens_seen = resume_ckpt.get("tokens_seen", 0)  # absent from checkpoints older than the field
 if lora_rank:
     check(init_from != "scratch", "lora_rank > 0 adapts a pretrained model; set init_from to its checkpoint "
                                   "(or lora_rank=0)")
-    lora_info = {"lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
-                          "targets": list(lora_targets)},
+    lora_info = {"lora": dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets)),
                  "base_checkpoint": base_path, "base_fingerprint": base_fingerprint(model)}
     if "adapter" in resume_ckpt:
         apply_adapter(model, resume_ckpt, f"adapter {ckpt_path}")
@@ -402,9 +401,8 @@ while True:
         step_loss += loss.detach()  # this rank's share, scaled to a mean: the loss logged is rank 0's estimate
     grad_norm, skip = optim.clip_and_step(opts, scaler, raw_model.parameters(), grad_clip,
                                           step_loss if nonfinite == "skip" else None, optimizer_in_backward)
-    if skip:
-        skipped += 1
-    else:
+    skipped += skip
+    if not skip:
         loss_acc += step_loss
     iter_num += 1
     tokens_seen += tokens_per_iter
@@ -447,7 +445,6 @@ metrics.close()
 if ddp:
     del model  # the DDP wrapper's reducer holds the process group (see teardown_distributed)
     teardown_distributed()
-    # All saved and flushed: skip interpreter finalization, where a gloo thread that touches Python can abort a
-    # run that ended well (seen once in CI: rank 1 SIGABRT, "terminate called without an active exception").
+    # all saved: skip finalization, where gloo threads touching Python once aborted a finished run (CI, SIGABRT)
     before_hard_exit()
     os._exit(0)
